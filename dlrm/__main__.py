@@ -1,0 +1,3 @@
+from dlrm.cli import main
+
+raise SystemExit(main())

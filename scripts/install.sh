@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Builds .venv/ in the repo root from nothing, with the one pinned stack of DESIGN.md.
+# CPU host: torch (CPU wheel) + fbgemm-gpu-cpu; host with a working nvidia-smi: the
+# CUDA builds of torch + fbgemm-gpu. torchrec is installed without its dependencies
+# because its metadata asks for fbgemm-gpu (CUDA), which must not sit beside
+# fbgemm-gpu-cpu (both provide the `fbgemm_gpu` module).
+# Idempotent: a stamp holds a hash of this file and pyproject.toml; if it matches,
+# nothing is done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.13.0
+FBGEMM_VERSION=1.8.0
+TORCHREC_VERSION=1.8.0
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    FBGEMM="fbgemm-gpu==${FBGEMM_VERSION}"
+else
+    FBGEMM="fbgemm-gpu-cpu==${FBGEMM_VERSION}"
+fi
+
+want="$(cat "$0" pyproject.toml | sha256sum | cut -d' ' -f1) ${FBGEMM}"
+stamp="${VENV}/.dlrm-installed"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "${VENV}/bin/dlrm" ]; then
+    echo "install: ${VENV} is up to date (${FBGEMM})"
+    exit 0
+fi
+
+echo "install: building ${VENV} with torch ${TORCH_VERSION}, ${FBGEMM}, torchrec ${TORCHREC_VERSION}"
+[ -x "${VENV}/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip="${VENV}/bin/python -m pip --quiet --disable-pip-version-check"
+$pip install "torch==${TORCH_VERSION}"
+# The other build of fbgemm must not be left behind from an earlier install.
+case "$FBGEMM" in
+    fbgemm-gpu-cpu*) other=fbgemm-gpu ;;
+    *) other=fbgemm-gpu-cpu ;;
+esac
+if ${VENV}/bin/python -m pip show "$other" >/dev/null 2>&1; then
+    $pip uninstall -y "$other"
+fi
+$pip install "$FBGEMM"
+$pip install --no-deps "torchrec==${TORCHREC_VERSION}"
+$pip install -e ".[dev]"
+${VENV}/bin/python -c "import torchrec, fbgemm_gpu, torch; print('install: ok, torch', torch.__version__, 'torchrec', torchrec.__version__)"
+echo "$want" > "$stamp"

@@ -1,0 +1,70 @@
+"""Run output: metrics.jsonl and one structured line per event, from rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 6)
+    return value
+
+
+class RunLog:
+    """Appends ``{"step": ..., name: figure}`` lines to ``metrics.jsonl`` and prints events.
+
+    Ranks other than 0 get an inert instance, so callers never test the rank. On a
+    terminal training shows a tqdm bar and events print above it; otherwise each event
+    is one JSON line on stdout.
+    """
+
+    def __init__(self, run_dir: Path | None, enabled: bool) -> None:
+        self.enabled = enabled
+        self.metrics = None
+        self.bar: tqdm | None = None
+        if enabled and run_dir is not None:
+            self.metrics = open(run_dir / "metrics.jsonl", "w", encoding="utf-8")
+
+    def progress(self, total: int, desc: str) -> None:
+        """A progress bar over ``total`` steps, on a terminal only."""
+        self.close_progress()
+        if self.enabled and sys.stdout.isatty():
+            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+
+    def advance(self, n: int = 1, **postfix: float) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def close_progress(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def event(self, event: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps({"event": event, **{k: _clean(v) for k, v in fields.items()}})
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def metric(self, step: int, **figures: float) -> None:
+        if self.metrics is not None:
+            record = {"step": step, **{k: _clean(v) for k, v in figures.items()}}
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def close(self) -> None:
+        self.close_progress()
+        if self.metrics is not None:
+            self.metrics.close()

@@ -1,0 +1,46 @@
+"""Planner-chosen sharding of the embedding tables with DistributedModelParallel."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingPlan
+
+from dlrm.config import ShardingConfig
+
+# Data-parallel tables get their gradients averaged by DDP, model-parallel ones summed
+# over ranks by the all-to-all: letting the planner mix them would give tables
+# different effective learning rates. So data_parallel is only used when asked for.
+MODEL_PARALLEL_TYPES = ["table_wise", "row_wise", "column_wise", "table_row_wise"]
+
+
+def table_constraints(cfg: ShardingConfig, tables: list[str]) -> dict[str, ParameterConstraints]:
+    """The same allowed sharding types for every table (from config)."""
+    types = list(cfg.sharding_types) or MODEL_PARALLEL_TYPES
+    return {t: ParameterConstraints(sharding_types=types) for t in tables}
+
+
+def shard_model(model: torch.nn.Module, constraints: dict[str, ParameterConstraints],
+                device: torch.device, batch_size: int,
+                ) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Plans (collectively, so every rank gets the same plan) and shards ``model``.
+
+    The embedding tables are placed per the plan and exchanged by all-to-all; the rest
+    of the model is replicated and wrapped in DDP.
+    """
+    world_size = dist.get_world_size()
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    topology = Topology(world_size=world_size, local_world_size=local_world_size,
+                        compute_device=device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size,
+                                       constraints=constraints, debug=False)
+    sharders = [EmbeddingBagCollectionSharder()]
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders)
+    return dmp, plan

@@ -1,0 +1,179 @@
+"""The training recipe: data → model on meta → shard → optimizers → pipeline → loop → evaluate."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from dlrm.config import Config, DataConfig, to_toml
+from dlrm.data.loader import ParquetBatches, default_split_specs, resolve_split
+from dlrm.data.preprocess import load_manifest
+from dlrm.dist import broadcast_object, init_distributed
+from dlrm.evaluate import evaluate
+from dlrm.model import build_model, table_name
+from dlrm.optim import apply_embedding_optimizer, build_optimizer
+from dlrm.runlog import RunLog
+from dlrm.sharding import shard_model, table_constraints
+
+SPLITS = ("train", "val", "test")
+
+
+def split_specs(cfg: DataConfig, manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """Sources of each split: the config's, else the torchrec_dlrm convention."""
+    given = {"train": cfg.train_sources, "val": cfg.val_sources, "test": cfg.test_sources}
+    if all(given.values()):
+        return given
+    defaults = default_split_specs(manifest)
+    return {s: given[s] or defaults[s] for s in SPLITS}
+
+
+def check_data(cfg: DataConfig) -> dict[str, Any]:
+    """Everything about the data that can be wrong, checked before any process group starts.
+
+    Raises:
+        ValueError: naming ``data.path`` or the bad split source.
+    """
+    try:
+        manifest = load_manifest(cfg.path)
+    except Exception as e:
+        raise ValueError(f"data.path: {e}") from None
+    try:
+        for specs in split_specs(cfg, manifest).values():
+            resolve_split(cfg.path, manifest, specs)
+    except ValueError as e:
+        raise ValueError(f"data: {e}") from None
+    return manifest
+
+
+class Trainer:
+    """Builds the parts in the order one thinks of them; ``train()`` runs the loop."""
+
+    def __init__(self, config: Config, run_dir: str | Path | None = None) -> None:
+        self.config = config
+        manifest = check_data(config.data)
+        self.dist = init_distributed(config.train.device)
+        rank, world, device = self.dist.rank, self.dist.world_size, self.dist.device
+
+        default_dir = f"runs/train-{datetime.now():%Y%m%d-%H%M%S}"
+        self.run_dir = Path(broadcast_object(str(run_dir or default_dir)))
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(config))
+        self.log = RunLog(self.run_dir, enabled=self.dist.is_main)
+
+        # Data: each rank its own contiguous part of each split.
+        data, eval_bs = config.data, config.eval.batch_size or config.data.batch_size
+        specs = split_specs(data, manifest)
+        segments = {s: resolve_split(data.path, manifest, specs[s]) for s in SPLITS}
+        self.train_batches = ParquetBatches(segments["train"], data.batch_size, rank, world)
+        self.eval_batches = {
+            s: ParquetBatches(segments[s], eval_bs, rank, world, pad=True) for s in ("val", "test")
+        }
+        if len(self.train_batches) == 0:
+            raise ValueError(
+                f"data: {self.train_batches.rows_total} training rows are fewer than "
+                f"world_size × data.batch_size = {world} × {data.batch_size}"
+            )
+
+        # Model: tables on meta, sharded by the planner; dense parts replicated under DDP.
+        torch.manual_seed(config.train.seed)
+        model = build_model(config.model, manifest["cardinalities"], device)
+        apply_embedding_optimizer(model, config.optim)
+        constraints = table_constraints(config.sharding, [table_name(f) for f in
+                                                          manifest["schema"]["sparse"]])
+        self.model, plan = shard_model(model, constraints, device, data.batch_size)
+        if self.dist.is_main:
+            (self.run_dir / "plan.txt").write_text(str(plan) + "\n")
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, device)
+        self.step = 0
+        self.log.event("start", world_size=world, device=str(device),
+                       train_rows=self.train_batches.rows_total,
+                       steps_per_epoch=self._steps_per_epoch(), run_dir=str(self.run_dir))
+
+    def _steps_per_epoch(self) -> int:
+        limit = self.config.train.limit_train_batches
+        return min(len(self.train_batches), limit) if limit else len(self.train_batches)
+
+    def train(self) -> dict[str, dict[str, float]]:
+        """Runs every epoch, then evaluates val and test; returns the final metrics."""
+        cfg = self.config.train
+        global_batch = self.config.data.batch_size * self.dist.world_size
+        loss_sum = torch.zeros((), device=self.dist.device)
+        window_steps, window_start = 0, time.perf_counter()
+        samples, train_seconds = 0, 0.0
+        for epoch in range(cfg.epochs):
+            steps = self._steps_per_epoch()
+            self.log.progress(steps, desc=f"epoch {epoch}")
+            batches = itertools.islice(iter(self.train_batches), steps)
+            while True:
+                try:
+                    loss, _, _ = self.pipeline.progress(batches)
+                except StopIteration:
+                    break
+                self.step += 1
+                window_steps += 1
+                loss_sum += loss
+                self.log.advance(1)
+                if self.step % cfg.log_every == 0:
+                    train_seconds += self._log_train(loss_sum, window_steps, window_start,
+                                                     global_batch)
+                    samples += window_steps * global_batch
+                    loss_sum.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self._evaluate(("val",))
+                    window_start = time.perf_counter()  # evaluation is not training time
+            self.log.close_progress()
+        if window_steps:
+            train_seconds += self._log_train(loss_sum, window_steps, window_start, global_batch)
+            samples += window_steps * global_batch
+        results = self._evaluate(("val", "test"))
+        summary = {"steps": self.step, "samples": samples,
+                   "samples_per_sec": samples / train_seconds if train_seconds else 0.0}
+        for split, m in results.items():
+            summary.update({f"{split}_auc": m["auc"], f"{split}_logloss": m["logloss"]})
+        self.log.event("done", **summary)
+        self.log.close()
+        return results
+
+    def _log_train(self, loss_sum: torch.Tensor, steps: int, start: float,
+                   global_batch: int) -> float:
+        """Logs the mean loss of all ranks over the window and its global throughput."""
+        loss = loss_sum.detach().clone()
+        dist.all_reduce(loss)
+        seconds = time.perf_counter() - start
+        figures = {"train/loss": loss.item() / (steps * self.dist.world_size),
+                   "train/samples_per_sec": steps * global_batch / seconds}
+        self.log.metric(self.step, **figures)
+        self.log.event("train", step=self.step, **figures)
+        return seconds
+
+    def _evaluate(self, splits: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        # The pipeline rewrote the sharded modules' forward for overlap; detach restores
+        # the plain forward (progress() re-attaches, keeping its in-flight batches).
+        model = self.pipeline.detach()
+        results = {}
+        for split in splits:
+            m = evaluate(model, self.eval_batches[split], self.dist.device,
+                         self.config.eval.limit_batches)
+            results[split] = m
+            self.log.metric(self.step, **{f"eval/{split}/{k}": v for k, v in m.items()})
+            self.log.event("eval", step=self.step, split=split, **m)
+        return results
+
+
+def train(config: Config, run_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """One rank of a training run (see :class:`Trainer`)."""
+    trainer = Trainer(config, run_dir)
+    try:
+        return trainer.train()
+    finally:
+        dist.destroy_process_group()

@@ -47,7 +47,8 @@ class ModelConfig:
 @dataclass
 class ShardingConfig:
     sharding_types: list[str] = field(default_factory=list)
-    """Sharding types the planner may use (table_wise, row_wise, column_wise, ...); empty: any."""
+    """Sharding types the planner may use (table_wise, column_wise, table_column_wise, and on
+    GPU row_wise, table_row_wise); empty: all of these."""
 
 
 @dataclass
@@ -100,7 +101,7 @@ class Config:
 
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 DENSE_OPTIMIZERS = ("adagrad", "sgd")
-SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -216,7 +217,11 @@ def validate(config: Config) -> None:
         f"must be one of {DENSE_OPTIMIZERS}, got {o.dense_optimizer!r}",
     )
     for st in config.sharding.sharding_types:
-        need(st in SHARDING_TYPES, "sharding.sharding_types", f"unknown type {st!r}")
+        need(st != "data_parallel", "sharding.sharding_types",
+             "data_parallel is not offered: torchrec trains a data-parallel table with the "
+             "dense optimizer, not the embedding optimizer")
+        need(st in SHARDING_TYPES, "sharding.sharding_types",
+             f"unknown type {st!r}, expected some of {SHARDING_TYPES}")
     need(t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
     need(t.device in DEVICES, "train.device", f"must be one of {DEVICES}, got {t.device!r}")
     for key, value in [

@@ -12,17 +12,17 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingPlan
 
-from dlrm.config import ShardingConfig
+from dlrm.config import SHARDING_TYPES, ShardingConfig
 
-# Data-parallel tables get their gradients averaged by DDP, model-parallel ones summed
-# over ranks by the all-to-all: letting the planner mix them would give tables
-# different effective learning rates. So data_parallel is only used when asked for.
-MODEL_PARALLEL_TYPES = ["table_wise", "row_wise", "column_wise", "table_row_wise"]
+# Never data_parallel: torchrec trains a data-parallel table with the dense optimizer (its
+# parameters are ordinary DDP parameters), not with the fused embedding optimizer, so
+# a plan choosing it would silently change how that table learns. Types the sharder
+# cannot run on this device (row_wise on CPU) are dropped by the planner.
 
 
 def table_constraints(cfg: ShardingConfig, tables: list[str]) -> dict[str, ParameterConstraints]:
     """The same allowed sharding types for every table (from config)."""
-    types = list(cfg.sharding_types) or MODEL_PARALLEL_TYPES
+    types = list(cfg.sharding_types or SHARDING_TYPES)
     return {t: ParameterConstraints(sharding_types=types) for t in tables}
 
 

@@ -27,7 +27,7 @@ class DataConfig:
     batch_size: int = 2048
     """Training batch size per rank."""
     train_sources: list[str] = field(default_factory=list)
-    """Sources (manifest names, optionally `name[a:b]` row fractions) to train on; empty: all but the last."""
+    """Training sources (manifest names, or `name[a:b]` row fractions); empty: all but the last."""
     val_sources: list[str] = field(default_factory=list)
     """Validation sources; empty: first half of the last source (torchrec_dlrm convention)."""
     test_sources: list[str] = field(default_factory=list)
@@ -174,8 +174,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
         for section_name, table in doc.items():
-            if not isinstance(table, dict):
-                raise ConfigError(f"{path}: unknown key '{section_name}' (expected a [section])")
+            if not isinstance(table, dict) or not (table or hasattr(config, section_name)):
+                known = ", ".join(f.name for f in dataclasses.fields(config))
+                raise ConfigError(f"{path}: unknown key '{section_name}' (sections: {known})")
             for name, value in table.items():
                 _set(config, f"{section_name}.{name}", value, str(path))
     for arg in overrides:

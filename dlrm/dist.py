@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +23,19 @@ class DistInfo:
         return self.rank == 0
 
 
+def quiet_third_party() -> None:
+    """Silences warnings torch / torchrec print once per rank that say nothing about the run."""
+    warnings.filterwarnings("ignore", message=".*`broadcast_buffers` is deprecated")
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Starts the default process group: NCCL on GPU, gloo on CPU.
 
     Under torchrun the rank and world size come from its environment; without it this
     is a world of one (in-memory store, nothing to rendezvous with).
     """
+    quiet_third_party()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device = 'cuda' but no CUDA device is available")

@@ -24,9 +24,9 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.datasets.utils import Batch
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.config import ModelConfig, OptimConfig
@@ -76,8 +76,9 @@ def gather_full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     local = {}
     for key, value in model.state_dict().items():
         if isinstance(value, ShardedTensor):
-            local[key] = ("sharded", list(value.size()), [
-                (s.metadata.shard_offsets, s.tensor.detach().clone()) for s in value.local_shards()])
+            shards = [(s.metadata.shard_offsets, s.tensor.detach().clone())
+                      for s in value.local_shards()]
+            local[key] = ("sharded", list(value.size()), shards)
         else:
             local[key] = ("full", value.detach().clone())
     everything = [None] * dist.get_world_size()

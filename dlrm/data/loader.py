@@ -43,7 +43,7 @@ class Segment:
 
 
 def default_split_specs(manifest: dict[str, Any]) -> dict[str, list[str]]:
-    """torchrec_dlrm's convention: train on all sources but the last, whose halves are val / test."""
+    """torchrec_dlrm's convention: train on all sources but the last; its halves: val, test."""
     names = [s["name"] for s in manifest["sources"]]
     if len(names) < 2:
         raise ValueError(

@@ -22,11 +22,12 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -93,6 +94,9 @@ def _read_chunks(path: Path) -> Iterator[Chunk]:
         return "skip"
 
     compression = "gzip" if path.suffix == ".gz" else None
+    with pa.input_stream(path, compression=compression) as probe:
+        if not probe.read(1):  # an empty source has no rows (pyarrow refuses empty CSVs)
+            return
     reader = pacsv.open_csv(
         pa.input_stream(path, compression=compression),
         read_options=pacsv.ReadOptions(
@@ -374,7 +378,8 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
             "label": LABEL, "dense": DENSE_NAMES, "sparse": SPARSE_NAMES,
             "dense_transform": "missing -> 0, negative -> 0, log1p; float32",
             "sparse_ids": f"{MISSING_ID} = missing, {OOV_ID} = out of vocabulary, "
-                          "2.. = vocabulary by descending frequency (hash: 1 + value % (buckets-1))",
+                          "2.. = vocabulary by descending frequency "
+                          "(hash: 1 + value % (buckets-1))",
         },
         "encoding": encoding.to_json(),
         "cardinalities": cardinalities,

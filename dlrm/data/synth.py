@@ -48,7 +48,7 @@ DENSE_LOG_MEAN = [0.8, 1.5, 2.0, 1.5, 7.5, 3.5, 1.6, 2.5, 3.8, 0.4, 1.0, 0.5, 1.
 ZIPF_EXPONENT = 1.05
 # Features whose ids carry a first-order effect, and pairs that interact.
 FIRST_ORDER = [0, 1, 4, 5, 7, 8, 10, 12, 13, 16, 18, 21, 22, 24]
-PAIRS = [(0, 1), (4, 7), (5, 13), (10, 12), (16, 21), (18, 24), (1, 22), (8, 19), (2, 3), (6, 14)]
+PAIRS = [(0, 1), (4, 7), (5, 13), (10, 12), (16, 21), (18, 24), (1, 22), (8, 19), (0, 24), (4, 13)]
 LATENT_DIM = 4
 FIRST_ORDER_SCALE = 0.35
 INTERACTION_SCALE = 1.0
@@ -77,7 +77,7 @@ class ClickModel:
         return cls(first_order, latent, rng.integers(0, 2**32, NUM_SPARSE, dtype=np.uint64))
 
     def hex_values(self, f: int, ids: np.ndarray) -> np.ndarray:
-        """Eight-hex-digit rendering of ids: a bijection of uint32, so distinct ids stay distinct."""
+        """Ids as uint32 for hex rendering: a bijection, so distinct ids stay distinct."""
         x = (ids.astype(np.uint64) * np.uint64(2654435761) + self.hex_salt[f]) % np.uint64(2**32)
         return x
 
@@ -140,7 +140,7 @@ def _hex(values: np.ndarray) -> pa.Array:
 
 
 def write_tsv(table: pa.Table, path: Path) -> None:
-    """Writes a Criteo-format TSV (no header, empty fields for missing), atomically; .gz compresses."""
+    """Writes Criteo-format TSV (no header, empty = missing), atomically; `.gz` compresses."""
     tmp = path.with_name(path.name + ".tmp")
     compression = "gzip" if path.suffix == ".gz" else None
     options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import quiet
 
 from dlrm.data.preprocess import preprocess
 from dlrm.data.synth import synth
@@ -14,5 +15,5 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("small")
     synth(root / "raw", days=3, rows_per_day=4000, seed=1)
     preprocess([root / "raw" / f"day_{d}" for d in range(3)], root / "data", workers=1,
-               log=lambda *_: None)
+               log=quiet)
     return root / "data"

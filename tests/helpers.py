@@ -1,7 +1,10 @@
-"""Plain helpers shared by the data tests (fixtures stay in each test file)."""
+"""Plain helpers shared by the tests (fixtures stay in each test file or conftest.py)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,3 +28,29 @@ def write_lines(path: Path, lines: Iterable[str]) -> Path:
 
 def quiet(*_: object) -> None:
     """A ``log`` callback that drops the preprocessor's messages."""
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-5000:]}"
+            f"\n--- stderr\n{proc.stderr[-10000:]}"
+        )
+    return proc
+
+
+def dlrm(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m dlrm ARGS`` (world size 1 for train); raises with its output on failure."""
+    return _run([sys.executable, "-m", "dlrm", *args], timeout)
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real ``torchrun --standalone --nproc_per_node N ARGS`` (gloo on CPU)."""
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={nproc}", *args], timeout)

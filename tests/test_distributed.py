@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from launch import torchrun
+from helpers import torchrun
 
 STEPS = 25
 

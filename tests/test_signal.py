@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from helpers import dlrm, quiet
 
 from dlrm.data.loader import ParquetBatches, default_split_specs, resolve_split
 from dlrm.data.preprocess import load_manifest, preprocess
 from dlrm.data.synth import synth
 from dlrm.metrics import auc
 
-REPO = Path(__file__).resolve().parent.parent
 DAYS, ROWS = 3, 150_000
 
 
@@ -61,12 +59,8 @@ def test_interactions_beat_first_order(tmp_path: Path):
     truth = synth(raw, days=DAYS, rows_per_day=ROWS, seed=11)
     bayes = truth["splits"]["test"]["bayes_auc"]
     manifest = preprocess([raw / f"day_{d}" for d in range(DAYS)], data, workers=2,
-                          log=lambda *_: None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "dlrm", "train", "--config", "configs/tiny.toml",
-         f"--data.path={data}", "--run-dir", str(run)],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+                          log=quiet)
+    dlrm("train", "--config", "configs/tiny.toml", f"--data.path={data}", "--run-dir", str(run))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     dlrm_auc = [r for r in records if "eval/test/auc" in r][-1]["eval/test/auc"]
 

@@ -276,8 +276,8 @@ def test_bad_rows_are_counted_and_written_with_line_numbers(tmp_path):
     assert table.column(LABEL).to_pylist() == [1] * len(GOOD_I1)
 
 
-def test_reject_line_numbers_across_read_blocks(tmp_path, monkeypatch):
-    """Line numbers stay right when bad rows fall in different blocks of the reader."""
+def test_reject_line_numbers_across_chunks_and_blocks(tmp_path):
+    """Line numbers stay file-wide and right when bad rows fall in many chunks and blocks."""
     lines, reasons = [], {}
     for n in range(1, 401):
         if n % 17 == 0:
@@ -294,15 +294,19 @@ def test_reject_line_numbers_across_read_blocks(tmp_path, monkeypatch):
     lines.append("1\t2")  # a bad last line
     reasons[len(lines)] = "wrong_field_count"
     src = write_lines(tmp_path / "blocks.tsv", lines)
-    monkeypatch.setattr(pre, "READ_BLOCK_BYTES", 1000)  # about 10 lines a block
-    got, good, chunks = {}, [], 0
-    for chunk in pre._read_chunks(src):
-        chunks += 1
-        got.update({line: reason for line, reason, _ in chunk.rejects})
-        good += [int(v) for v in chunk.table.column("I1").to_pylist()]
-    assert chunks > 20
+    # Chunks of ~30 lines read in blocks of ~10, so bad rows fall in many chunks and
+    # blocks, and chunk boundaries land mid-line.
+    opts = pre.Options(workers=2, chunk_bytes=3001, block_bytes=1000)
+    m = preprocess([src], tmp_path / "out", log=quiet, options=opts)
+    got = {}
+    for row in (tmp_path / "out" / "rejects" / "blocks.tsv").read_text().splitlines():
+        line, reason, _ = row.split("\t", 2)
+        got[int(line)] = reason
     assert got == reasons
-    assert good == [n for n in range(1, len(lines) + 1) if n not in reasons]
+    table = read_source(tmp_path / "out", m, "blocks")
+    good = [n for n in range(1, len(lines) + 1) if n not in reasons]
+    np.testing.assert_array_equal(table.column("I1").to_numpy(), expected_dense(good))
+    assert len(m["sources"][0]["files"]) > 10  # really many chunks
 
 
 def test_empty_sources_have_no_rows(tmp_path):

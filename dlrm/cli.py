@@ -17,12 +17,14 @@ def _synth(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.data.preprocess import Encoding, PreprocessError, preprocess
+    from dlrm.data.preprocess import Encoding, Options, PreprocessError, preprocess
 
     encoding = Encoding(type=args.encoding, min_frequency=args.min_frequency,
                         max_vocab=args.max_vocab, buckets=args.buckets)
+    options = Options(workers=args.workers, chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
+                      max_line_bytes=args.max_line_bytes)
     try:
-        preprocess(args.input, args.out, workers=args.workers, encoding=encoding)
+        preprocess(args.input, args.out, encoding=encoding, options=options)
     except PreprocessError as e:
         print(f"dlrm preprocess: error: {e}", file=sys.stderr)
         return 2
@@ -66,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-frequency", type=int, default=1, help="vocab: rarer values -> OOV id")
     p.add_argument("--max-vocab", type=int, default=0, help="vocab: cap per feature (0: none)")
     p.add_argument("--buckets", type=int, default=40_000_000, help="hash: ids per feature")
+    p.add_argument("--chunk-mb", type=float, default=256,
+                   help="plain files are cut into chunks of this many MiB, the unit of "
+                        "parallel work and of resumption")
+    p.add_argument("--max-line-bytes", type=int, default=64 << 10,
+                   help="longer lines are rejected as line_too_long")
     p.set_defaults(func=_preprocess)
 
     p = sub.add_parser("train", help="train (one rank; under torchrun one of N)",

@@ -6,6 +6,11 @@ import gzip
 import json
 import os
 import re
+import resource
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +19,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from helpers import quiet, tsv_row, write_lines
+from helpers import REPO, dlrm, quiet, tsv_row, write_lines
 
 import dlrm.data.preprocess as pre
 from dlrm import cli
@@ -415,3 +420,114 @@ def test_synth_is_deterministic(tmp_path):
     before = os.stat(tmp_path / "a" / "day_0").st_mtime_ns
     synth(tmp_path / "a", days=2, rows_per_day=300, seed=7)
     assert os.stat(tmp_path / "a" / "day_0").st_mtime_ns == before
+
+
+# ----------------------------------------------------------- every kind of bad input
+
+
+def test_every_kind_of_bad_line_in_plain_and_gzip_sources(tmp_path):
+    """Overlong lines, invalid UTF-8 and a truncated gzip member, beside the field-level
+    problems: counted by reason, written with file-wide line numbers, good rows kept."""
+    good_i1 = [str(v) for v in range(1, 9)]
+
+    def good(i: int) -> bytes:
+        return tsv_row("1", [good_i1[i]] + ["1"] * (NUM_DENSE - 1)).encode()
+
+    lines = [
+        good(0),                                                        # 1
+        b"1\t" + b"9" * 5000,                                           # 2 line_too_long
+        good(1),                                                        # 3
+        tsv_row("1", None, ["ab\xffcd"] + ["1"] * 25).encode("latin-1"),  # 4 invalid_utf8
+        good(2),                                                        # 5
+        "é\t1".encode(),                                               # 6 wrong_field_count
+        good(3),                                                        # 7
+        b"x" * 70_000,                                                  # 8 longer than a block
+        good(4),                                                        # 9
+    ]
+    plain = tmp_path / "day_0"
+    plain.write_bytes(b"\n".join(lines) + b"\n")
+    # day_1.gz: two gzip members, the second cut off in the middle of its third line.
+    first = gzip.compress(good(5) + b"\n" + good(6) + b"\n")
+    second = gzip.compress((good(7) + b"\n") * 2 + b"1\t2\t3\t4\n" * 200)
+    (tmp_path / "day_1.gz").write_bytes(first + second[: len(second) // 2])
+
+    opts = pre.Options(workers=2, block_bytes=4096, max_line_bytes=4000)
+    m = preprocess([plain, tmp_path / "day_1.gz"], tmp_path / "out", log=quiet, options=opts)
+    day0, day1 = m["sources"]
+    assert day0["rejected_by_reason"] == {"invalid_utf8": 1, "line_too_long": 2,
+                                          "wrong_field_count": 1}
+    rejects = (tmp_path / "out" / "rejects" / "day_0.tsv").read_bytes().splitlines()
+    assert [r.split(b"\t")[:2] for r in rejects] == [
+        [b"2", b"line_too_long"], [b"4", b"invalid_utf8"], [b"6", b"wrong_field_count"],
+        [b"8", b"line_too_long"]]
+    table = read_source(tmp_path / "out", m, "day_0")
+    np.testing.assert_array_equal(table.column("I1").to_numpy(),
+                                  expected_dense(good_i1[:5]))
+
+    # The truncated member: the complete lines before the cut are kept, then one reject.
+    assert day1["rejected_by_reason"].get("truncated_gzip") == 1
+    table = read_source(tmp_path / "out", m, "day_1")
+    assert table.num_rows >= 4
+    np.testing.assert_array_equal(table.column("I1").to_numpy()[:4],
+                                  expected_dense(good_i1[5:8] + good_i1[7:8]))
+    reject_lines = (tmp_path / "out" / "rejects" / "day_1.tsv").read_text().splitlines()
+    truncated = [r for r in reject_lines if "\ttruncated_gzip\t" in r]
+    assert len(truncated) == 1
+    assert int(truncated[0].split("\t")[0]) == day1["rows_read"]  # the last line read
+    assert m["rows_rejected"] == sum(m["rejected_by_reason"].values())
+
+
+def _dataset_state(out: Path) -> dict[str, object]:
+    """Everything a dataset holds, timings aside."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("seconds")
+    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+             if p.is_file() and p.suffix != ".parquet" and p.name != "manifest.json"}
+    tables = {str(p.relative_to(out)): pq.read_table(p) for p in sorted(out.rglob("*.parquet"))}
+    return {"manifest": manifest, "files": files, "tables": tables}
+
+
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path):
+    synth(tmp_path / "raw", days=2, rows_per_day=30_000, seed=5)
+    inputs = [str(tmp_path / "raw" / f"day_{d}") for d in range(2)]
+    args = ["--workers", "2", "--chunk-mb", "0.5"]  # ~14 chunks per day
+
+    dlrm("preprocess", "--input", *inputs, "--out", str(tmp_path / "whole"), *args)
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dlrm", "preprocess", "--input", *inputs, "--out", str(killed),
+           *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    done = killed / "_work" / "done"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(done.glob("*.json"))) < 3:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, mid-run
+    proc.wait()
+    finished_before = len(list(done.glob("*.json")))
+    assert 3 <= finished_before < 28 and not (killed / "manifest.json").exists()
+
+    log = dlrm("preprocess", "--input", *inputs, "--out", str(killed), *args).stdout
+    assert "resuming" in log
+    assert _dataset_state(killed) == _dataset_state(tmp_path / "whole")
+    assert not (killed / "_work").exists()
+
+
+def test_failed_write_is_fatal_and_leaves_no_manifest(tmp_path):
+    """A write that fails (here: the file size limit, as a full disk would) stops the run
+    with a message naming the output, a non-zero exit, and no manifest."""
+    synth(tmp_path / "raw", days=1, rows_per_day=20_000, seed=2)
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlrm", "preprocess", "--input", str(tmp_path / "raw" / "day_0"),
+         "--out", str(out), "--workers", "1"],
+        cwd=REPO, capture_output=True, text=True, preexec_fn=limit_file_size, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "dlrm preprocess: error:" in proc.stderr and str(out) in proc.stderr
+    assert not (out / "manifest.json").exists()

@@ -28,7 +28,6 @@ atomically: a dataset is complete iff it exists.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import os
 import queue
@@ -168,9 +167,9 @@ class _LineReader:
         self.lines = 0  # lines consumed so far (the next line is number lines + 1)
         self.rejects: list[Reject] = []
 
-    def _open(self) -> tuple[BinaryIO, int]:
+    def _open(self) -> tuple[BinaryIO | _GzipStream, int]:
         if self.task.gzip:
-            return gzip.open(self.task.path, "rb"), -1
+            return _GzipStream(self.task.path), -1
         f = open(self.task.path, "rb")
         if self.task.start > 0:
             f.seek(self.task.start - 1)
@@ -185,36 +184,30 @@ class _LineReader:
         """Yields buffers of whole lines (each ending in a newline)."""
         f, end = self._open()
         with f:
-            pos = f.tell()  # file offset of the first byte of ``carry``
-            carry = b""
-            raw_pos = f.fileobj.tell() if self.task.gzip else 0  # compressed progress
-            while True:
-                if end >= 0 and pos >= end:
-                    return  # the next line starts in the next chunk
-                try:
-                    data = f.read(self.opts.block_bytes)
-                except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
-                    if not self.task.gzip:
-                        raise
-                    self._truncated(carry, str(e))
-                    return
-                if self.task.gzip:
-                    now = f.fileobj.tell()
-                    self.progress(now - raw_pos)
-                    raw_pos = now
-                else:
-                    self.progress(len(data))
+            pos = f.tell()  # offset (plain file) of the first byte of ``carry``
+            carry, skipping = b"", False
+            while end < 0 or pos < end:  # past ``end``, lines start in the next chunk
+                data = f.read(self.opts.block_bytes)
+                self.progress(f.raw_read_delta() if self.task.gzip else len(data))
                 if not data:
-                    if carry:  # a last line without its newline
+                    if self.task.gzip and f.truncated:
+                        self._reject("truncated_gzip", carry or b"<gzip stream cut short>")
+                    elif carry and not skipping:  # a last line without its newline
                         yield from self._cut(carry + b"\n", pos, end)
                     return
+                if skipping:  # the rest of an overlong line, already rejected
+                    nl = data.find(b"\n")
+                    pos += len(data) if nl < 0 else nl + 1
+                    if nl < 0:
+                        continue
+                    data, skipping = data[nl + 1:], False
                 buf = carry + data
                 last = buf.rfind(b"\n")
                 if last < 0:
                     carry = buf
                     if len(carry) > self.opts.max_line_bytes:
-                        pos = self._skip_long_line(f, carry, pos)
-                        carry = b""
+                        self._reject("line_too_long", carry)
+                        pos, carry, skipping = pos + len(carry), b"", True
                     continue
                 complete, carry = buf[:last + 1], buf[last + 1:]
                 yield from self._cut(complete, pos, end)
@@ -231,22 +224,69 @@ class _LineReader:
         if complete:
             yield complete
 
-    def _skip_long_line(self, f: BinaryIO, head: bytes, pos: int) -> int:
-        """Consumes the rest of an overlong line; rejects it; returns the next line's offset."""
-        skipped = len(head)
-        while True:
-            piece = f.readline(1 << 20)
-            skipped += len(piece)
-            if not piece or piece.endswith(b"\n"):
-                break
+    def _reject(self, reason: str, text: bytes) -> None:
         self.lines += 1
-        self.rejects.append(Reject(self.lines, "line_too_long", head[:_REJECT_TEXT_BYTES]))
-        return pos + skipped
+        self.rejects.append(Reject(self.lines, reason, text[:_REJECT_TEXT_BYTES]))
 
-    def _truncated(self, carry: bytes, why: str) -> None:
-        self.lines += 1
-        text = carry[:_REJECT_TEXT_BYTES] or f"<{why}>".encode()
-        self.rejects.append(Reject(self.lines, "truncated_gzip", text))
+
+class _GzipStream:
+    """Decompresses gzip members one after another.
+
+    Unlike ``gzip.open``, a stream cut short or corrupt does not lose the block being
+    read: every byte that could be decoded is returned, then ``read`` returns b"" with
+    ``truncated`` set.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.f = open(path, "rb")
+        self.d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self.pending = b""
+        self.in_member = self.truncated = self.done = False
+        self.raw_read = self.raw_reported = 0
+
+    def __enter__(self) -> _GzipStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+    def tell(self) -> int:
+        return 0
+
+    def raw_read_delta(self) -> int:
+        delta, self.raw_reported = self.raw_read - self.raw_reported, self.raw_read
+        return delta
+
+    def read(self, n: int) -> bytes:
+        out, size = [self.pending], len(self.pending)
+        while size < n and not self.done:
+            raw = self.f.read(1 << 20)
+            self.raw_read += len(raw)
+            if not raw:
+                self.truncated, self.done = self.in_member, True
+                break
+            try:
+                data = self._feed(raw)
+            except zlib.error:
+                self.truncated = self.done = True
+                break
+            out.append(data)
+            size += len(data)
+        buf = b"".join(out)
+        self.pending = buf[n:]
+        return buf[:n]
+
+    def _feed(self, raw: bytes) -> bytes:
+        parts = []
+        while raw:
+            self.in_member = True
+            parts.append(self.d.decompress(raw))
+            raw = b""
+            if self.d.eof:  # next member, if any
+                raw = self.d.unused_data
+                self.d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                self.in_member = False
+        return b"".join(parts)
 
 
 def _read_blocks(task: Task, opts: Options,
@@ -264,9 +304,15 @@ def _read_blocks(task: Task, opts: Options,
         lengths = ends - starts
         blank = lengths == 0
         long = lengths > opts.max_line_bytes
-        keep = ~(blank | long)
+        bad_utf8 = np.zeros(ends.size, bool)
+        for i in np.unique(np.searchsorted(ends, np.flatnonzero(arr >= 0x80))):
+            try:  # Criteo is ASCII: only lines holding other bytes need a look
+                buf[starts[i]:ends[i]].decode("utf-8")
+            except UnicodeDecodeError:
+                bad_utf8[i] = True
+        keep = ~(blank | long | bad_utf8)
         for i in np.flatnonzero(~keep):
-            reason = "empty_line" if blank[i] else "line_too_long"
+            reason = "line_too_long" if long[i] else "empty_line" if blank[i] else "invalid_utf8"
             text = buf[starts[i]:min(ends[i], starts[i] + _REJECT_TEXT_BYTES)]
             rejects.append(Reject(first_line + int(i), reason, text))
         kept = np.flatnonzero(keep)
@@ -322,10 +368,6 @@ def _parse(buf: bytes, line_of: np.ndarray) -> tuple[pa.Table, Hex, list[Reject]
         texts = _join_fields(table.take(bad))
         for i, text in zip(bad, texts, strict=True):
             why = REJECT_REASONS[int(reason[i])]
-            try:
-                text.decode("utf-8")
-            except UnicodeDecodeError:
-                why = "invalid_utf8"
             rejects.append(Reject(int(valid_lines[i]), why, text[:_REJECT_TEXT_BYTES]))
         good = reason < 0
         table = table.filter(pa.array(good))

@@ -6,16 +6,22 @@ import json
 import tomllib
 from pathlib import Path
 
+import pytest
 from helpers import dlrm, torchrun
 
 
-def test_main_job_end_to_end(tmp_path: Path):
+@pytest.mark.parametrize("encoding", [["--encoding", "vocab"],
+                                      ["--encoding", "hash", "--buckets", "5000"]])
+def test_main_job_end_to_end(tmp_path: Path, encoding: list[str]):
     raw, data, run = tmp_path / "raw", tmp_path / "data", tmp_path / "run"
     dlrm("synth", "--out", str(raw), "--days", "3", "--rows-per-day", "6001", "--seed", "3")
     dlrm("preprocess", "--input", *[str(raw / f"day_{d}") for d in range(3)],
-         "--out", str(data), "--workers", "2")
+         "--out", str(data), "--workers", "2", *encoding)
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["rows_accepted"] == 3 * 6001 and manifest["rows_rejected"] == 0
+    assert manifest["encoding"]["type"] == encoding[1]
+    if encoding[1] == "hash":
+        assert manifest["cardinalities"] == [5000] * 26
 
     proc = torchrun(["-m", "dlrm", "train", "--config", "configs/tiny.toml",
                      f"--data.path={data}", "--run-dir", str(run), "--data.batch_size=256",

@@ -1,0 +1,160 @@
+"""Checkpoints over torch.distributed.checkpoint: atomic, verified, kept K at a time.
+
+Layout: ``CKPT_DIR/step-000000123/`` holds DCP's files (every rank writes its shards)
+and ``COMPLETE.json``, written last by rank 0 after every rank has finished. It records
+the step, the training position and the size and SHA-256 of every file, so a checkpoint
+is complete iff its marker exists and every file matches it. Saving goes to
+``step-N.partial`` and is renamed to ``step-N`` only once complete.
+
+Nothing in loading unpickles arbitrary objects: our own state is JSON; DCP's
+``.metadata`` (a pickle) is first read by an unpickler that admits only the
+checkpoint-metadata classes of torch, and DCP reads tensor data with ``weights_only``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+logger = logging.getLogger(__name__)
+
+MARKER = "COMPLETE.json"
+_PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names it and says why."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only what DCP's metadata is made of: its own dataclasses, dtypes, sizes."""
+
+    _ALLOWED = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("torch", "Size"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "Path"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module == "torch.distributed.checkpoint.metadata"
+                or (module, name) in self._ALLOWED
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which a "
+                              "checkpoint has no business holding")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """The marker of a complete, intact checkpoint; raises CheckpointError otherwise."""
+    marker = path / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{path}: incomplete (no {MARKER})")
+    try:
+        info = json.loads(marker.read_text())
+        files = info["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{marker}: corrupt marker ({e})") from None
+    for name, (size, digest) in files.items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            raise CheckpointError(f"{path}: {name} is missing or truncated")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{path}: {name} does not match its checksum")
+    try:
+        _MetadataUnpickler(io.BytesIO((path / ".metadata").read_bytes())).load()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable DCP metadata ({e})") from None
+    return info
+
+
+class Checkpointer:
+    """Saves and restores a run's state; ranks call every method together.
+
+    Args:
+        directory: where checkpoints live (``RUN/checkpoints``).
+        keep: how many complete checkpoints to keep (oldest deleted first); 0: all.
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 3) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def _complete(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir()
+                 if p.is_dir() and p.name.startswith(_PREFIX) and p.name[5:].isdigit()]
+        return sorted(found, key=lambda p: int(p.name[5:]))
+
+    def save(self, step: int, state: dict[str, Any], position: dict[str, Any]) -> Path:
+        """Writes ``state`` (DCP-compatible: state dicts of the model and optimizers) and
+        ``position`` (JSON: step, epoch, batches consumed...). Returns the checkpoint."""
+        final = self.directory / f"{_PREFIX}{step:09d}"
+        partial = final.with_name(final.name + ".partial")
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        dist.barrier()
+        dcp.save(state, checkpoint_id=str(partial))
+        dist.barrier()  # every rank's files are on disk
+        if dist.get_rank() == 0:
+            files = {p.name: [p.stat().st_size, _sha256(p)]
+                     for p in sorted(partial.iterdir()) if p.is_file()}
+            tmp = partial / (MARKER + ".tmp")
+            tmp.write_text(json.dumps({"step": step, "position": position, "files": files},
+                                      indent=1) + "\n")
+            os.replace(tmp, partial / MARKER)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            self._retain()
+        dist.barrier()
+        return final
+
+    def _retain(self) -> None:
+        if not self.keep:
+            return
+        complete = [p for p in self._complete() if (p / MARKER).is_file()]
+        for old in complete[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that verifies; bad ones are skipped with a warning."""
+        for path in reversed(self._complete()):
+            try:
+                verify(path)
+                return path
+            except CheckpointError as e:
+                logger.warning("skipping checkpoint: %s", e)
+        return None
+
+    def load(self, path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
+        """Fills ``state`` in place from ``path`` (resharding as needed); returns its
+        position. Raises CheckpointError for an incomplete, corrupt or unsafe one."""
+        path = Path(path)
+        info = verify(path)
+        dcp.load(state, checkpoint_id=str(path))
+        return info["position"]

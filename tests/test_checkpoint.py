@@ -1,0 +1,91 @@
+"""Checkpointer: atomic save, verification, retention, safe loading (world size 1)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dlrm.checkpoint import MARKER, Checkpointer, CheckpointError, verify
+
+
+@pytest.fixture
+def group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"model": {"w": torch.randn(50, 8, generator=g)},
+            "optim": {"sum": torch.rand(50, generator=g)}}
+
+
+def test_save_then_load_round_trips(group, tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=2)
+    path = ckpt.save(7, state(1), {"step": 7, "epoch": 0, "batches": 7})
+    assert path.name == "step-000000007" and (path / MARKER).is_file()
+    assert not list(tmp_path.glob("*.partial"))
+    target = state(2)
+    position = ckpt.load(path, target)
+    assert position == {"step": 7, "epoch": 0, "batches": 7}
+    torch.testing.assert_close(target, state(1), rtol=0, atol=0)
+
+
+def test_retention_keeps_the_newest(group, tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=2)
+    for step in (10, 20, 30):
+        ckpt.save(step, state(step), {"step": step})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000020", "step-000000030"]
+    assert ckpt.latest().name == "step-000000030"
+
+
+def test_latest_skips_incomplete_and_corrupt_explicit_path_is_an_error(group, tmp_path, caplog):
+    ckpt = Checkpointer(tmp_path, keep=0)
+    for step in (1, 2, 3):
+        ckpt.save(step, state(step), {"step": step})
+    newest, middle = tmp_path / "step-000000003", tmp_path / "step-000000002"
+    (newest / MARKER).unlink()  # as if killed before the marker
+    data = next(p for p in middle.iterdir() if p.suffix == ".distcp")
+    data.write_bytes(data.read_bytes()[:-10])  # truncated
+    assert ckpt.latest().name == "step-000000001"
+    assert "step-000000003" in caplog.text and "step-000000002" in caplog.text
+
+    with pytest.raises(CheckpointError, match="incomplete"):
+        ckpt.load(newest, state(0))
+    with pytest.raises(CheckpointError, match="truncated"):
+        ckpt.load(middle, state(0))
+
+
+def test_checksum_mismatch_is_detected(group, tmp_path):
+    path = Checkpointer(tmp_path).save(5, state(5), {"step": 5})
+    data = next(p for p in path.iterdir() if p.suffix == ".distcp")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, one byte flipped
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum"):
+        verify(path)
+
+
+def test_metadata_that_would_run_code_is_refused(group, tmp_path):
+    path = Checkpointer(tmp_path).save(5, state(5), {"step": 5})
+
+    pwned = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, (f"open({str(pwned)!r}, 'w').write('x')",))
+
+    (path / ".metadata").write_bytes(pickle.dumps(Evil()))
+    marker = json.loads((path / MARKER).read_text())  # a forger also fixes the checksum
+    marker["files"][".metadata"] = [(path / ".metadata").stat().st_size,
+                                    hashlib.sha256((path / ".metadata").read_bytes()).hexdigest()]
+    (path / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match="builtins.exec"):
+        Checkpointer(tmp_path).load(path, state(0))
+    assert not pwned.exists()

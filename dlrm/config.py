@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dlrm.data.schema import NUM_SPARSE
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the file, key or path at fault."""
@@ -32,6 +34,16 @@ class DataConfig:
     """Validation sources; empty: first half of the last source (torchrec_dlrm convention)."""
     test_sources: list[str] = field(default_factory=list)
     """Test sources; empty: second half of the last source (torchrec_dlrm convention)."""
+    shuffle_buffer: int = 0
+    """Training rows shuffled through a seeded buffer (row group order too); 0: in order."""
+    shuffle_seed: int = 0
+    """Seed of the training shuffle; each epoch and rank draws its own order from it."""
+    prefetch: int = 4
+    """Batches each loader makes ahead in a background thread; 0: made on demand, no thread."""
+    multi_hot_sizes: list[int] = field(default_factory=list)
+    """Ids per bag of each of the 26 features: MLPerf DLRMv2 synthetic multi-hot; empty: off."""
+    multi_hot_seed: int = 0
+    """Seed of the multi-hot lookup tables; 0: the MLPerf DLRMv2 reference's tables."""
 
 
 @dataclass
@@ -196,6 +208,15 @@ def validate(config: Config) -> None:
 
     need(bool(d.path), "data.path", "is required (a dataset written by `dlrm preprocess`)")
     need(d.batch_size > 0, "data.batch_size", f"must be positive, got {d.batch_size}")
+    need(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {d.shuffle_buffer}")
+    need(d.shuffle_seed >= 0, "data.shuffle_seed", f"must be >= 0, got {d.shuffle_seed}")
+    need(d.prefetch >= 0, "data.prefetch", f"must be >= 0, got {d.prefetch}")
+    need(not d.multi_hot_sizes
+         or (len(d.multi_hot_sizes) == NUM_SPARSE and min(d.multi_hot_sizes) > 0),
+         "data.multi_hot_sizes",
+         f"must be empty or {NUM_SPARSE} positive ints, got {d.multi_hot_sizes}")
+    need(0 <= d.multi_hot_seed < 2**32, "data.multi_hot_seed",
+         f"must be in [0, 2**32), got {d.multi_hot_seed}")
     need(m.embedding_dim > 0, "model.embedding_dim", f"must be positive, got {m.embedding_dim}")
     need(
         bool(m.dense_arch_layer_sizes) and m.dense_arch_layer_sizes[-1] == m.embedding_dim,

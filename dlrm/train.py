@@ -72,9 +72,14 @@ class Trainer:
         data, eval_bs = config.data, config.eval.batch_size or config.data.batch_size
         specs = split_specs(data, manifest)
         segments = {s: resolve_split(data.path, manifest, specs[s]) for s in SPLITS}
-        self.train_batches = ParquetBatches(segments["train"], data.batch_size, rank, world)
+        every = dict(prefetch=data.prefetch, multi_hot_sizes=data.multi_hot_sizes,
+                     cardinalities=manifest["cardinalities"], multi_hot_seed=data.multi_hot_seed)
+        self.train_batches = ParquetBatches(segments["train"], data.batch_size, rank, world,
+                                            shuffle_buffer=data.shuffle_buffer,
+                                            seed=data.shuffle_seed, **every)
         self.eval_batches = {
-            s: ParquetBatches(segments[s], eval_bs, rank, world, pad=True) for s in ("val", "test")
+            s: ParquetBatches(segments[s], eval_bs, rank, world, pad=True, **every)
+            for s in ("val", "test")
         }
         if len(self.train_batches) == 0:
             raise ValueError(

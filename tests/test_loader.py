@@ -1,24 +1,42 @@
-"""Parquet dataset → Batch: layout of one batch worked out by hand, rank partitions, splits."""
+"""Parquet dataset → Batch: layout of one batch worked out by hand, rank partitions, splits;
+list (multi-hot) columns, shuffle, background prefetch, MLPerf multi-hot expansion."""
 
 from __future__ import annotations
 
+import gc
+import itertools
 import math
 import re
+import threading
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import quiet, tsv_row, write_lines
 
+from dlrm.config import ConfigError, ModelConfig, load_config
 from dlrm.data.loader import (
     PAD_LABEL,
+    MultiHot,
     ParquetBatches,
+    Segment,
     default_split_specs,
     make_batch,
     resolve_split,
 )
 from dlrm.data.preprocess import preprocess
-from dlrm.data.schema import MISSING_ID, NUM_DENSE, NUM_SPARSE, SPARSE_NAMES, holdout_halves
+from dlrm.data.schema import (
+    DENSE_NAMES,
+    LABEL,
+    MISSING_ID,
+    NUM_DENSE,
+    NUM_SPARSE,
+    SPARSE_NAMES,
+    holdout_halves,
+)
+from dlrm.model import build_model
 
 # ------------------------------------------------------------------ hand-checked dataset
 # Two sources, d0 (5 rows) and d1 (2 rows); the vocabulary is counted over both.
@@ -257,7 +275,7 @@ def test_specs_span_sources(numbered_dataset):
 
 @pytest.mark.parametrize(
     "spec", ["day_9", "day_1[0.7:0.2]", "day_1[0:1.5]", "day_1[a:b]", "day_1[0.1.2:1]",
-             "day_1[1/3:1]", "day_1[0:1", "[0:1]", ""],
+             "day_1[1/0:1]", "day_1[0:1", "[0:1]", ""],
 )
 def test_bad_specs_name_the_spec(numbered_dataset, spec):
     out, manifest = numbered_dataset
@@ -265,6 +283,324 @@ def test_bad_specs_name_the_spec(numbered_dataset, spec):
         resolve_split(out, manifest, ["day_0", spec])
 
 
-def test_default_splits_need_two_sources():
-    with pytest.raises(ValueError, match="at least 2 sources"):
-        default_split_specs({"sources": [{"name": "day_0"}]})
+def test_single_source_splits_by_row_order_like_kaggle(numbered_dataset):
+    """One source (Kaggle's train.txt): 6/7 train, then val and test halve the last 7th;
+    no row in two splits, every row in one."""
+    out, manifest = numbered_dataset
+    one = {**manifest, "sources": manifest["sources"][:1]}  # day_0: rows 0..599
+    specs = default_split_specs(one)
+    rows = {split: _split_rows(out, one, spec) for split, (spec,) in specs.items()}
+    assert rows["train"] == list(range(0, 514))  # floor(600 * 6/7)
+    assert rows["val"] == list(range(514, 557))  # floor(600 * 13/14)
+    assert rows["test"] == list(range(557, 600))
+
+
+# ------------------------------------------------------------ hand-written Parquet files
+# Written with pyarrow directly, so they may hold what preprocess never writes: list
+# (multi-hot) columns, small row groups. Row i: label i % 2, I1 = i, C1 = i, C2 = the bag
+# list(range(i, i + i % 4)) (a list column; sizes 0..3), C3..C26 = i % 7.
+
+
+def _bag(i: int) -> list[int]:
+    return list(range(i, i + i % 4))
+
+
+def _write(path, rows: range, row_group_size: int = 50, **columns) -> Segment:
+    """A Parquet file of ``rows`` (see above); ``columns`` replace some (pyarrow arrays)."""
+    ids = np.arange(rows.start, rows.stop)
+    data = {LABEL: pa.array((ids % 2).astype(np.int8))}
+    data.update({c: pa.array(np.zeros(len(ids), np.float32)) for c in DENSE_NAMES})
+    data["I1"] = pa.array(ids.astype(np.float32))
+    data.update({c: pa.array(ids % 7) for c in SPARSE_NAMES})
+    data["C1"] = pa.array(ids)
+    data["C2"] = pa.array([_bag(i) for i in ids], type=pa.list_(pa.int64()))
+    data.update(columns)
+    pq.write_table(pa.table(data), path, row_group_size=row_group_size)
+    return Segment(path, 0, len(ids))
+
+
+GROUPED_ROWS = (300, 250, 181)  # three files of 50-row groups: 15 row groups
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory) -> list[Segment]:
+    tmp, start, segments = tmp_path_factory.mktemp("grouped"), 0, []
+    for k, n in enumerate(GROUPED_ROWS):
+        segments.append(_write(tmp / f"f{k}.parquet", range(start, start + n)))
+        start += n
+    return segments
+
+
+def _row_numbers(batches) -> list[int]:
+    """Row numbers of every row yielded, checking that each row's columns stayed together."""
+    out = []
+    for b in batches:
+        i = b.dense_features[:, 0].long()
+        kjt = b.sparse_features
+        assert b.labels.tolist() == (i % 2).float().tolist()
+        assert kjt["C1"].values().tolist() == i.tolist()
+        assert kjt["C26"].values().tolist() == (i % 7).tolist()
+        assert [t.tolist() for t in kjt["C2"].to_dense()] == [_bag(r) for r in i.tolist()]
+        out += i.tolist()
+    return out
+
+
+def test_list_columns_by_hand(tmp_path):
+    c1 = pa.array([[5, 6], [], None, [7]], type=pa.list_(pa.int64()))  # None: an empty bag
+    c2 = pa.array([[1], [2, 3, 4], [9], [0, 1]], type=pa.list_(pa.int32()))
+    seg = _write(tmp_path / "bags.parquet", range(4), C1=c1, C2=c2,
+                 **{f"C{f}": pa.array(np.arange(4) + 100 * f) for f in range(3, NUM_SPARSE + 1)})
+    b0, b1 = ParquetBatches([seg], 2, rank=0, world_size=1)
+    # Rows 0, 1 then rows 2, 3 (a slice in the middle of the arrays); feature-major.
+    for batch, rows, c1_bags, c2_bags in [(b0, (0, 1), [[5, 6], []], [[1], [2, 3, 4]]),
+                                          (b1, (2, 3), [[], [7]], [[9], [0, 1]])]:
+        kjt = batch.sparse_features
+        assert kjt.keys() == SPARSE_NAMES
+        lengths = [len(x) for x in c1_bags + c2_bags] + [1, 1] * (NUM_SPARSE - 2)
+        values = sum(c1_bags + c2_bags, []) + [100 * f + r for f in range(3, NUM_SPARSE + 1)
+                                               for r in rows]
+        assert kjt.lengths().tolist() == lengths
+        assert kjt.offsets().tolist() == np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        assert kjt.values().tolist() == values
+        assert kjt.values().dtype == torch.int64
+        assert [t.tolist() for t in kjt["C1"].to_dense()] == c1_bags
+        assert kjt["C3"].values().tolist() == [300 + r for r in rows]
+        assert batch.labels.tolist() == [r % 2 for r in rows]
+
+
+def test_list_columns_pad_with_missing_bags(tmp_path):
+    seg = _write(tmp_path / "bags.parquet", range(4))
+    batches = list(ParquetBatches([seg], 3, rank=0, world_size=1, pad=True))
+    assert len(batches) == 2
+    kjt = batches[1].sparse_features
+    assert batches[1].labels.tolist() == [1.0, PAD_LABEL, PAD_LABEL]
+    assert [t.tolist() for t in kjt["C2"].to_dense()] == [_bag(3), [MISSING_ID], [MISSING_ID]]
+    assert kjt["C1"].values().tolist() == [3, MISSING_ID, MISSING_ID]
+
+
+# ------------------------------------------------------------------------------ shuffle
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_shuffle_keeps_each_ranks_rows_and_batch_count(grouped, world_size):
+    in_order = [ParquetBatches(grouped, 32, r, world_size) for r in range(world_size)]
+    shuffled = [ParquetBatches(grouped, 32, r, world_size, shuffle_buffer=100, seed=7)
+                for r in range(world_size)]
+    counts = {len(b) for b in in_order + shuffled}
+    assert counts == {(sum(GROUPED_ROWS) // world_size) // 32}  # the same on every rank
+    for plain, mixed in zip(in_order, shuffled, strict=True):
+        rows, again = _row_numbers(plain), _row_numbers(mixed)
+        assert len(again) == len(plain) * 32
+        assert sorted(again) == rows  # the same multiset of rows (no repeats, none swapped)
+        assert again != rows
+        assert _row_numbers(mixed) != again  # the next iteration: the next epoch's order
+
+
+def test_shuffle_is_reproducible_per_seed_and_epoch(grouped):
+    def order(seed: int, epoch: int, prefetch: int = 2) -> list[int]:
+        return _row_numbers(ParquetBatches(grouped, 32, 1, 2, shuffle_buffer=64, seed=seed,
+                                           epoch=epoch, prefetch=prefetch))
+
+    assert order(1, 0) == order(1, 0, prefetch=0)
+    assert order(1, 3) == order(1, 3)
+    assert len({tuple(order(1, e)) for e in range(3)} | {tuple(order(2, 0))}) == 4
+    batches = ParquetBatches(grouped, 32, 1, 2, shuffle_buffer=64, seed=1)
+    first, second = _row_numbers(batches), _row_numbers(batches)
+    assert (first, second) == (order(1, 0), order(1, 1))  # each iteration: the next epoch
+    batches.set_epoch(0)
+    assert _row_numbers(batches) == first
+
+
+def test_shuffle_reorders_row_groups(grouped):
+    # A one-row buffer mixes little across row groups: the 50-row groups show through,
+    # in a shuffled order.
+    rows = _row_numbers(ParquetBatches(grouped, 50, 0, 1, shuffle_buffer=1, seed=3))
+    groups = list(dict.fromkeys(r // 50 for r in rows[::50]))
+    assert len(groups) > 10 and groups != sorted(groups)
+
+
+def test_a_buffer_larger_than_the_part_shuffles_it_whole(grouped):
+    rows = _row_numbers(ParquetBatches(grouped, 100, 0, 1, shuffle_buffer=10**6))
+    assert {r // 250 for r in rows[:100]} == {0, 1, 2}
+
+
+# ----------------------------------------------------------------------------- prefetch
+
+
+def _prefetch_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "ParquetBatches-prefetch"}
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 80])
+def test_prefetch_gives_the_same_batches(grouped, shuffle_buffer):
+    orders = [_row_numbers(ParquetBatches(grouped, 32, 0, 2, shuffle_buffer=shuffle_buffer,
+                                          prefetch=p)) for p in (0, 1, 3)]
+    assert orders[0] == orders[1] == orders[2]
+    assert len(orders[0]) == (sum(GROUPED_ROWS) // 2) // 32 * 32
+
+
+def test_prefetch_thread_ends_when_the_consumer_stops_early(grouped):
+    before = _prefetch_threads()
+    batches = ParquetBatches(grouped, 8, 0, 1, prefetch=2)  # 91 batches; the queue fills
+    # As train.py does: islice, then drop. (islice itself lets go of the iterator once
+    # exhausted, so hold it here to see the thread alive first.)
+    it = iter(batches)
+    head = itertools.islice(it, 3)
+    assert len(list(head)) == 3
+    (thread,) = _prefetch_threads() - before
+    assert thread.is_alive()  # blocked on the full queue
+    del head, it
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    # A `break` out of a for loop drops the iterator as well; close() stops it at once.
+    for _ in batches:
+        break
+    gc.collect()
+    it = iter(batches)
+    next(it)
+    it.close()
+    assert not it.thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(it)
+    for t in _prefetch_threads() - before:
+        t.join(timeout=5)
+    assert _prefetch_threads() == before
+
+
+def test_prefetch_thread_ends_after_the_last_batch(grouped):
+    it = iter(ParquetBatches(grouped, 100, 0, 1, prefetch=2))
+    assert sum(1 for _ in it) == 7
+    assert not it.thread.is_alive()
+
+
+@pytest.mark.parametrize("second_file, error, match", [
+    (b"PAR1 this is not a Parquet file PAR1", pa.ArrowInvalid, None),
+    ("scalar C2", ValueError, "column C2 is int64, but a list column"),
+])
+def test_producer_error_surfaces_in_the_consumer(tmp_path, second_file, error, match):
+    first = _write(tmp_path / "a.parquet", range(100))
+    second = tmp_path / "b.parquet"
+    if isinstance(second_file, bytes):
+        second.write_bytes(second_file)
+    else:
+        _write(second, range(100, 200), C2=pa.array(np.arange(100)))
+    before = _prefetch_threads()
+    it = iter(ParquetBatches([first, Segment(second, 0, 100)], 50, 0, 1, prefetch=2))
+    assert [b.labels.shape[0] for b in (next(it), next(it))] == [50, 50]  # the first file
+    with pytest.raises(error, match=match):
+        next(it)
+    assert not it.thread.is_alive() and _prefetch_threads() == before
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+# ---------------------------------------------------------------------------- multi-hot
+# MLPerf DLRMv2's bag sizes (torchrec_dlrm's materialize_synthetic_multihot_dataset.py).
+MLPERF_SIZES = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]
+
+
+def test_multi_hot_expansion(numbered_dataset):
+    out, manifest = numbered_dataset
+    cards = manifest["cardinalities"]
+    segments = resolve_split(out, manifest, ["day_0", "day_1"])
+    one_hot = ParquetBatches(segments, BATCH, 1, 2, pad=True)
+    multi = ParquetBatches(segments, BATCH, 1, 2, pad=True, multi_hot_sizes=MLPERF_SIZES,
+                           cardinalities=cards)
+    again = ParquetBatches(segments, BATCH, 1, 2, pad=True, multi_hot_sizes=MLPERF_SIZES,
+                           cardinalities=cards)
+    other_seed = ParquetBatches(segments, BATCH, 1, 2, pad=True, multi_hot_sizes=MLPERF_SIZES,
+                                cardinalities=cards, multi_hot_seed=1)
+    assert len(multi) == len(one_hot)
+    differs = False
+    for b1, bm, ba, bo in zip(one_hot, multi, again, other_seed, strict=True):
+        assert torch.equal(bm.labels, b1.labels) and torch.equal(bm.dense_features,
+                                                                 b1.dense_features)
+        kjt, ids = bm.sparse_features, b1.sparse_features
+        assert kjt.keys() == SPARSE_NAMES
+        assert kjt.lengths().tolist() == [s for s in MLPERF_SIZES for _ in range(BATCH)]
+        for f, (name, size) in enumerate(zip(SPARSE_NAMES, MLPERF_SIZES, strict=True)):
+            bags = kjt[name].values().view(BATCH, size)
+            assert ((bags >= 0) & (bags < cards[f])).all()
+            assert torch.equal(bags[:, 0], ids[name].values())  # first: the id itself
+        assert torch.equal(kjt.values(), ba.sparse_features.values())  # deterministic
+        differs |= not torch.equal(kjt.values(), bo.sparse_features.values())
+    assert differs
+    # Padding rows (and any missing value, id 0) are expanded like every id: 0 first.
+    pad = bm.labels == PAD_LABEL
+    assert pad.any()
+    assert (kjt["C21"].values().view(BATCH, 100)[pad, 0] == MISSING_ID).all()
+
+
+def test_multi_hot_tables_are_the_mlperf_reference():
+    cards = [3 + 5 * f for f in range(NUM_SPARSE)]
+    tables = MultiHot(MLPERF_SIZES, cards).tables
+    # torchrec_dlrm's Multihot.__make_multi_hot_indices_tables, dist_type="uniform".
+    state = np.random.get_state()
+    try:
+        np.random.seed(0)
+        reference = []
+        for card, size in zip(cards, MLPERF_SIZES, strict=True):
+            extra = np.random.randint(0, card, size=(card, size - 1))
+            reference.append(np.concatenate((np.arange(card)[:, np.newaxis], extra), axis=-1))
+    finally:
+        np.random.set_state(state)
+    for table, ref, size in zip(tables, reference, MLPERF_SIZES, strict=True):
+        if size == 1:
+            assert table is None  # the identity
+        else:
+            np.testing.assert_array_equal(table, ref)
+    ids = np.array([0, 2, 1])
+    np.testing.assert_array_equal(MultiHot(MLPERF_SIZES, cards).expand(0, ids),
+                                  reference[0][ids].reshape(-1))
+
+
+def test_multi_hot_argument_errors(grouped, tmp_path):
+    with pytest.raises(ValueError, match="cardinalit"):
+        ParquetBatches(grouped, 8, 0, 1, multi_hot_sizes=[2] * NUM_SPARSE)
+    with pytest.raises(ValueError, match="C2 is a list column"):
+        ParquetBatches(grouped, 8, 0, 1, multi_hot_sizes=[2] * NUM_SPARSE,
+                       cardinalities=[1000] * NUM_SPARSE)
+    with pytest.raises(ValueError, match="26 ints"):
+        MultiHot([2] * 3, [10] * NUM_SPARSE)
+    # C1 holds ids up to 99, more than a cardinality of 50 allows: the consumer hears it.
+    seg = _write(tmp_path / "f.parquet", range(100), C2=pa.array(np.zeros(100, np.int64)))
+    batches = ParquetBatches([seg], 50, 0, 1, multi_hot_sizes=[2] * NUM_SPARSE,
+                             cardinalities=[50] * NUM_SPARSE)
+    with pytest.raises(ValueError, match=r"C1: ids must lie in \[0, 50\)"):
+        list(batches)
+
+
+def test_the_model_takes_multi_hot_batches(grouped):
+    # EmbeddingBagCollection sum-pools each bag, whatever its length (here 0 to 3 in C2).
+    cards = [1000] * NUM_SPARSE
+    model = build_model(ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[8],
+                                    over_arch_layer_sizes=[4, 1]), cards, torch.device("cpu"),
+                        torch.device("cpu"))
+    sizes = [1, 1] + [3] * (NUM_SPARSE - 2)
+    batch = next(iter(ParquetBatches(grouped, 16, 0, 1, multi_hot_sizes=sizes,
+                                     cardinalities=cards)))
+    loss, (_, logits, _) = model(batch)
+    loss.backward()
+    assert logits.shape == (16,) and torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def test_loader_config_keys():
+    config = load_config(None, ["--data.path=d"])
+    assert (config.data.shuffle_buffer, config.data.prefetch, config.data.multi_hot_sizes) == (
+        0, 4, [])
+    config = load_config(None, ["--data.path=d", "--data.shuffle_buffer=1000",
+                                "--data.shuffle_seed=3", "--data.prefetch=0",
+                                f"--data.multi_hot_sizes={MLPERF_SIZES}"])
+    assert config.data.multi_hot_sizes == MLPERF_SIZES and config.data.shuffle_buffer == 1000
+    for override, key in [("--data.shuffle_buffer=-1", "data.shuffle_buffer"),
+                          ("--data.shuffle_seed=-1", "data.shuffle_seed"),
+                          ("--data.prefetch=-1", "data.prefetch"),
+                          ("--data.multi_hot_sizes=[1,2]", "data.multi_hot_sizes"),
+                          (f"--data.multi_hot_sizes={[0] * NUM_SPARSE}", "data.multi_hot_sizes"),
+                          ("--data.multi_hot_seed=-1", "data.multi_hot_seed")]:
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(None, ["--data.path=d", override])

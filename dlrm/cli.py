@@ -35,16 +35,22 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     from dlrm.config import ConfigError, load_config
 
     try:
-        config = load_config(args.config, rest)
+        overrides = rest + ([f"--train.resume={args.resume}"] if args.resume else [])
+        config = load_config(args.config, overrides)
         from dlrm.train import check_data
 
         check_data(config.data)  # before any process group starts
     except (ConfigError, ValueError) as e:
         print(f"dlrm train: error: {e}", file=sys.stderr)
         return 2
+    from dlrm.checkpoint import CheckpointError
     from dlrm.train import train
 
-    train(config, args.run_dir)
+    try:
+        train(config, args.run_dir)
+    except CheckpointError as e:
+        print(f"dlrm train: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -79,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                        epilog="Any config key can be overridden: --section.key=value")
     p.add_argument("--config", required=True)
     p.add_argument("--run-dir", default=None)
+    p.add_argument("--resume", default=None, metavar="auto|none|PATH",
+                   help="same as --train.resume: auto (default) goes on from the newest "
+                        "complete checkpoint in the run directory")
     p.set_defaults(func=_train)
 
     args, rest = parser.parse_known_args(argv)

@@ -91,6 +91,13 @@ class TrainConfig:
     """Steps between validation runs within an epoch; 0: only at the end."""
     device: str = "auto"
     """cpu, cuda or auto (cuda when available); the backend follows: gloo / nccl."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (also written at the end and on SIGTERM); 0: only those."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept in RUN/checkpoints, newest first; 0: all."""
+    resume: str = "auto"
+    """auto: go on from the newest complete checkpoint of the run directory, if any;
+    none: start afresh; or the path of a checkpoint to start from."""
 
 
 @dataclass
@@ -249,6 +256,8 @@ def validate(config: Config) -> None:
     for key, value in [
         ("train.limit_train_batches", t.limit_train_batches),
         ("train.eval_every", t.eval_every),
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("train.keep_checkpoints", t.keep_checkpoints),
         ("eval.batch_size", config.eval.batch_size),
         ("eval.limit_batches", config.eval.limit_batches),
     ]:

@@ -50,10 +50,33 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, store=_attempt_store(),
+                                    rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def _attempt_store() -> dist.Store | None:
+    """The rendezvous store of this torchrun attempt, isolated from earlier attempts.
+
+    torchrun's agent keeps one store for all restarts (``TORCHELASTIC_USE_AGENT_STORE``),
+    so the addresses that the ranks of a killed attempt published are still there when
+    the next attempt starts, and gloo / NCCL may connect to a dead rank
+    (pytorch/pytorch#135712). On one node every rank sees the same restart count, so
+    it makes a prefix private to the attempt. Across nodes the counts can differ; there
+    launch with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` instead (a fresh store per
+    attempt), as ``dlrm/components.py`` does. None: the default ``env://`` store.
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or \
+            env.get("LOCAL_WORLD_SIZE") != env.get("WORLD_SIZE"):
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]),
+                          int(env["WORLD_SIZE"]), is_master=False)
+    return dist.PrefixStore(f"dlrm/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                            store)
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

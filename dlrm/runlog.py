@@ -25,12 +25,13 @@ class RunLog:
     is one JSON line on stdout.
     """
 
-    def __init__(self, run_dir: Path | None, enabled: bool) -> None:
+    def __init__(self, run_dir: Path | None, enabled: bool, append: bool = False) -> None:
         self.enabled = enabled
         self.metrics = None
         self.bar: tqdm | None = None
-        if enabled and run_dir is not None:
-            self.metrics = open(run_dir / "metrics.jsonl", "w", encoding="utf-8")
+        if enabled and run_dir is not None:  # a resumed run appends to its metrics
+            self.metrics = open(run_dir / "metrics.jsonl", "a" if append else "w",
+                                encoding="utf-8")
 
     def progress(self, total: int, desc: str) -> None:
         """A progress bar over ``total`` steps, on a terminal only."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from dlrm.checkpoint import Checkpointer
 from dlrm.config import Config, DataConfig, to_toml
 from dlrm.data.loader import ParquetBatches, default_split_specs, resolve_split
 from dlrm.data.preprocess import load_manifest
@@ -23,6 +26,7 @@ from dlrm.runlog import RunLog
 from dlrm.sharding import shard_model, table_constraints
 
 SPLITS = ("train", "val", "test")
+logger = logging.getLogger(__name__)
 
 
 def split_specs(cfg: DataConfig, manifest: dict[str, Any]) -> dict[str, list[str]]:
@@ -63,10 +67,13 @@ class Trainer:
 
         default_dir = f"runs/train-{datetime.now():%Y%m%d-%H%M%S}"
         self.run_dir = Path(broadcast_object(str(run_dir or default_dir)))
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints",
+                                         keep=config.train.keep_checkpoints)
+        resume_from = self._checkpoint_to_resume()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(config))
-        self.log = RunLog(self.run_dir, enabled=self.dist.is_main)
+        self.log = RunLog(self.run_dir, enabled=self.dist.is_main, append=resume_from is not None)
 
         # Data: each rank its own contiguous part of each split.
         data, eval_bs = config.data, config.eval.batch_size or config.data.batch_size
@@ -98,48 +105,124 @@ class Trainer:
             (self.run_dir / "plan.txt").write_text(str(plan) + "\n")
         self.optimizer = build_optimizer(self.model, config.optim)
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, device)
-        self.step = 0
+
+        # Where training stands: a step counts one batch on every rank.
+        self.step, self.epoch, self.batch = 0, 0, 0
+        if resume_from is not None:
+            self._restore(resume_from)
         self.log.event("start", world_size=world, device=str(device),
                        train_rows=self.train_batches.rows_total,
-                       steps_per_epoch=self._steps_per_epoch(), run_dir=str(self.run_dir))
+                       steps_per_epoch=self._steps_per_epoch(), run_dir=str(self.run_dir),
+                       resumed_from=str(resume_from) if resume_from else None, step=self.step)
 
     def _steps_per_epoch(self) -> int:
         limit = self.config.train.limit_train_batches
         return min(len(self.train_batches), limit) if limit else len(self.train_batches)
 
-    def train(self) -> dict[str, dict[str, float]]:
-        """Runs every epoch, then evaluates val and test; returns the final metrics."""
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        """train.resume: ``auto`` (newest complete checkpoint, bad ones skipped with a
+        warning), ``none``, or a path (a bad one is an error). Rank 0 decides for all."""
+        resume = self.config.train.resume
+        if resume == "none":
+            return None
+        if resume != "auto":
+            return Path(resume)  # verified when loaded: a bad one is an error
+        found = self.checkpointer.latest() if self.dist.is_main else None
+        found = broadcast_object(str(found) if found else None)
+        return Path(found) if found else None
+
+    def _state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+
+    def _save(self) -> None:
+        epoch, batch = self.epoch, self.batch
+        if batch >= self._steps_per_epoch():  # an epoch just ended: point at the next
+            epoch, batch = epoch + 1, 0
+        rng = [None] * self.dist.world_size  # each rank's generators, by rank
+        dist.all_gather_object(rng, _rng_state())
+        position = {"step": self.step, "epoch": epoch, "batch": batch,
+                    "world_size": self.dist.world_size,
+                    "batch_size": self.config.data.batch_size, "rng": rng}
+        start = time.perf_counter()
+        path = self.checkpointer.save(self.step, self._state(), position)
+        self.log.event("checkpoint", step=self.step, path=str(path),
+                       seconds=time.perf_counter() - start)
+
+    def _restore(self, path: Path) -> None:
+        start = time.perf_counter()
+        state = self._state()
+        position = self.checkpointer.load(path, state)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        self.log.event("restore", step=position["step"], path=str(path),
+                       seconds=time.perf_counter() - start)
+        self.step, self.epoch, self.batch = position["step"], position["epoch"], position["batch"]
+        if position["world_size"] == self.dist.world_size:
+            _set_rng_state(position["rng"][self.dist.rank])
+        else:
+            # Same samples seen, as near as batches allow; the exact rows differ, since
+            # each rank's part of the data depends on the world size.
+            self.batch = self.batch * position["world_size"] // self.dist.world_size
+            logger.warning("%s was written by %d ranks, resumed on %d: the rest of epoch %d "
+                           "starts at batch %d of each rank", path, position["world_size"],
+                           self.dist.world_size, self.epoch, self.batch)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, dict[str, float]] | None:
+        """Runs the epochs left, then evaluates val and test; returns the final metrics.
+
+        On SIGTERM (preemption) every rank stops at the same step, a checkpoint is
+        written and None is returned.
+        """
         cfg = self.config.train
         global_batch = self.config.data.batch_size * self.dist.world_size
         loss_sum = torch.zeros((), device=self.dist.device)
         window_steps, window_start = 0, time.perf_counter()
         samples, train_seconds = 0, 0.0
-        for epoch in range(cfg.epochs):
-            steps = self._steps_per_epoch()
-            self.log.progress(steps, desc=f"epoch {epoch}")
-            batches = itertools.islice(iter(self.train_batches), steps)
-            while True:
-                try:
-                    loss, _, _ = self.pipeline.progress(batches)
-                except StopIteration:
-                    break
-                self.step += 1
-                window_steps += 1
-                loss_sum += loss
-                self.log.advance(1)
-                if self.step % cfg.log_every == 0:
-                    train_seconds += self._log_train(loss_sum, window_steps, window_start,
-                                                     global_batch)
-                    samples += window_steps * global_batch
-                    loss_sum.zero_()
-                    window_steps, window_start = 0, time.perf_counter()
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    self._evaluate(("val",))
-                    window_start = time.perf_counter()  # evaluation is not training time
-            self.log.close_progress()
+        with _TermFlag(self.dist.device) as term:
+            while self.epoch < cfg.epochs:
+                steps = self._steps_per_epoch() - self.batch
+                self.log.progress(steps, desc=f"epoch {self.epoch}")
+                batches = itertools.islice(
+                    self.train_batches.iter_epoch(self.epoch, skip=self.batch), max(steps, 0))
+                while True:
+                    try:
+                        loss, _, _ = self.pipeline.progress(batches)
+                    except StopIteration:
+                        break
+                    self.step += 1
+                    self.batch += 1
+                    window_steps += 1
+                    loss_sum += loss
+                    self.log.advance(1)
+                    if self.step % cfg.log_every == 0:
+                        train_seconds += self._log_train(loss_sum, window_steps, window_start,
+                                                         global_batch)
+                        samples += window_steps * global_batch
+                        loss_sum.zero_()
+                        window_steps, window_start = 0, time.perf_counter()
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self._evaluate(("val",))
+                        window_start = time.perf_counter()  # evaluation is not training time
+                    if term.agreed():
+                        self.pipeline.detach()
+                        self._save()
+                        self.log.event("preempted", step=self.step)
+                        self.log.close()
+                        return None
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self._save()
+                self.log.close_progress()
+                self.epoch, self.batch = self.epoch + 1, 0
         if window_steps:
             train_seconds += self._log_train(loss_sum, window_steps, window_start, global_batch)
             samples += window_steps * global_batch
+        self.pipeline.detach()
+        if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+            self._save()
         results = self._evaluate(("val", "test"))
         summary = {"steps": self.step, "samples": samples,
                    "samples_per_sec": samples / train_seconds if train_seconds else 0.0}
@@ -175,8 +258,50 @@ class Trainer:
         return results
 
 
-def train(config: Config, run_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
-    """One rank of a training run (see :class:`Trainer`)."""
+def _rng_state() -> dict[str, str]:
+    """This rank's torch generators (CPU, and CUDA where used), as hex for JSON."""
+    state = {"cpu": torch.get_rng_state().numpy().tobytes().hex()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().numpy().tobytes().hex()
+    return state
+
+
+def _set_rng_state(state: dict[str, str]) -> None:
+    def tensor(h: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray.fromhex(h), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["cpu"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
+class _TermFlag:
+    """SIGTERM (preemption) noted by a handler, then agreed on by all ranks at a step
+    boundary, so that every rank stops at the same step (one tiny all-reduce a step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device  # NCCL reduces only device tensors
+        self.raised = False
+
+    def __enter__(self) -> _TermFlag:
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.raised = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(config: Config, run_dir: str | Path | None = None
+          ) -> dict[str, dict[str, float]] | None:
+    """One rank of a training run (see :class:`Trainer`); None if preempted."""
     trainer = Trainer(config, run_dir)
     try:
         return trainer.train()

@@ -499,10 +499,15 @@ class ParquetBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, self.epoch = self.epoch, self.epoch + 1
-        produce = functools.partial(self._produce, epoch)
+        return self.iter_epoch(epoch)
+
+    def iter_epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` from batch number ``skip`` on (to resume mid-epoch:
+        the same batches an uninterrupted run would have gone on with)."""
+        produce = functools.partial(self._produce, epoch, skip)
         return _Prefetcher(produce, self.prefetch) if self.prefetch else produce()
 
-    def _produce(self, epoch: int) -> Iterator[Batch]:
+    def _produce(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         """The batches of one epoch (run by the prefetch thread, if any)."""
         chunks: Iterator[tuple[Path, int, int, int]] = self._chunks()
         if self.shuffle_buffer:
@@ -512,8 +517,9 @@ class ParquetBatches:
             blocks = _shuffle(self._read(chunks), self.shuffle_buffer, rng)
         else:
             blocks = self._read(chunks)
-        for rows in self._batches(blocks):
-            yield _to_batch(rows, self.multi_hot)
+        for i, rows in enumerate(self._batches(blocks)):
+            if i >= skip:  # skipped batches are read (the shuffle order needs them), not built
+                yield _to_batch(rows, self.multi_hot)
 
     def _chunks(self) -> Iterator[tuple[Path, int, int, int]]:
         """(file, row group, start, stop) of each piece of this rank's part, in order."""

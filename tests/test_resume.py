@@ -1,0 +1,184 @@
+"""Checkpoint, resume, preemption and failure recovery of real `dlrm train` runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, dlrm, torchrun
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+SMALL = ["--config", "configs/tiny.toml", "--data.batch_size=32", "--train.log_every=10",
+         "--model.embedding_dim=8", "--model.dense_arch_layer_sizes=[16,8]",
+         "--model.over_arch_layer_sizes=[16,1]", "--data.prefetch=0"]
+
+
+def checkpoint_tensors(path: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP checkpoint, whole (however many ranks wrote it)."""
+    out = tmp / f"{path.parent.parent.name}-{path.name}.pt"
+    dcp_to_torch_save(path, out)
+    state = torch.load(out, weights_only=False)
+    flat = {}
+
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, torch.Tensor):
+            flat[prefix] = node
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}/{k}", v)
+
+    walk("", state)
+    return flat
+
+
+def position(path: Path) -> dict:
+    return json.loads((path / "COMPLETE.json").read_text())["position"]
+
+
+def newest(run: Path) -> Path:
+    return sorted((run / "checkpoints").glob("step-*[0-9]"))[-1]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+def test_sigkill_of_a_rank_restarts_and_ends_with_the_same_model(small_dataset, tmp_path):
+    common = [*SMALL, f"--data.path={small_dataset}", "--train.epochs=2",
+              "--train.checkpoint_every=10", "--train.keep_checkpoints=0"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    torchrun(["-m", "dlrm", "train", *common, "--run-dir", str(whole)])
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "--max-restarts=1", "-m", "dlrm", "train", *common, "--run-dir", str(killed)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (killed / "checkpoints" / "step-000000010").exists():
+            assert time.time() < deadline and agent.poll() is None
+            time.sleep(0.005)
+        (victim,) = [p for p in _children(agent.pid) if _rank_of(p) == 1]
+        os.kill(victim, signal.SIGKILL)
+        out, _ = agent.communicate(timeout=300)
+    finally:
+        if agent.poll() is None:  # a hung job must not outlive the test
+            for pid in _children(agent.pid):
+                os.kill(pid, signal.SIGKILL)
+            agent.kill()
+    assert agent.returncode == 0, out[-5000:]
+
+    starts = [json.loads(line) for line in out.splitlines() if '"event": "start"' in line]
+    assert len(starts) == 2 and starts[1]["resumed_from"] and starts[1]["step"] >= 10
+    end_whole, end_killed = newest(whole), newest(killed)
+    assert end_whole.name == end_killed.name  # the same number of steps
+    assert position(end_whole) == position(end_killed)  # data position and RNG states
+    assert len(position(end_killed)["rng"]) == 2
+    a, b = checkpoint_tensors(end_whole, tmp_path), checkpoint_tensors(end_killed, tmp_path)
+    assert a.keys() == b.keys() and any("momentum" in k or "sum" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # The restarted run's log goes on where the first stopped: steps never go back.
+    steps = [r["step"] for r in metrics(killed) if "train/loss" in r]
+    assert steps[-1] == int(end_killed.name[5:])
+
+
+def test_sigterm_checkpoints_and_exits_cleanly_then_auto_resume_finishes(small_dataset,
+                                                                        tmp_path):
+    run = tmp_path / "run"
+    args = [*SMALL, f"--data.path={small_dataset}", "--train.epochs=3", "--run-dir", str(run)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "dlrm", "train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() or not metrics(run):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    (preempted,) = [json.loads(x) for x in out.splitlines() if '"event": "preempted"' in x]
+    saved = newest(run)
+    assert position(saved)["step"] == preempted["step"] and preempted["step"] < 3 * 250
+
+    out = dlrm("train", *args).stdout  # resume auto, the default
+    (start,) = [json.loads(x) for x in out.splitlines() if '"event": "start"' in x]
+    assert start["resumed_from"] == str(saved) and start["step"] == preempted["step"]
+    end = position(newest(run))
+    assert len(end.pop("rng")) == 1
+    assert end == {"step": 3 * 250, "epoch": 3, "batch": 0, "world_size": 1, "batch_size": 32}
+    assert any("eval/test/auc" in r for r in metrics(run))
+
+
+def test_resume_skips_a_bad_checkpoint_and_refuses_an_explicit_one(small_dataset, tmp_path):
+    run = tmp_path / "run"
+    args = [*SMALL, f"--data.path={small_dataset}", "--train.limit_train_batches=30",
+            "--train.checkpoint_every=10", "--run-dir", str(run)]
+    dlrm("train", *args)
+    good, bad = run / "checkpoints" / "step-000000020", run / "checkpoints" / "step-000000030"
+    data = next(p for p in bad.iterdir() if p.suffix == ".distcp")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+    proc = subprocess.run([sys.executable, "-m", "dlrm", "train", *args, "--resume", str(bad),
+                           "--run-dir", str(tmp_path / "other")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "dlrm train: error:" in proc.stderr and str(bad) in proc.stderr
+
+    proc = subprocess.run([sys.executable, "-m", "dlrm", "train", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step-000000030" in proc.stderr and "truncated" in proc.stderr  # the warning
+    (start,) = [json.loads(x) for x in proc.stdout.splitlines() if '"event": "start"' in x]
+    assert start["resumed_from"] == str(good)
+
+
+@pytest.mark.parametrize("written_by, read_by", [(2, 1), (1, 2)])
+def test_checkpoint_restores_on_another_world_size(small_dataset, tmp_path, written_by, read_by):
+    """A finished run's checkpoint, resumed by another number of ranks: nothing left to
+    train, so the evaluation must give the same metrics."""
+    def launch(nproc: int, *args: str) -> None:
+        if nproc == 1:
+            dlrm("train", *args)
+        else:
+            torchrun(["-m", "dlrm", "train", *args], nproc=nproc)
+
+    common = [*SMALL, f"--data.path={small_dataset}"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    launch(written_by, *common, "--run-dir", str(first))
+    launch(read_by, *common, "--run-dir", str(second), "--resume", str(newest(first)))
+    a = {k: v for r in metrics(first) for k, v in r.items() if k.startswith("eval/")}
+    b = {k: v for r in metrics(second) for k, v in r.items() if k.startswith("eval/")}
+    assert a.keys() == b.keys() and a["eval/test/rows"] == b["eval/test/rows"]
+    for key in a:
+        assert a[key] == pytest.approx(b[key], abs=2e-6), key

@@ -37,9 +37,10 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         overrides = rest + ([f"--train.resume={args.resume}"] if args.resume else [])
         config = load_config(args.config, overrides)
-        from dlrm.train import check_data
+        from dlrm.train import check_data, check_device
 
         check_data(config.data)  # before any process group starts
+        check_device(config)
     except (ConfigError, ValueError) as e:
         print(f"dlrm train: error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlrm.data.schema import NUM_SPARSE
+from dlrm.data.schema import NUM_SPARSE, SPARSE_NAMES
 
 
 class ConfigError(ValueError):
@@ -54,6 +54,14 @@ class ModelConfig:
     """Bottom MLP widths; the last must equal embedding_dim."""
     over_arch_layer_sizes: list[int] = field(default_factory=lambda: [1024, 1024, 512, 256, 1])
     """Top MLP widths; the last must be 1 (the click logit)."""
+    interaction: str = "dot"
+    """Feature interaction: dot (torchrec DLRM) or dcn (DCN-v2 cross layers, DLRM_DCN)."""
+    dcn_num_layers: int = 3
+    """dcn: cross layers."""
+    dcn_low_rank_dim: int = 512
+    """dcn: rank of each cross layer's low-rank weight."""
+    embedding_dtype: str = "fp32"
+    """Storage of the embedding tables: fp32 or fp16 (half the memory; fp32 math)."""
 
 
 @dataclass
@@ -61,20 +69,41 @@ class ShardingConfig:
     sharding_types: list[str] = field(default_factory=list)
     """Sharding types the planner may use (table_wise, column_wise, table_column_wise, and on
     GPU row_wise, table_row_wise); empty: all of these."""
+    table_sharding_types: dict[str, list[str]] = field(default_factory=dict)
+    """Per-feature override of sharding_types, e.g. {C20 = ["row_wise"]}."""
+    hbm_gib: float = 0.0
+    """Device (GPU) memory per rank the planner may fill; 0: the device's own size."""
+    ddr_gib: float = 0.0
+    """Host memory per rank the planner may fill; 0: this host's memory / ranks per host."""
+    a2a_forward_precision: str = "fp32"
+    """Embedding all-to-all codec, forward: fp32 (none), fp16 or bf16."""
+    a2a_backward_precision: str = "fp32"
+    """Embedding all-to-all codec, backward: fp32 (none), fp16 or bf16."""
+    allreduce_precision: str = "fp32"
+    """Dense gradient all-reduce (DDP comm hook): fp32 (none), fp16 or bf16."""
 
 
 @dataclass
 class OptimConfig:
     embedding_optimizer: str = "rowwise_adagrad"
-    """Fused embedding optimizer applied in backward: rowwise_adagrad, adagrad (exact), sgd."""
+    """Fused embedding optimizer applied in backward: rowwise_adagrad, adagrad (exact), adam,
+    sgd."""
     embedding_lr: float = 0.006
     """Learning rate of the embedding optimizer."""
     dense_optimizer: str = "adagrad"
-    """Optimizer of the dense (DDP) part: adagrad, sgd."""
+    """Optimizer of the dense (DDP) part: adagrad, adam, sgd."""
     dense_lr: float = 0.006
     """Learning rate of the dense optimizer."""
     eps: float = 1e-8
-    """Epsilon of the Adagrad optimizers."""
+    """Epsilon of the Adagrad and Adam optimizers."""
+    warmup_steps: int = 0
+    """LR schedule (MLPerf): linear warmup from 0 over this many steps; 0: none."""
+    decay_start: int = 0
+    """LR schedule: step where polynomial decay starts (constant LR before it)."""
+    decay_steps: int = 0
+    """LR schedule: steps of polynomial decay to 0 (then held); 0: no decay."""
+    decay_power: float = 2.0
+    """LR schedule: power of the polynomial decay (MLPerf: 2)."""
 
 
 @dataclass
@@ -91,6 +120,10 @@ class TrainConfig:
     """Steps between validation runs within an epoch; 0: only at the end."""
     device: str = "auto"
     """cpu, cuda or auto (cuda when available); the backend follows: gloo / nccl."""
+    target_auc: float = 0.0
+    """Stop once a validation AUC reaches this (MLPerf: 0.80275); 0: run every epoch."""
+    autocast: str = "none"
+    """Mixed precision of the dense part: none or bf16 (GPU only; tables are unaffected)."""
     checkpoint_every: int = 0
     """Steps between checkpoints (also written at the end and on SIGTERM); 0: only those."""
     keep_checkpoints: int = 3
@@ -106,6 +139,10 @@ class EvalConfig:
     """Evaluation batch size per rank; 0: data.batch_size."""
     limit_batches: int = 0
     """Evaluate at most this many batches per rank; 0: the whole split."""
+    limit_val_batches: int = 0
+    """As limit_batches, for val only (overrides it); 0: limit_batches."""
+    limit_test_batches: int = 0
+    """As limit_batches, for test only (overrides it); 0: limit_batches."""
 
 
 @dataclass
@@ -118,8 +155,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
-DENSE_OPTIMIZERS = ("adagrad", "sgd")
+EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
+DENSE_OPTIMIZERS = ("adagrad", "adam", "sgd")
+INTERACTIONS = ("dot", "dcn")
+PRECISIONS = ("fp32", "fp16", "bf16")
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -127,6 +166,11 @@ DEVICES = ("auto", "cpu", "cuda")
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """Returns ``value`` as the field's type, or raises naming ``key``."""
     origin = typing.get_origin(annotation)
+    if origin is dict:
+        _, item = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return {k: _check_type(f"{key}.{k}", v, item) for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
@@ -245,12 +289,39 @@ def validate(config: Config) -> None:
         "optim.dense_optimizer",
         f"must be one of {DENSE_OPTIMIZERS}, got {o.dense_optimizer!r}",
     )
-    for st in config.sharding.sharding_types:
-        need(st != "data_parallel", "sharding.sharding_types",
-             "data_parallel is not offered: torchrec trains a data-parallel table with the "
-             "dense optimizer, not the embedding optimizer")
-        need(st in SHARDING_TYPES, "sharding.sharding_types",
-             f"unknown type {st!r}, expected some of {SHARDING_TYPES}")
+    need(m.interaction in INTERACTIONS, "model.interaction",
+         f"must be one of {INTERACTIONS}, got {m.interaction!r}")
+    need(m.dcn_num_layers > 0, "model.dcn_num_layers", f"must be positive, got {m.dcn_num_layers}")
+    need(m.dcn_low_rank_dim > 0, "model.dcn_low_rank_dim",
+         f"must be positive, got {m.dcn_low_rank_dim}")
+    need(m.embedding_dtype in ("fp32", "fp16"), "model.embedding_dtype",
+         f"must be fp32 or fp16, got {m.embedding_dtype!r}")
+    sh = config.sharding
+    for key, types in [("sharding.sharding_types", sh.sharding_types),
+                       *((f"sharding.table_sharding_types.{f}", v)
+                         for f, v in sh.table_sharding_types.items())]:
+        for st in types:
+            need(st != "data_parallel", key,
+                 "data_parallel is not offered: torchrec trains a data-parallel table with "
+                 "the dense optimizer, not the embedding optimizer")
+            need(st in SHARDING_TYPES, key,
+                 f"unknown type {st!r}, expected some of {SHARDING_TYPES}")
+    for f in sh.table_sharding_types:
+        need(f in SPARSE_NAMES, f"sharding.table_sharding_types.{f}",
+             f"unknown feature, expected one of {SPARSE_NAMES[0]}..{SPARSE_NAMES[-1]}")
+    need(sh.hbm_gib >= 0, "sharding.hbm_gib", f"must be >= 0, got {sh.hbm_gib}")
+    need(sh.ddr_gib >= 0, "sharding.ddr_gib", f"must be >= 0, got {sh.ddr_gib}")
+    for key in ("a2a_forward_precision", "a2a_backward_precision", "allreduce_precision"):
+        need(getattr(sh, key) in PRECISIONS, f"sharding.{key}",
+             f"must be one of {PRECISIONS}, got {getattr(sh, key)!r}")
+    for key in ("warmup_steps", "decay_start", "decay_steps"):
+        need(getattr(o, key) >= 0, f"optim.{key}", f"must be >= 0, got {getattr(o, key)}")
+    need(not o.decay_steps or o.decay_start >= o.warmup_steps, "optim.decay_start",
+         f"must be >= optim.warmup_steps={o.warmup_steps}, got {o.decay_start}")
+    need(o.decay_power > 0, "optim.decay_power", f"must be positive, got {o.decay_power}")
+    need(0 <= t.target_auc < 1, "train.target_auc", f"must be in [0, 1), got {t.target_auc}")
+    need(t.autocast in ("none", "bf16"), "train.autocast",
+         f"must be none or bf16, got {t.autocast!r}")
     need(t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
     need(t.device in DEVICES, "train.device", f"must be one of {DEVICES}, got {t.device!r}")
     for key, value in [
@@ -260,6 +331,8 @@ def validate(config: Config) -> None:
         ("train.keep_checkpoints", t.keep_checkpoints),
         ("eval.batch_size", config.eval.batch_size),
         ("eval.limit_batches", config.eval.limit_batches),
+        ("eval.limit_val_batches", config.eval.limit_val_batches),
+        ("eval.limit_test_batches", config.eval.limit_test_batches),
     ]:
         need(value >= 0, key, f"must be >= 0, got {value}")
     need(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
@@ -275,6 +348,8 @@ def to_toml(config: Config) -> str:
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if isinstance(v, list):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
         return repr(v)
 
     lines = []

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from torchrec.models.dlrm import DLRM, DLRMTrain
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from dlrm.config import ModelConfig
@@ -18,7 +20,8 @@ def table_name(feature: str) -> str:
 
 def build_model(cfg: ModelConfig, cardinalities: list[int], dense_device: torch.device,
                 sparse_device: torch.device | None = None) -> DLRMTrain:
-    """torchrec ``DLRM`` (dot interaction) wrapped in ``DLRMTrain`` (BCE loss).
+    """torchrec ``DLRM`` (dot interaction) or ``DLRM_DCN`` (DCN-v2 cross layers) wrapped in
+    ``DLRMTrain`` (BCE loss).
 
     Args:
         cfg: the model section.
@@ -32,16 +35,35 @@ def build_model(cfg: ModelConfig, cardinalities: list[int], dense_device: torch.
     """
     if len(cardinalities) != len(SPARSE_NAMES):
         raise ValueError(f"need {len(SPARSE_NAMES)} cardinalities, got {len(cardinalities)}")
+    data_type = DataType.FP16 if cfg.embedding_dtype == "fp16" else DataType.FP32
     tables = [
         EmbeddingBagConfig(name=table_name(f), embedding_dim=cfg.embedding_dim,
-                           num_embeddings=n, feature_names=[f])
+                           num_embeddings=n, feature_names=[f], data_type=data_type)
         for f, n in zip(SPARSE_NAMES, cardinalities, strict=True)
     ]
     ebc = EmbeddingBagCollection(tables=tables, device=sparse_device or torch.device("meta"))
-    return DLRMTrain(DLRM(
-        embedding_bag_collection=ebc,
-        dense_in_features=NUM_DENSE,
-        dense_arch_layer_sizes=list(cfg.dense_arch_layer_sizes),
-        over_arch_layer_sizes=list(cfg.over_arch_layer_sizes),
-        dense_device=dense_device,
-    ))
+    common = {"embedding_bag_collection": ebc, "dense_in_features": NUM_DENSE,
+              "dense_arch_layer_sizes": list(cfg.dense_arch_layer_sizes),
+              "over_arch_layer_sizes": list(cfg.over_arch_layer_sizes),
+              "dense_device": dense_device}
+    if cfg.interaction == "dcn":
+        model = DLRM_DCN(**common, dcn_num_layers=cfg.dcn_num_layers,
+                         dcn_low_rank_dim=cfg.dcn_low_rank_dim)
+    else:
+        model = DLRM(**common)
+    return DLRMTrain(model)
+
+
+def autocast_dense(model: DLRMTrain, device: torch.device) -> None:
+    """Runs the dense arch, interaction and over arch under bf16 autocast (their outputs
+    back in fp32); the tables and their all-to-all are untouched. Parameter names do not
+    change, so checkpoints stay interchangeable with fp32 runs."""
+    for module in (model.model.dense_arch, model.model.inter_arch, model.model.over_arch):
+        forward = module.forward
+
+        @functools.wraps(forward)
+        def cast(*args, _forward=forward, **kwargs):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return _forward(*args, **kwargs).float()
+
+        module.forward = cast

@@ -16,12 +16,18 @@ from dlrm.config import OptimConfig
 
 def _embedding_optimizer(cfg: OptimConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     # torchrec maps these classes onto fbgemm's fused kernels: RowWiseAdagrad →
-    # EXACT_ROWWISE_ADAGRAD, Adagrad → EXACT_ADAGRAD (torchrec_dlrm / MLPerf), SGD → EXACT_SGD.
+    # EXACT_ROWWISE_ADAGRAD, Adagrad → EXACT_ADAGRAD (torchrec_dlrm / MLPerf), Adam → ADAM,
+    # SGD → EXACT_SGD.
     if cfg.embedding_optimizer == "rowwise_adagrad":
         return RowWiseAdagrad, {"lr": cfg.embedding_lr, "eps": cfg.eps}
     if cfg.embedding_optimizer == "adagrad":
         return torch.optim.Adagrad, {"lr": cfg.embedding_lr, "eps": cfg.eps}
+    if cfg.embedding_optimizer == "adam":
+        return torch.optim.Adam, {"lr": cfg.embedding_lr, "eps": cfg.eps}
     return torch.optim.SGD, {"lr": cfg.embedding_lr}
+
+
+CPU_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 
 
 def apply_embedding_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> None:
@@ -39,9 +45,39 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> CombinedOptimiz
     """The dense optimizer over every parameter not handled in backward, combined with the
     sharded model's fused embedding optimizer (whose ``step`` is a no-op)."""
     dense = dict(in_backward_optimizer_filter(model.named_parameters()))
-    if cfg.dense_optimizer == "adagrad":
-        dense_opt = KeyedOptimizerWrapper(
-            dense, lambda ps: torch.optim.Adagrad(ps, lr=cfg.dense_lr, eps=cfg.eps))
-    else:
-        dense_opt = KeyedOptimizerWrapper(dense, lambda ps: torch.optim.SGD(ps, lr=cfg.dense_lr))
+    make = {
+        "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=cfg.dense_lr, eps=cfg.eps),
+        "adam": lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr, eps=cfg.eps),
+        "sgd": lambda ps: torch.optim.SGD(ps, lr=cfg.dense_lr),
+    }[cfg.dense_optimizer]
+    dense_opt = KeyedOptimizerWrapper(dense, make)
     return CombinedOptimizer([("embedding", model.fused_optimizer), ("dense", dense_opt)])
+
+
+def lr_scale(update: int, cfg: OptimConfig) -> float:
+    """The factor on the base learning rates for the ``update``-th optimizer step (from 1),
+    as MLPerf's DLRM reference defines it: linear warmup ``update / warmup_steps`` while
+    ``update < warmup_steps``; 1 until ``decay_start``; then for the k-th update after it
+    (k from 0) ``((decay_steps - k) / decay_steps) ** decay_power``, held at its last value
+    once ``decay_steps`` updates have decayed."""
+    if cfg.warmup_steps and update < cfg.warmup_steps:
+        return update / cfg.warmup_steps
+    if cfg.decay_steps and update > cfg.decay_start:
+        k = min(update - cfg.decay_start - 1, cfg.decay_steps - 1)
+        return ((cfg.decay_steps - k) / cfg.decay_steps) ** cfg.decay_power
+    return 1.0
+
+
+class LRSchedule:
+    """Sets the learning rate of every param group (fused embedding ones included: torchrec
+    hands the group's ``lr`` to the kernels at ``zero_grad``, before each backward)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+        self.optimizer, self.cfg = optimizer, cfg
+        self.base = [group["lr"] for group in optimizer.param_groups]
+
+    def set_step(self, step: int) -> None:
+        """Sets the rates for the update after ``step`` updates have been made."""
+        scale = lr_scale(step + 1, self.cfg)
+        for group, base in zip(self.optimizer.param_groups, self.base, strict=True):
+            group["lr"] = base * scale

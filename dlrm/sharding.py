@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import os
+from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.fbgemm_qcomm_codec import (
+    CommType,
+    QCommsConfig,
+    get_qcomm_codecs_registry,
+)
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import (
+    HardwareConfig,
     KernelConfig,
     ParameterConstraints,
     TopologyFactory,
     TrainerConfig,
 )
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
 from dlrm.config import SHARDING_TYPES, ShardingConfig
 
@@ -25,34 +35,123 @@ from dlrm.config import SHARDING_TYPES, ShardingConfig
 # a plan choosing it would silently change how that table learns. Types the sharder
 # cannot run on this device (row_wise on CPU) are dropped by the planner.
 
+GIB = 1 << 30
+_COMM = {"fp32": CommType.FP32, "fp16": CommType.FP16, "bf16": CommType.BF16}
+_ALLREDUCE_HOOK = {"fp16": default_hooks.fp16_compress_hook,
+                   "bf16": default_hooks.bf16_compress_hook}
+
 
 def table_constraints(cfg: ShardingConfig, tables: list[str]) -> dict[str, ParameterConstraints]:
-    """The same allowed sharding types for every table (from config)."""
+    """Allowed sharding types per table: ``sharding_types`` (all types if empty), unless
+    ``table_sharding_types`` names the table's feature (table ``t_C20`` ↔ feature ``C20``)."""
     types = list(cfg.sharding_types or SHARDING_TYPES)
-    return {t: ParameterConstraints(sharding_types=types) for t in tables}
+    return {t: ParameterConstraints(
+                sharding_types=list(cfg.table_sharding_types.get(t.removeprefix("t_"), types)))
+            for t in tables}
 
 
-def shard_model(model: torch.nn.Module, constraints: dict[str, ParameterConstraints],
+def sharders(cfg: ShardingConfig, device: torch.device) -> list[ModuleSharder]:
+    """The EmbeddingBagCollection sharder, with quantized all-to-all codecs if configured."""
+    codecs = None
+    if (cfg.a2a_forward_precision, cfg.a2a_backward_precision) != ("fp32", "fp32"):
+        codecs = get_qcomm_codecs_registry(
+            QCommsConfig(forward_precision=_COMM[cfg.a2a_forward_precision],
+                         backward_precision=_COMM[cfg.a2a_backward_precision]),
+            device=device)
+    return [EmbeddingBagCollectionSharder(qcomm_codecs_registry=codecs)]
+
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class Planner:
+    """The planner for a cluster that need not exist: world size, ranks per host, device
+    type and per-rank memory. ``sharding.hbm_gib`` / ``ddr_gib`` set the memory the planner
+    may fill (torchrec_dlrm leaves it at torchrec's built-in default, wrong for every GPU);
+    0 means this device's own HBM and this host's memory shared by its ranks."""
+
+    cfg: ShardingConfig
+    world_size: int
+    local_world_size: int
+    device_type: str
+    batch_size: int
+
+    def hbm_bytes(self) -> int:
+        if self.cfg.hbm_gib:
+            return int(self.cfg.hbm_gib * GIB)
+        if self.device_type == "cuda" and torch.cuda.is_available():
+            return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        return 0
+
+    def ddr_bytes(self) -> int:
+        return int(self.cfg.ddr_gib * GIB) if self.cfg.ddr_gib else \
+            _host_memory() // self.local_world_size
+
+    def build(self, tables: list[str]) -> EmbeddingShardingPlanner:
+        topology = TopologyFactory.create_topology(
+            trainer_config=TrainerConfig(world_size=self.world_size,
+                                         local_world_size=self.local_world_size),
+            hardware_config=HardwareConfig(hbm_cap_bytes=self.hbm_bytes() or None,
+                                           ddr_cap_bytes=self.ddr_bytes()),
+            kernel_config=KernelConfig(compute_device=self.device_type),
+        )
+        return EmbeddingShardingPlanner(
+            topology=topology, batch_size=self.batch_size,
+            constraints=table_constraints(self.cfg, tables), debug=False,
+            # A fixed 15% reserve for dense parameters, activations and KJTs, as torchrec
+            # recommends over its heuristic (which overestimates on meta-device models).
+            storage_reservation=FixedPercentageStorageReservation(0.15),
+        )
+
+
+def memory_per_rank(planner: EmbeddingShardingPlanner, world_size: int) -> list[dict[str, float]]:
+    """The planner's estimate of each rank's embedding storage (tables, optimizer state,
+    lookup buffers), in GiB: ``hbm`` on GPU, ``ddr`` on CPU. Only where ``plan`` ran."""
+    hbm, ddr, shards = defaultdict(int), defaultdict(int), defaultdict(int)
+    for option in planner._best_plan or []:
+        for shard in option.shards:
+            hbm[shard.rank] += shard.storage.hbm
+            ddr[shard.rank] += shard.storage.ddr
+            shards[shard.rank] += 1
+    return [{"rank": r, "hbm_gib": round(hbm[r] / GIB, 3), "ddr_gib": round(ddr[r] / GIB, 3),
+             "shards": shards[r]} for r in range(world_size)]
+
+
+def describe(plan: ShardingPlan, memory: list[dict[str, float]], planner: Planner) -> str:
+    """The plan as text: per-table sharding and placement, then memory per rank."""
+    lines = [str(plan), "",
+             f"world size {planner.world_size} ({planner.local_world_size} per host), "
+             f"device {planner.device_type}, per rank: "
+             f"HBM {planner.hbm_bytes() / GIB:.1f} GiB, DDR {planner.ddr_bytes() / GIB:.1f} GiB",
+             "estimated embedding storage per rank (tables + optimizer state + buffers):"]
+    lines += [f"  rank {m['rank']}: HBM {m['hbm_gib']:.3f} GiB, DDR {m['ddr_gib']:.3f} GiB, "
+              f"{m['shards']} shards" for m in memory]
+    return "\n".join(lines) + "\n"
+
+
+def shard_model(model: torch.nn.Module, tables: list[str], cfg: ShardingConfig,
                 device: torch.device, batch_size: int,
-                ) -> tuple[DistributedModelParallel, ShardingPlan]:
-    """Plans (collectively, so every rank gets the same plan) and shards ``model``.
+                ) -> tuple[DistributedModelParallel, str, list[dict[str, float]]]:
+    """Plans (on rank 0, broadcast, so every rank gets the same plan) and shards ``model``.
 
     The embedding tables are placed per the plan and exchanged by all-to-all; the rest
-    of the model is replicated and wrapped in DDP.
+    of the model is replicated and wrapped in DDP (with the configured all-reduce codec).
+    Returns the sharded model, the plan as text and the memory estimate per rank (the
+    latter two complete on rank 0).
     """
     world_size = dist.get_world_size()
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    topology = TopologyFactory.create_topology(
-        trainer_config=TrainerConfig(world_size=world_size, local_world_size=local_world_size),
-        kernel_config=KernelConfig(compute_device=device.type),
-    )
-    planner = EmbeddingShardingPlanner(
-        topology=topology, batch_size=batch_size, constraints=constraints, debug=False,
-        # A fixed 15% reserve for dense parameters, activations and KJTs, as torchrec
-        # recommends over its heuristic (which overestimates on meta-device models).
-        storage_reservation=FixedPercentageStorageReservation(0.15),
-    )
-    sharders = [EmbeddingBagCollectionSharder()]
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders)
-    return dmp, plan
+    spec = Planner(cfg, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+                   device.type, batch_size)
+    planner = spec.build(tables)
+    chosen = sharders(cfg, device)
+    plan = planner.collective_plan(model, chosen, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=chosen)
+    if cfg.allreduce_precision != "fp32":
+        for module in dmp.modules():
+            if isinstance(module, DistributedDataParallel):
+                module.register_comm_hook(dist.GroupMember.WORLD,
+                                          _ALLREDUCE_HOOK[cfg.allreduce_precision])
+    memory = memory_per_rank(planner, world_size)
+    return dmp, describe(plan, memory, spec), memory

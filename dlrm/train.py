@@ -20,10 +20,15 @@ from dlrm.data.loader import ParquetBatches, default_split_specs, resolve_split
 from dlrm.data.preprocess import load_manifest
 from dlrm.dist import broadcast_object, init_distributed
 from dlrm.evaluate import evaluate
-from dlrm.model import build_model, table_name
-from dlrm.optim import apply_embedding_optimizer, build_optimizer
+from dlrm.model import autocast_dense, build_model, table_name
+from dlrm.optim import (
+    CPU_EMBEDDING_OPTIMIZERS,
+    LRSchedule,
+    apply_embedding_optimizer,
+    build_optimizer,
+)
 from dlrm.runlog import RunLog
-from dlrm.sharding import shard_model, table_constraints
+from dlrm.sharding import shard_model
 
 SPLITS = ("train", "val", "test")
 logger = logging.getLogger(__name__)
@@ -56,12 +61,31 @@ def check_data(cfg: DataConfig) -> dict[str, Any]:
     return manifest
 
 
+def check_device(config: Config) -> None:
+    """Settings the device of this host cannot run, checked before any process group.
+
+    Raises:
+        ValueError: naming the key.
+    """
+    device = config.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and config.optim.embedding_optimizer not in CPU_EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"optim.embedding_optimizer: {config.optim.embedding_optimizer!r} has "
+                         "no CPU kernel in fbgemm-gpu-cpu (it has "
+                         f"{', '.join(CPU_EMBEDDING_OPTIMIZERS)}); it runs on GPU")
+    if device == "cpu" and config.train.autocast != "none":
+        raise ValueError(f"train.autocast: {config.train.autocast} autocast is for GPUs; "
+                         "this run is on CPU")
+
+
 class Trainer:
     """Builds the parts in the order one thinks of them; ``train()`` runs the loop."""
 
     def __init__(self, config: Config, run_dir: str | Path | None = None) -> None:
         self.config = config
         manifest = check_data(config.data)
+        check_device(config)
         self.dist = init_distributed(config.train.device)
         rank, world, device = self.dist.rank, self.dist.world_size, self.dist.device
 
@@ -97,13 +121,17 @@ class Trainer:
         # Model: tables on meta, sharded by the planner; dense parts replicated under DDP.
         torch.manual_seed(config.train.seed)
         model = build_model(config.model, manifest["cardinalities"], device)
+        if config.train.autocast == "bf16":
+            autocast_dense(model, device)
         apply_embedding_optimizer(model, config.optim)
-        constraints = table_constraints(config.sharding, [table_name(f) for f in
-                                                          manifest["schema"]["sparse"]])
-        self.model, plan = shard_model(model, constraints, device, data.batch_size)
+        tables = [table_name(f) for f in manifest["schema"]["sparse"]]
+        self.model, plan, memory = shard_model(model, tables, config.sharding, device,
+                                               data.batch_size)
         if self.dist.is_main:
-            (self.run_dir / "plan.txt").write_text(str(plan) + "\n")
+            (self.run_dir / "plan.txt").write_text(plan)
+            self.log.event("plan", memory_per_rank=memory)
         self.optimizer = build_optimizer(self.model, config.optim)
+        self.schedule = LRSchedule(self.optimizer, config.optim)
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, device)
 
         # Where training stands: a step counts one batch on every rank.
@@ -182,13 +210,15 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.dist.device)
         window_steps, window_start = 0, time.perf_counter()
         samples, train_seconds = 0, 0.0
+        reached = False  # train.target_auc
         with _TermFlag(self.dist.device) as term:
-            while self.epoch < cfg.epochs:
+            while self.epoch < cfg.epochs and not reached:
                 steps = self._steps_per_epoch() - self.batch
                 self.log.progress(steps, desc=f"epoch {self.epoch}")
                 batches = itertools.islice(
                     self.train_batches.iter_epoch(self.epoch, skip=self.batch), max(steps, 0))
                 while True:
+                    self.schedule.set_step(self.step)  # the rates of the coming update
                     try:
                         loss, _, _ = self.pipeline.progress(batches)
                     except StopIteration:
@@ -204,8 +234,10 @@ class Trainer:
                         samples += window_steps * global_batch
                         loss_sum.zero_()
                         window_steps, window_start = 0, time.perf_counter()
-                    if cfg.eval_every and self.step % cfg.eval_every == 0:
-                        self._evaluate(("val",))
+                    end_of_epoch = self.batch == self._steps_per_epoch()
+                    if (cfg.eval_every and self.step % cfg.eval_every == 0) or \
+                            (cfg.target_auc and end_of_epoch):
+                        reached = self._target_reached(self._evaluate(("val",))["val"])
                         window_start = time.perf_counter()  # evaluation is not training time
                     if term.agreed():
                         self.pipeline.detach()
@@ -215,8 +247,11 @@ class Trainer:
                         return None
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self._save()
+                    if reached:
+                        break
                 self.log.close_progress()
-                self.epoch, self.batch = self.epoch + 1, 0
+                if self.batch >= self._steps_per_epoch():
+                    self.epoch, self.batch = self.epoch + 1, 0
         if window_steps:
             train_seconds += self._log_train(loss_sum, window_steps, window_start, global_batch)
             samples += window_steps * global_batch
@@ -228,7 +263,7 @@ class Trainer:
                    "samples_per_sec": samples / train_seconds if train_seconds else 0.0}
         for split, m in results.items():
             summary.update({f"{split}_auc": m["auc"], f"{split}_logloss": m["logloss"]})
-        self.log.event("done", **summary)
+        self.log.event("done", target_reached=reached, **summary)
         self.log.close()
         return results
 
@@ -239,10 +274,18 @@ class Trainer:
         dist.all_reduce(loss)
         seconds = time.perf_counter() - start
         figures = {"train/loss": loss.item() / (steps * self.dist.world_size),
-                   "train/samples_per_sec": steps * global_batch / seconds}
+                   "train/samples_per_sec": steps * global_batch / seconds,
+                   "train/lr": self.optimizer.param_groups[-1]["lr"]}  # of the last update
         self.log.metric(self.step, **figures)
         self.log.event("train", step=self.step, **figures)
         return seconds
+
+    def _target_reached(self, val: dict[str, float]) -> bool:
+        target = self.config.train.target_auc
+        if target and val["auc"] >= target:
+            self.log.event("target_reached", step=self.step, auc=val["auc"], target=target)
+            return True
+        return False
 
     def _evaluate(self, splits: tuple[str, ...]) -> dict[str, dict[str, float]]:
         # The pipeline rewrote the sharded modules' forward for overlap; detach restores
@@ -250,8 +293,10 @@ class Trainer:
         model = self.pipeline.detach()
         results = {}
         for split in splits:
+            e = self.config.eval
+            limit = {"val": e.limit_val_batches, "test": e.limit_test_batches}[split]
             m = evaluate(model, self.eval_batches[split], self.dist.device,
-                         self.config.eval.limit_batches)
+                         limit or e.limit_batches)
             results[split] = m
             self.log.metric(self.step, **{f"eval/{split}/{k}": v for k, v in m.items()})
             self.log.event("eval", step=self.step, split=split, **m)

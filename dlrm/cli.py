@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from dlrm.data.schema import SPARSE_NAMES
+
 
 def _synth(args: argparse.Namespace, rest: list[str]) -> int:
     from dlrm.data.synth import synth
@@ -37,10 +39,9 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         overrides = rest + ([f"--train.resume={args.resume}"] if args.resume else [])
         config = load_config(args.config, overrides)
-        from dlrm.train import check_data, check_device
+        from dlrm.train import preflight
 
-        check_data(config.data)  # before any process group starts
-        check_device(config)
+        preflight(config)  # before any process group starts
     except (ConfigError, ValueError) as e:
         print(f"dlrm train: error: {e}", file=sys.stderr)
         return 2
@@ -52,6 +53,48 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     except CheckpointError as e:
         print(f"dlrm train: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _plan(args: argparse.Namespace, rest: list[str]) -> int:
+    from dlrm.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, rest)
+        if args.hbm_gib is not None:
+            config.sharding.hbm_gib = args.hbm_gib
+        if args.ddr_gib is not None:
+            config.sharding.ddr_gib = args.ddr_gib
+        sizes = config.model.num_embeddings_per_feature
+        if not sizes:
+            from dlrm.train import check_data
+
+            sizes = check_data(config.data)["cardinalities"]
+    except (ConfigError, ValueError) as e:
+        print(f"dlrm plan: error: {e}", file=sys.stderr)
+        return 2
+    import torch
+    from torchrec.distributed.planner.types import PlannerError
+
+    from dlrm.model import build_model, table_name
+    from dlrm.optim import apply_embedding_optimizer
+    from dlrm.sharding import Planner, plan_offline
+
+    meta = torch.device("meta")
+    model = build_model(config.model, sizes, meta, meta)
+    apply_embedding_optimizer(model, config.optim)
+    spec = Planner(config.sharding, args.world_size, args.local_world_size or args.world_size,
+                   args.device, config.data.batch_size)
+    try:
+        text, memory = plan_offline(model, [table_name(f) for f in SPARSE_NAMES], spec)
+    except PlannerError as e:
+        print(f"dlrm plan: no plan fits {args.world_size} x {args.device} "
+              f"(HBM {spec.hbm_bytes() / 2**30:.0f} GiB, DDR {spec.ddr_bytes() / 2**30:.0f} "
+              f"GiB per rank): {e}", file=sys.stderr)
+        return 1
+    print(text, end="")
+    print(json.dumps({"event": "plan", "world_size": args.world_size, "device": args.device,
+                      "memory_per_rank": memory}))
     return 0
 
 
@@ -91,7 +134,19 @@ def main(argv: list[str] | None = None) -> int:
                         "complete checkpoint in the run directory")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("plan", help="sharding plan and memory per rank for a cluster that "
+                                    "need not exist",
+                       epilog="Any config key can be overridden: --section.key=value")
+    p.add_argument("--config", required=True)
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--local-world-size", type=int, default=0,
+                   help="ranks per host (default: all on one host)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--hbm-gib", type=float, default=None, help="GPU memory per rank")
+    p.add_argument("--ddr-gib", type=float, default=None, help="host memory per rank")
+    p.set_defaults(func=_plan)
+
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":
+    if rest and args.command not in ("train", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args, rest)

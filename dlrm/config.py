@@ -54,6 +54,9 @@ class ModelConfig:
     """Bottom MLP widths; the last must equal embedding_dim."""
     over_arch_layer_sizes: list[int] = field(default_factory=lambda: [1024, 1024, 512, 256, 1])
     """Top MLP widths; the last must be 1 (the click logit)."""
+    num_embeddings_per_feature: list[int] = field(default_factory=list)
+    """Rows of each of the 26 tables (e.g. Criteo 1TB capped at 40M); empty: the dataset's
+    cardinalities. Each must hold the dataset's ids (>= its cardinality)."""
     interaction: str = "dot"
     """Feature interaction: dot (torchrec DLRM) or dcn (DCN-v2 cross layers, DLRM_DCN)."""
     dcn_num_layers: int = 3
@@ -289,6 +292,11 @@ def validate(config: Config) -> None:
         "optim.dense_optimizer",
         f"must be one of {DENSE_OPTIMIZERS}, got {o.dense_optimizer!r}",
     )
+    need(not m.num_embeddings_per_feature
+         or (len(m.num_embeddings_per_feature) == NUM_SPARSE
+             and min(m.num_embeddings_per_feature) > 0),
+         "model.num_embeddings_per_feature",
+         f"must be empty or {NUM_SPARSE} positive ints, got {m.num_embeddings_per_feature}")
     need(m.interaction in INTERACTIONS, "model.interaction",
          f"must be one of {INTERACTIONS}, got {m.interaction!r}")
     need(m.dcn_num_layers > 0, "model.dcn_num_layers", f"must be positive, got {m.dcn_num_layers}")

@@ -18,6 +18,19 @@ def table_name(feature: str) -> str:
     return f"t_{feature}"
 
 
+def table_sizes(cfg: ModelConfig, cardinalities: list[int]) -> list[int]:
+    """Rows of each table: ``model.num_embeddings_per_feature`` if set (it must hold every
+    id of the dataset), else the dataset's cardinalities."""
+    sizes = cfg.num_embeddings_per_feature
+    if not sizes:
+        return list(cardinalities)
+    for f, size, n in zip(SPARSE_NAMES, sizes, cardinalities, strict=True):
+        if size < n:
+            raise ValueError(f"model.num_embeddings_per_feature: {f} has {size} rows but the "
+                             f"dataset has {n} ids for it")
+    return list(sizes)
+
+
 def build_model(cfg: ModelConfig, cardinalities: list[int], dense_device: torch.device,
                 sparse_device: torch.device | None = None) -> DLRMTrain:
     """torchrec ``DLRM`` (dot interaction) or ``DLRM_DCN`` (DCN-v2 cross layers) wrapped in

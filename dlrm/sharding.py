@@ -131,6 +131,17 @@ def describe(plan: ShardingPlan, memory: list[dict[str, float]], planner: Planne
     return "\n".join(lines) + "\n"
 
 
+def plan_offline(model: torch.nn.Module, tables: list[str], spec: Planner,
+                 ) -> tuple[str, list[dict[str, float]]]:
+    """The plan and memory per rank for the cluster ``spec`` describes, without one: the
+    planner needs only the topology and the (meta-device) model. Raises torchrec's
+    PlannerError when the tables do not fit."""
+    planner = spec.build(tables)
+    plan = planner.plan(model, sharders(spec.cfg, torch.device(spec.device_type)))
+    memory = memory_per_rank(planner, spec.world_size)
+    return describe(plan, memory, spec), memory
+
+
 def shard_model(model: torch.nn.Module, tables: list[str], cfg: ShardingConfig,
                 device: torch.device, batch_size: int,
                 ) -> tuple[DistributedModelParallel, str, list[dict[str, float]]]:

@@ -20,7 +20,7 @@ from dlrm.data.loader import ParquetBatches, default_split_specs, resolve_split
 from dlrm.data.preprocess import load_manifest
 from dlrm.dist import broadcast_object, init_distributed
 from dlrm.evaluate import evaluate
-from dlrm.model import autocast_dense, build_model, table_name
+from dlrm.model import autocast_dense, build_model, table_name, table_sizes
 from dlrm.optim import (
     CPU_EMBEDDING_OPTIMIZERS,
     LRSchedule,
@@ -61,12 +61,20 @@ def check_data(cfg: DataConfig) -> dict[str, Any]:
     return manifest
 
 
-def check_device(config: Config) -> None:
-    """Settings the device of this host cannot run, checked before any process group.
+def preflight(config: Config) -> dict[str, Any]:
+    """Everything that can be wrong before any process group starts; returns the manifest.
 
     Raises:
-        ValueError: naming the key.
+        ValueError: naming the key, path or source at fault.
     """
+    manifest = check_data(config.data)
+    table_sizes(config.model, manifest["cardinalities"])
+    check_device(config)
+    return manifest
+
+
+def check_device(config: Config) -> None:
+    """Settings the device of this host cannot run."""
     device = config.train.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,8 +92,7 @@ class Trainer:
 
     def __init__(self, config: Config, run_dir: str | Path | None = None) -> None:
         self.config = config
-        manifest = check_data(config.data)
-        check_device(config)
+        manifest = preflight(config)
         self.dist = init_distributed(config.train.device)
         rank, world, device = self.dist.rank, self.dist.world_size, self.dist.device
 
@@ -120,7 +127,8 @@ class Trainer:
 
         # Model: tables on meta, sharded by the planner; dense parts replicated under DDP.
         torch.manual_seed(config.train.seed)
-        model = build_model(config.model, manifest["cardinalities"], device)
+        model = build_model(config.model, table_sizes(config.model, manifest["cardinalities"]),
+                            device)
         if config.train.autocast == "bf16":
             autocast_dense(model, device)
         apply_embedding_optimizer(model, config.optim)

@@ -8,6 +8,9 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
 from dlrm.data.schema import NUM_DENSE, NUM_SPARSE
 
 
@@ -54,3 +57,21 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.
     """The real ``torchrun --standalone --nproc_per_node N ARGS`` (gloo on CPU)."""
     return _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc_per_node={nproc}", *args], timeout)
+
+
+def checkpoint_tensors(path: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP checkpoint, whole (however many ranks wrote it)."""
+    out = tmp / f"{path.parent.parent.name}-{path.name}.pt"
+    dcp_to_torch_save(path, out)
+    state = torch.load(out, weights_only=False)
+    flat = {}
+
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, torch.Tensor):
+            flat[prefix] = node
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}/{k}", v)
+
+    walk("", state)
+    return flat

@@ -12,30 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, dlrm, torchrun
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from helpers import REPO, checkpoint_tensors, dlrm, torchrun
 
 SMALL = ["--config", "configs/tiny.toml", "--data.batch_size=32", "--train.log_every=10",
          "--model.embedding_dim=8", "--model.dense_arch_layer_sizes=[16,8]",
          "--model.over_arch_layer_sizes=[16,1]", "--data.prefetch=0"]
-
-
-def checkpoint_tensors(path: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a DCP checkpoint, whole (however many ranks wrote it)."""
-    out = tmp / f"{path.parent.parent.name}-{path.name}.pt"
-    dcp_to_torch_save(path, out)
-    state = torch.load(out, weights_only=False)
-    flat = {}
-
-    def walk(prefix: str, node: object) -> None:
-        if isinstance(node, torch.Tensor):
-            flat[prefix] = node
-        elif isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}/{k}", v)
-
-    walk("", state)
-    return flat
 
 
 def position(path: Path) -> dict:

@@ -98,6 +98,57 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _offline_errors():
+    from dlrm.checkpoint import CheckpointError
+    from dlrm.config import ConfigError
+
+    return (CheckpointError, ConfigError, ValueError)
+
+
+def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
+    from dlrm.offline import evaluate_checkpoint, format_metrics
+
+    try:
+        report = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.out,
+                                     args.batch_size)
+    except _offline_errors() as e:
+        print(f"dlrm evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if report is not None:  # rank 0
+        print(f"{report['checkpoint']} (step {report['step']}) on {args.data} "
+              f"split {args.split}, {report['world_size']} rank(s):")
+        print(format_metrics(report["metrics"]))
+        print(json.dumps({"event": "evaluate", "split": args.split, **report["metrics"]}))
+    return 0
+
+
+def _score(args: argparse.Namespace, rest: list[str]) -> int:
+    from dlrm.offline import score_checkpoint
+
+    try:
+        rows = score_checkpoint(args.checkpoint, args.data, args.out, args.split,
+                                args.batch_size)
+    except _offline_errors() as e:
+        print(f"dlrm score: error: {e}", file=sys.stderr)
+        return 2
+    if rows is not None:
+        print(json.dumps({"event": "score", "split": args.split, "rows": rows,
+                          "out": args.out}))
+    return 0
+
+
+def _report(args: argparse.Namespace, rest: list[str]) -> int:
+    from dlrm.report import report
+
+    try:
+        page = report(args.run_dir)
+    except ValueError as e:
+        print(f"dlrm report: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"event": "report", "page": str(page)}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dlrm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +196,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hbm-gib", type=float, default=None, help="GPU memory per rank")
     p.add_argument("--ddr-gib", type=float, default=None, help="host memory per rank")
     p.set_defaults(func=_plan)
+
+    for name, func, text in [("evaluate", _evaluate, "offline metrics of a checkpoint on a "
+                              "dataset split (alone or under torchrun, any rank count)"),
+                             ("score", _score, "batch scoring of a split to Parquet "
+                              "(row, label, prob)")]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--checkpoint", required=True, help="RUN/checkpoints/step-N")
+        p.add_argument("--data", required=True, help="dataset written by dlrm preprocess")
+        p.add_argument("--split", choices=["train", "val", "test", "all"], default="test",
+                       help="the run's split of this dataset, or all of its rows")
+        p.add_argument("--out", required=name == "score",
+                       help="JSON report (evaluate) / Parquet file (score)")
+        p.add_argument("--batch-size", type=int, default=0,
+                       help="per rank (default: the run's eval batch size)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("report", help="plots and a summary page of a run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_report)
 
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("train", "plan"):

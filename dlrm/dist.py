@@ -26,6 +26,8 @@ class DistInfo:
 def quiet_third_party() -> None:
     """Silences warnings torch / torchrec print once per rank that say nothing about the run."""
     warnings.filterwarnings("ignore", message=".*`broadcast_buffers` is deprecated")
+    # torchrec 1.8 still shards tables as ShardedTensor; DCP warns on every one of them.
+    warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 

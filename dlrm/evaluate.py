@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torchrec.datasets.utils import Batch
 
 from dlrm.data.loader import PAD_LABEL
 from dlrm.dist import broadcast_object
-from dlrm.metrics import binary_metrics
+from dlrm.metrics import binary_metrics, reliability, roc_points, sigmoid
 
 
 @torch.no_grad()
@@ -32,26 +34,39 @@ def predict(model: torch.nn.Module, batches: Iterable[Batch], device: torch.devi
     return torch.cat(logits), torch.cat(labels)
 
 
-def gather_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Exact metrics over the predictions of all ranks together (computed on rank 0).
+def gather_predictions(logits: torch.Tensor, labels: torch.Tensor,
+                       ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels, logits) of all ranks, in rank order, as float64 on rank 0; None elsewhere.
 
     Every rank must hold the same number of predictions (the evaluation loader pads);
-    padding rows (label ``PAD_LABEL``) are dropped before computing.
+    padding rows (label ``PAD_LABEL``) are dropped, so row i is the split's row i.
     """
     world = dist.get_world_size()
     both = torch.stack([logits, labels])
     gathered = [torch.empty_like(both) for _ in range(world)]
     dist.all_gather(gathered, both)
+    if dist.get_rank() != 0:
+        return None
+    allp = torch.cat(gathered, dim=1).double().cpu().numpy()
+    keep = allp[1] != PAD_LABEL
+    return allp[1][keep], allp[0][keep]
+
+
+def gather_metrics(logits: torch.Tensor, labels: torch.Tensor, curves: bool = False,
+                   ) -> dict[str, Any]:
+    """Exact metrics over the predictions of all ranks together (computed on rank 0,
+    the same on every rank); with ``curves``, also the ROC and calibration curves."""
+    got = gather_predictions(logits, labels)
     result = None
-    if dist.get_rank() == 0:
-        allp = torch.cat(gathered, dim=1).double().cpu().numpy()
-        keep = allp[1] != PAD_LABEL
-        result = binary_metrics(allp[1][keep], allp[0][keep])
+    if got is not None:
+        y, z = got
+        result = binary_metrics(y, z)
+        if curves:
+            result["curves"] = {"roc": roc_points(y, z), "calibration": reliability(y, sigmoid(z))}
     return broadcast_object(result)
 
 
 def evaluate(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device,
-             limit: int = 0) -> dict[str, float]:
-    """AUC, log loss, CTRs and row count of a split, identical on every rank."""
-    return gather_metrics(*predict(model, batches, device, limit))
-
+             limit: int = 0, curves: bool = False) -> dict[str, Any]:
+    """The metrics of a split (see :func:`gather_metrics`), identical on every rank."""
+    return gather_metrics(*predict(model, batches, device, limit), curves=curves)

@@ -39,14 +39,63 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
     return float(-np.mean(labels * np.log(p) + (1.0 - labels) * np.log1p(-p)))
 
 
+def normalized_entropy(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Log loss divided by the entropy of the observed CTR (He et al., 2014): below 1
+    means better than always predicting the average click rate."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    ctr = float(np.mean(labels)) if labels.size else float("nan")
+    if not 0.0 < ctr < 1.0:
+        return float("nan")
+    base = -(ctr * np.log(ctr) + (1.0 - ctr) * np.log1p(-ctr))
+    return logloss(labels, probs) / base
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
 def binary_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-    """AUC, log loss, observed and predicted CTR and row count of one split."""
-    logits = np.asarray(logits, dtype=np.float64)
-    probs = 1.0 / (1.0 + np.exp(-logits))
+    """AUC, log loss, normalized entropy, accuracy (at 0.5), observed and predicted CTR,
+    calibration (predicted / observed CTR) and row count of one split."""
+    labels = np.asarray(labels, dtype=np.float64)
+    probs = sigmoid(logits)
+    n = len(labels)
+    ctr = float(np.mean(labels)) if n else float("nan")
+    predicted = float(np.mean(probs)) if n else float("nan")
     return {
         "auc": auc(labels, logits),
-        "logloss": logloss(labels, probs),
-        "ctr": float(np.mean(labels)) if len(labels) else float("nan"),
-        "predicted_ctr": float(np.mean(probs)) if len(probs) else float("nan"),
-        "rows": int(len(labels)),
+        "logloss": logloss(labels, probs) if n else float("nan"),
+        "ne": normalized_entropy(labels, probs),
+        "accuracy": float(np.mean((probs > 0.5) == (labels > 0.5))) if n else float("nan"),
+        "ctr": ctr,
+        "predicted_ctr": predicted,
+        "calibration": predicted / ctr if n and ctr > 0 else float("nan"),
+        "rows": int(n),
     }
+
+
+def roc_points(labels: np.ndarray, scores: np.ndarray, points: int = 201,
+               ) -> dict[str, list[float]]:
+    """The ROC curve (false / true positive rates), thinned to about ``points`` points
+    at evenly spaced false-positive rates (ties handled: one point per distinct score)."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    order = np.argsort(-np.asarray(scores, dtype=np.float64).ravel(), kind="stable")
+    y, s = labels[order], np.asarray(scores, dtype=np.float64).ravel()[order]
+    last = np.r_[s[1:] != s[:-1], True]  # the end of each group of tied scores
+    tp, fp = np.cumsum(y)[last], np.cumsum(1.0 - y)[last]
+    tpr = np.r_[0.0, tp / max(tp[-1], 1.0)] if len(tp) else np.zeros(1)
+    fpr = np.r_[0.0, fp / max(fp[-1], 1.0)] if len(fp) else np.zeros(1)
+    keep = np.unique(np.searchsorted(fpr, np.linspace(0.0, 1.0, points)).clip(0, len(fpr) - 1))
+    return {"fpr": fpr[keep].round(6).tolist(), "tpr": tpr[keep].round(6).tolist()}
+
+
+def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = 20) -> dict[str, list]:
+    """Calibration curve: rows bucketed by predicted probability into ``bins`` equal-count
+    bins; each bin's mean prediction, observed click rate and size."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    probs = np.asarray(probs, dtype=np.float64).ravel()
+    order = np.argsort(probs, kind="stable")
+    parts = [p for p in np.array_split(order, min(bins, max(len(order), 1))) if len(p)]
+    return {"predicted": [round(float(probs[p].mean()), 6) for p in parts],
+            "observed": [round(float(labels[p].mean()), 6) for p in parts],
+            "rows": [int(len(p)) for p in parts]}

@@ -12,14 +12,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from dlrm.checkpoint import Checkpointer
 from dlrm.config import Config, DataConfig, to_toml
 from dlrm.data.loader import ParquetBatches, default_split_specs, resolve_split
 from dlrm.data.preprocess import load_manifest
+from dlrm.data.schema import SPARSE_NAMES
 from dlrm.dist import broadcast_object, init_distributed
 from dlrm.evaluate import evaluate
+from dlrm.fsutil import atomic_write_json, atomic_write_text
 from dlrm.model import autocast_dense, build_model, table_name, table_sizes
 from dlrm.optim import (
     CPU_EMBEDDING_OPTIMIZERS,
@@ -87,6 +90,19 @@ def check_device(config: Config) -> None:
                          "this run is on CPU")
 
 
+def sharded_model(config: Config, sizes: list[int], device: torch.device, batch_size: int,
+                  ) -> tuple[DistributedModelParallel, str, list[dict[str, float]]]:
+    """The DLRM of ``config`` with tables of ``sizes`` rows, built on the meta device, its
+    embedding optimizer fused, sharded by the planner over this process group (see
+    :func:`dlrm.sharding.shard_model` for what is returned)."""
+    model = build_model(config.model, sizes, device)
+    if config.train.autocast == "bf16":
+        autocast_dense(model, device)
+    apply_embedding_optimizer(model, config.optim)
+    tables = [table_name(f) for f in SPARSE_NAMES]
+    return shard_model(model, tables, config.sharding, device, batch_size)
+
+
 class Trainer:
     """Builds the parts in the order one thinks of them; ``train()`` runs the loop."""
 
@@ -103,7 +119,7 @@ class Trainer:
         resume_from = self._checkpoint_to_resume()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(to_toml(config))
+            atomic_write_text(self.run_dir / "config.toml", to_toml(config))
         self.log = RunLog(self.run_dir, enabled=self.dist.is_main, append=resume_from is not None)
 
         # Data: each rank its own contiguous part of each split.
@@ -127,16 +143,11 @@ class Trainer:
 
         # Model: tables on meta, sharded by the planner; dense parts replicated under DDP.
         torch.manual_seed(config.train.seed)
-        model = build_model(config.model, table_sizes(config.model, manifest["cardinalities"]),
-                            device)
-        if config.train.autocast == "bf16":
-            autocast_dense(model, device)
-        apply_embedding_optimizer(model, config.optim)
-        tables = [table_name(f) for f in manifest["schema"]["sparse"]]
-        self.model, plan, memory = shard_model(model, tables, config.sharding, device,
-                                               data.batch_size)
+        self.table_sizes = table_sizes(config.model, manifest["cardinalities"])
+        self.model, plan, memory = sharded_model(config, self.table_sizes, device,
+                                                 data.batch_size)
         if self.dist.is_main:
-            (self.run_dir / "plan.txt").write_text(plan)
+            atomic_write_text(self.run_dir / "plan.txt", plan)
             self.log.event("plan", memory_per_rank=memory)
         self.optimizer = build_optimizer(self.model, config.optim)
         self.schedule = LRSchedule(self.optimizer, config.optim)
@@ -180,7 +191,8 @@ class Trainer:
         dist.all_gather_object(rng, _rng_state())
         position = {"step": self.step, "epoch": epoch, "batch": batch,
                     "world_size": self.dist.world_size,
-                    "batch_size": self.config.data.batch_size, "rng": rng}
+                    "batch_size": self.config.data.batch_size, "rng": rng,
+                    "table_sizes": self.table_sizes}
         start = time.perf_counter()
         path = self.checkpointer.save(self.step, self._state(), position)
         self.log.event("checkpoint", step=self.step, path=str(path),
@@ -266,7 +278,7 @@ class Trainer:
         self.pipeline.detach()
         if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
             self._save()
-        results = self._evaluate(("val", "test"))
+        results = self._evaluate(("val", "test"), final=True)
         summary = {"steps": self.step, "samples": samples,
                    "samples_per_sec": samples / train_seconds if train_seconds else 0.0}
         for split, m in results.items():
@@ -295,7 +307,10 @@ class Trainer:
             return True
         return False
 
-    def _evaluate(self, splits: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    def _evaluate(self, splits: tuple[str, ...], final: bool = False,
+                  ) -> dict[str, dict[str, Any]]:
+        """Metrics of ``splits``, logged; ``final`` also writes ``RUN/eval/SPLIT.json``
+        with the ROC and calibration curves (what ``dlrm report`` plots)."""
         # The pipeline rewrote the sharded modules' forward for overlap; detach restores
         # the plain forward (progress() re-attaches, keeping its in-flight batches).
         model = self.pipeline.detach()
@@ -304,10 +319,15 @@ class Trainer:
             e = self.config.eval
             limit = {"val": e.limit_val_batches, "test": e.limit_test_batches}[split]
             m = evaluate(model, self.eval_batches[split], self.dist.device,
-                         limit or e.limit_batches)
+                         limit or e.limit_batches, curves=final)
+            curves = m.pop("curves", None)
             results[split] = m
             self.log.metric(self.step, **{f"eval/{split}/{k}": v for k, v in m.items()})
             self.log.event("eval", step=self.step, split=split, **m)
+            if curves and self.dist.is_main:
+                atomic_write_json(self.run_dir / "eval" / f"{split}.json",
+                                  {"step": self.step, "split": split, "metrics": m,
+                                   "curves": curves})
         return results
 
 

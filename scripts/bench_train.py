@@ -106,17 +106,18 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "criteo_1tb.toml"))
     parser.add_argument("--data", help="dataset (default: synthesise one under --workdir)")
     parser.add_argument("--days", type=int, default=3)
-    parser.add_argument("--rows-per-day", type=int, default=60_000)
+    parser.add_argument("--rows-per-day", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=512, help="per rank")
     parser.add_argument("--warmup", type=int, default=5, help="ceiling: untimed steps")
-    parser.add_argument("--iters", type=int, default=30, help="ceiling: timed steps (median)")
-    parser.add_argument("--steps", type=int, default=100, help="training steps")
+    parser.add_argument("--iters", type=int, default=50, help="ceiling: timed steps (median)")
+    parser.add_argument("--steps", type=int, default=160, help="training steps")
     parser.add_argument("--log-every", type=int, default=20, help="training steps per window")
     parser.add_argument("--workdir", help="temporary files (default: a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep --workdir afterwards")
     args = parser.parse_args()
-    if args.steps < 2 * args.log_every:
-        parser.error("--steps must be at least 2 x --log-every (the first window is warm-up)")
+    if args.steps < 2 * args.log_every or args.steps % args.log_every:
+        parser.error("--steps must be a multiple of --log-every, at least 2 windows (the first "
+                     "is warm-up)")
 
     from dlrm.config import load_config
     from dlrm.data.preprocess import load_manifest
@@ -146,6 +147,9 @@ def main() -> None:
 
         rates = bench_training(Path(args.config), data, work / "run", bs, args.steps,
                                args.log_every)
+        if len(rates) != args.steps // args.log_every:
+            print(f"WARNING: {len(rates)} windows, not {args.steps // args.log_every}: the "
+                  f"dataset holds fewer than --steps batches per rank (its last window is short)")
         achieved = statistics.mean(rates[1:] or rates)
         step_s = WORLD * bs / achieved  # per-rank step time: every rank steps together
         print(f"achieved: {achieved:.0f} samples/s over {WORLD} ranks ({step_s * 1e3:.1f} "

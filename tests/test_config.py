@@ -129,7 +129,21 @@ def test_malformed_override(override):
         (["--model.embedding_dim=48"], "model.dense_arch_layer_sizes"),
         (["--model.dense_arch_layer_sizes=[]"], "model.dense_arch_layer_sizes"),
         (["--model.over_arch_layer_sizes=[64, 2]"], "model.over_arch_layer_sizes"),
-        (["--optim.embedding_optimizer=adam"], "optim.embedding_optimizer"),
+        (["--optim.embedding_optimizer=lamb"], "optim.embedding_optimizer"),
+        (["--model.interaction=transformer"], "model.interaction"),
+        (["--model.dcn_low_rank_dim=0"], "model.dcn_low_rank_dim"),
+        (["--model.embedding_dtype=int8"], "model.embedding_dtype"),
+        (["--model.num_embeddings_per_feature=[10, 10]"], "model.num_embeddings_per_feature"),
+        (['--sharding.table_sharding_types={C99=["table_wise"]}'],
+         "sharding.table_sharding_types.C99"),
+        (['--sharding.table_sharding_types={C1=["data_parallel"]}'],
+         "sharding.table_sharding_types.C1"),
+        (["--sharding.allreduce_precision=fp8"], "sharding.allreduce_precision"),
+        (["--sharding.hbm_gib=-1"], "sharding.hbm_gib"),
+        (["--optim.warmup_steps=10", "--optim.decay_start=5", "--optim.decay_steps=5"],
+         "optim.decay_start"),
+        (["--train.target_auc=1.5"], "train.target_auc"),
+        (["--train.autocast=fp8"], "train.autocast"),
         (["--optim.dense_optimizer=rowwise_adagrad"], "optim.dense_optimizer"),
         (['--sharding.sharding_types=["diagonal"]'], "sharding.sharding_types"),
         (["--data.path="], "data.path"),
@@ -144,6 +158,34 @@ def test_inconsistent_value_names_key(overrides, key):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, overrides)
     assert str(e.value).startswith(f"{key}:")
+
+
+def test_table_types_must_be_a_table_of_lists():
+    with pytest.raises(ConfigError, match=r"sharding\.table_sharding_types: expected a table"):
+        load_config(TINY, ['--sharding.table_sharding_types=["row_wise"]'])
+    config = load_config(TINY, ['--sharding.table_sharding_types={C3 = ["column_wise"]}'])
+    assert config.sharding.table_sharding_types == {"C3": ["column_wise"]}
+
+
+@pytest.mark.parametrize("recipe", sorted((TINY.parent).glob("*.toml")), ids=lambda p: p.name)
+def test_every_recipe_loads_and_round_trips(recipe, tmp_path):
+    config = load_config(recipe)
+    again = tmp_path / "again.toml"
+    again.write_text(to_toml(config))
+    assert load_config(again) == config
+
+
+def test_criteo_1tb_recipe_is_the_published_setting():
+    m, o = load_config(TINY.parent / "criteo_1tb.toml").model, \
+        load_config(TINY.parent / "criteo_1tb.toml").optim
+    assert (m.embedding_dim, m.dense_arch_layer_sizes, m.over_arch_layer_sizes) == \
+        (128, [512, 256, 128], [1024, 1024, 512, 256, 1])
+    assert max(m.num_embeddings_per_feature) == 40_000_000 and m.interaction == "dot"
+    assert (o.embedding_optimizer, o.embedding_lr, o.dense_lr) == ("adagrad", 0.006, 0.006)
+    dcn = load_config(TINY.parent / "criteo_1tb_dcnv2.toml")
+    assert (dcn.model.interaction, dcn.model.dcn_num_layers, dcn.model.dcn_low_rank_dim) == \
+        ("dcn", 3, 512)
+    assert dcn.train.target_auc == 0.80275 and len(dcn.data.multi_hot_sizes) == 26
 
 
 def test_inconsistent_value_in_file(write_toml):

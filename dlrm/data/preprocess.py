@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from dlrm.data.schema import DENSE_NAMES, LABEL, MISSING_ID, OOV_ID, SPARSE_NAMES, TSV_COLUMNS
+from dlrm.fsutil import atomic_write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "dlrm-criteo-parquet/1"
@@ -575,7 +576,7 @@ def _write_chunk(task: Task, opts: Options, out: str, encoder: _Encoder, progres
     os.replace(reject_path.with_name(reject_path.name + ".tmp"), reject_path)
     accepted = sum(f["rows"] for f in files)
     rejected = sum(reasons.values())
-    _atomic_json(work / "done" / f"{task.key}.json", {
+    atomic_write_json(work / "done" / f"{task.key}.json", {
         "task": asdict(task), "rows_accepted": accepted, "rows_rejected": rejected,
         "rejected_by_reason": dict(sorted(reasons.items())), "files": files,
         "lines": lines,
@@ -602,13 +603,6 @@ def _reporter(progress: Any) -> Callable[[int], None]:
             pending[0] = 0
 
     return report
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -714,7 +708,7 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, encoding: Encoding,
     work = out / WORK
     for sub in ("counts", "rejects", "done"):
         (work / sub).mkdir(parents=True, exist_ok=True)
-    _atomic_json(work / "plan.json", plan)
+    atomic_write_json(work / "plan.json", plan)
     tasks = _plan_tasks(paths, opts.chunk_bytes)
     # Largest first: the pool's tail is then short.
     by_size = sorted(tasks, key=lambda t: -(Path(t.path).stat().st_size if t.gzip
@@ -811,7 +805,7 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, encoding: Encoding,
         "rejected_by_reason": dict(sorted(reasons.items())),
         "seconds": round(time.time() - t0, 3),
     }
-    _atomic_json(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
 

@@ -37,6 +37,7 @@ from dlrm.data.schema import (
     SPARSE_NAMES,
     holdout_halves,
 )
+from dlrm.fsutil import atomic_write_json
 from dlrm.metrics import auc
 
 VOCAB_SIZES = [1460, 583, 100000, 50000, 305, 24, 12517, 633, 3, 80000, 5683, 90000, 3194,
@@ -178,7 +179,5 @@ def synth(out: str | Path, days: int, rows_per_day: int, seed: int = 0,
             for split, (a, b) in zip(("val", "test"), holdout_halves(rows_per_day), strict=True):
                 report["splits"][split] = {"source": name, "rows": [a, b],
                                            "bayes_auc": auc(labels[a:b], prob[a:b])}
-    tmp = truth_path.with_name("truth.json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, truth_path)
+    atomic_write_json(truth_path, report)
     return report

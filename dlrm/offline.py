@@ -1,0 +1,136 @@
+"""Offline use of a checkpoint: evaluation and batch scoring of a dataset split.
+
+Alone or under torchrun, on any number of ranks whatever the number that trained: the
+planner shards the tables for this world and torch.distributed.checkpoint reshards the
+saved ones into it. The run's ``config.toml`` (two levels above the checkpoint) gives the
+model; the checkpoint's marker gives the table sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dlrm.checkpoint import Checkpointer, verify
+from dlrm.config import Config, load_config
+from dlrm.data.loader import ParquetBatches, resolve_split
+from dlrm.data.preprocess import load_manifest
+from dlrm.data.schema import SPARSE_NAMES
+from dlrm.dist import init_distributed
+from dlrm.evaluate import gather_predictions, predict
+from dlrm.fsutil import atomic_write_json
+from dlrm.metrics import binary_metrics, reliability, roc_points, sigmoid
+
+SPLIT_CHOICES = ("train", "val", "test", "all")
+
+
+def run_config(checkpoint: Path) -> Config:
+    """The config of the run that wrote ``checkpoint`` (``RUN/checkpoints/step-N``)."""
+    path = checkpoint.parent.parent / "config.toml"
+    if not path.is_file():
+        raise ValueError(f"{path}: not found; a checkpoint is read with the config.toml of "
+                         "its run directory (RUN/checkpoints/step-N → RUN/config.toml)")
+    return load_config(path)
+
+
+def split_specs_for(config: Config, manifest: dict[str, Any], split: str) -> list[str]:
+    """The sources of ``split`` in the dataset: the run's choice (or the default
+    convention), or every source whole for ``all``."""
+    if split == "all":
+        return [s["name"] for s in manifest["sources"]]
+    from dlrm.train import split_specs
+
+    return split_specs(config.data, manifest)[split]
+
+
+class Offline:
+    """A checkpoint loaded for inference over one split of a dataset (every rank calls)."""
+
+    def __init__(self, checkpoint: str | Path, data: str | Path, split: str = "test",
+                 batch_size: int = 0) -> None:
+        from dlrm.train import sharded_model
+
+        self.checkpoint = Path(checkpoint)
+        position = verify(self.checkpoint)["position"]  # CheckpointError if bad
+        config = run_config(self.checkpoint)
+        config.data = dataclasses.replace(config.data, path=str(data))
+        manifest = load_manifest(data)
+        sizes = position["table_sizes"]
+        for f, size, n in zip(SPARSE_NAMES, sizes, manifest["cardinalities"], strict=True):
+            if n > size:
+                raise ValueError(f"{data}: feature {f} has {n} ids, more than the "
+                                 f"{size} rows of its table in {self.checkpoint}")
+        segments = resolve_split(data, manifest, split_specs_for(config, manifest, split))
+        if config.train.device == "auto" or not torch.cuda.is_available():
+            config.train.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if config.train.device == "cpu":
+            config.train.autocast = "none"
+        # Inference needs no optimizer state; SGD has a kernel on every device.
+        config.optim = dataclasses.replace(config.optim, embedding_optimizer="sgd")
+        self.dist = init_distributed(config.train.device)
+        bs = batch_size or config.eval.batch_size or config.data.batch_size
+        self.model, _, _ = sharded_model(config, sizes, self.dist.device, bs)
+        state = {"model": self.model.state_dict()}
+        Checkpointer(self.checkpoint.parent).load(self.checkpoint, state)
+        self.model.load_state_dict(state["model"])
+        self.step = position["step"]
+        self.batches = ParquetBatches(
+            segments, bs, self.dist.rank, self.dist.world_size, pad=True,
+            multi_hot_sizes=config.data.multi_hot_sizes,
+            cardinalities=manifest["cardinalities"], multi_hot_seed=config.data.multi_hot_seed)
+
+    def predictions(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(labels, logits) of the whole split in row order on rank 0; None elsewhere."""
+        return gather_predictions(*predict(self.model, self.batches, self.dist.device))
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "test",
+                        out: str | Path | None = None, batch_size: int = 0,
+                        ) -> dict[str, Any] | None:
+    """Exact metrics and curves of ``split``; rank 0 returns them (and writes ``out``)."""
+    offline = Offline(checkpoint, data, split, batch_size)
+    got = offline.predictions()
+    if got is None:
+        return None
+    labels, logits = got
+    report = {"checkpoint": str(offline.checkpoint), "step": offline.step, "data": str(data),
+              "split": split, "world_size": offline.dist.world_size,
+              "metrics": binary_metrics(labels, logits),
+              "curves": {"roc": roc_points(labels, logits),
+                         "calibration": reliability(labels, sigmoid(logits))}}
+    if out is not None:
+        atomic_write_json(Path(out), report)
+    return report
+
+
+def score_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path,
+                     split: str = "test", batch_size: int = 0) -> int | None:
+    """Writes Parquet ``row``, ``label``, ``prob`` for every row of ``split`` (rank 0,
+    atomically); returns the number of rows there, None on other ranks."""
+    offline = Offline(checkpoint, data, split, batch_size)
+    got = offline.predictions()
+    if got is None:
+        return None
+    labels, logits = got
+    table = pa.table({"row": pa.array(np.arange(len(labels), dtype=np.int64)),
+                      "label": pa.array(labels.astype(np.int8)),
+                      "prob": pa.array(sigmoid(logits).astype(np.float32))})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(out)
+    return len(labels)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """The metrics as an aligned two-column table."""
+    width = max(len(k) for k in metrics)
+    return "\n".join(f"{k:<{width}}  {v:.6f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                     for k, v in metrics.items())

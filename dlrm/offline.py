@@ -120,7 +120,7 @@ def score_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path,
     labels, logits = got
     table = pa.table({"row": pa.array(np.arange(len(labels), dtype=np.int64)),
                       "label": pa.array(labels.astype(np.int8)),
-                      "prob": pa.array(sigmoid(logits).astype(np.float32))})
+                      "prob": pa.array(sigmoid(logits))})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import log_loss, roc_auc_score
+from sklearn.metrics import accuracy_score, log_loss, roc_auc_score, roc_curve
 
-from dlrm.metrics import auc, binary_metrics, logloss
+from dlrm.metrics import auc, binary_metrics, logloss, reliability, roc_points
 
 
 @pytest.fixture
@@ -84,3 +84,37 @@ def test_binary_metrics_from_logits(rng):
     assert m["logloss"] == pytest.approx(log_loss(labels, probs), rel=1e-9)
     assert m["ctr"] == pytest.approx(labels.mean())
     assert m["predicted_ctr"] == pytest.approx(probs.mean())
+
+
+def test_binary_metrics_extras_match_independent_float64(rng):
+    labels, logits = _labels_and_scores(rng, 3000)
+    probs = 1 / (1 + np.exp(-logits))
+    m = binary_metrics(labels, logits)
+    ctr = labels.mean()
+    base = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr))
+    assert m["ne"] == pytest.approx(log_loss(labels, probs) / base, rel=1e-9)
+    assert m["accuracy"] == pytest.approx(accuracy_score(labels, probs > 0.5), abs=1e-12)
+    assert m["calibration"] == pytest.approx(probs.mean() / ctr, rel=1e-12)
+
+
+def test_roc_points_follow_sklearn_curve(rng):
+    labels, scores = _labels_and_scores(rng, 5000)
+    scores = np.round(scores, 1)  # many ties
+    pts = roc_points(labels, scores, points=101)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    assert pts["fpr"][0] == 0 and pts["tpr"][0] == 0 and pts["fpr"][-1] == pts["tpr"][-1] == 1
+    assert np.all(np.diff(pts["fpr"]) >= 0) and np.all(np.diff(pts["tpr"]) >= 0)
+    # Every point kept lies on sklearn's curve (one point per distinct score).
+    on_curve = {(round(a, 6), round(b, 6)) for a, b in zip(fpr, tpr, strict=True)}
+    assert all((a, b) in on_curve for a, b in zip(pts["fpr"], pts["tpr"], strict=True))
+    assert 20 <= len(pts["fpr"]) <= 101
+
+
+def test_reliability_bins_cover_every_row(rng):
+    labels, logits = _labels_and_scores(rng, 1003)
+    probs = 1 / (1 + np.exp(-logits))
+    cal = reliability(labels, probs, bins=20)
+    assert sum(cal["rows"]) == 1003 and len(cal["rows"]) == 20
+    assert cal["predicted"] == sorted(cal["predicted"])
+    weighted = sum(o * n for o, n in zip(cal["observed"], cal["rows"], strict=True))
+    assert weighted / 1003 == pytest.approx(labels.mean(), abs=1e-5)

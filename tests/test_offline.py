@@ -1,0 +1,88 @@
+"""`dlrm evaluate`, `dlrm score` and `dlrm report` on a real checkpoint, alone and under
+torchrun, against the training run's own evaluation and scikit-learn."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import REPO, dlrm, torchrun
+from sklearn.metrics import log_loss, roc_auc_score
+
+SMALL = ["--config", "configs/tiny.toml", "--data.batch_size=64", "--train.log_every=20",
+         "--model.embedding_dim=8", "--model.dense_arch_layer_sizes=[16,8]",
+         "--model.over_arch_layer_sizes=[16,1]", "--eval.batch_size=100"]
+
+
+@pytest.fixture(scope="module")
+def trained(small_dataset, tmp_path_factory) -> Path:
+    """A run trained by 2 ranks; returns its last checkpoint."""
+    run = tmp_path_factory.mktemp("offline") / "run"
+    torchrun(["-m", "dlrm", "train", *SMALL, f"--data.path={small_dataset}",
+              "--run-dir", str(run)])
+    return sorted((run / "checkpoints").glob("step-*[0-9]"))[-1]
+
+
+def test_evaluate_one_and_two_ranks_agree_with_training(trained, small_dataset, tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    out = dlrm("evaluate", "--checkpoint", str(trained), "--data", str(small_dataset),
+               "--out", str(one)).stdout
+    assert "auc" in out and "calibration" in out  # the printed table
+    torchrun(["-m", "dlrm", "evaluate", "--checkpoint", str(trained), "--data",
+              str(small_dataset), "--out", str(two)])
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert a["metrics"] == b["metrics"]  # identical, not merely close
+    during = json.loads((trained.parent.parent / "eval" / "test.json").read_text())
+    for key, value in during["metrics"].items():
+        assert a["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert a["metrics"]["rows"] == 2000 and 0.5 < a["metrics"]["auc"] < 1
+
+
+def test_score_writes_every_row_and_matches_sklearn(trained, small_dataset, tmp_path):
+    scores = tmp_path / "scores.parquet"
+    torchrun(["-m", "dlrm", "score", "--checkpoint", str(trained), "--data",
+              str(small_dataset), "--out", str(scores)])
+    table = pq.read_table(scores)
+    assert table.column_names == ["row", "label", "prob"]
+    rows, labels, probs = (table[c].to_numpy() for c in table.column_names)
+    assert list(rows) == list(range(2000))
+    report = json.loads((trained.parent.parent / "eval" / "test.json").read_text())
+    m = report["metrics"]
+    assert labels.mean() == pytest.approx(m["ctr"], abs=1e-12)
+    assert roc_auc_score(labels, probs) == pytest.approx(m["auc"], abs=1e-6)
+    assert log_loss(labels, probs) == pytest.approx(m["logloss"], abs=1e-6)
+
+
+def test_report_draws_the_run(trained):
+    run = trained.parent.parent
+    out = dlrm("report", str(run)).stdout
+    page = Path(json.loads(out.splitlines()[-1])["page"])
+    text = page.read_text()
+    for png in ("loss.png", "auc.png", "roc.png", "calibration.png"):
+        assert (page.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({png})" in text
+    assert "| auc |" in text
+
+
+def _fails(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dlrm", *args], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    return proc
+
+
+def test_bad_checkpoints_and_runs_are_clear_errors(trained, small_dataset, tmp_path):
+    copy = tmp_path / "run" / "checkpoints" / trained.name
+    shutil.copytree(trained, copy)
+    err = _fails("evaluate", "--checkpoint", str(copy), "--data", str(small_dataset)).stderr
+    assert "config.toml" in err  # no run directory around it
+    (copy / "COMPLETE.json").unlink()
+    err = _fails("evaluate", "--checkpoint", str(copy), "--data", str(small_dataset)).stderr
+    assert str(copy) in err and "incomplete" in err
+    assert "metrics.jsonl" in _fails("report", str(tmp_path)).stderr

@@ -1,5 +1,5 @@
 # The README's commands. Every target installs first (idempotent, quick when done).
-.PHONY: install demo test lint
+.PHONY: install demo test lint bench
 
 install:
 	@bash scripts/install.sh
@@ -12,3 +12,10 @@ test: install
 
 lint: install
 	.venv/bin/ruff check .
+
+# Benchmarks print their figures (minutes; run on a quiet machine).
+bench: install
+	.venv/bin/python scripts/bench_preprocess.py
+	.venv/bin/python scripts/bench_loader.py
+	.venv/bin/python scripts/bench_train.py
+	.venv/bin/python scripts/bench_auc.py

@@ -16,11 +16,21 @@ TORCHREC_VERSION=1.8.0
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    FBGEMM="fbgemm-gpu==${FBGEMM_VERSION}"
-else
-    FBGEMM="fbgemm-gpu-cpu==${FBGEMM_VERSION}"
+# DLRM_STACK=cpu|cuda picks the stack (a Docker build has no GPU to detect); auto: cuda
+# where nvidia-smi sees a GPU.
+STACK=${DLRM_STACK:-auto}
+if [ "$STACK" = auto ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        STACK=cuda
+    else
+        STACK=cpu
+    fi
 fi
+case "$STACK" in
+    cuda) FBGEMM="fbgemm-gpu==${FBGEMM_VERSION}" ;;
+    cpu) FBGEMM="fbgemm-gpu-cpu==${FBGEMM_VERSION}" ;;
+    *) echo "install: DLRM_STACK must be cpu, cuda or auto, got '$STACK'" >&2; exit 2 ;;
+esac
 
 want="$(cat "$0" pyproject.toml | sha256sum | cut -d' ' -f1) ${FBGEMM}"
 stamp="${VENV}/.dlrm-installed"
@@ -32,6 +42,9 @@ fi
 echo "install: building ${VENV} with torch ${TORCH_VERSION}, ${FBGEMM}, torchrec ${TORCHREC_VERSION}"
 [ -x "${VENV}/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip="${VENV}/bin/python -m pip --quiet --disable-pip-version-check"
+# PyPI's Linux torch wheel is the CUDA build; a CPU-only host points pip at the CPU
+# wheels itself (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu, as the
+# Dockerfile's CPU stage does) or has them in its local index, as our CI machines do.
 $pip install "torch==${TORCH_VERSION}"
 # The other build of fbgemm must not be left behind from an earlier install.
 case "$FBGEMM" in

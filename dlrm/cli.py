@@ -9,6 +9,12 @@ import sys
 from dlrm.data.schema import SPARSE_NAMES
 
 
+def _error(command: str, e: Exception) -> int:
+    """The one way a command reports bad input: a line naming what is wrong, exit 2."""
+    print(f"dlrm {command}: error: {e}", file=sys.stderr)
+    return 2
+
+
 def _synth(args: argparse.Namespace, rest: list[str]) -> int:
     from dlrm.data.synth import synth
 
@@ -28,8 +34,7 @@ def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         preprocess(args.input, args.out, encoding=encoding, options=options)
     except PreprocessError as e:
-        print(f"dlrm preprocess: error: {e}", file=sys.stderr)
-        return 2
+        return _error("preprocess", e)
     return 0
 
 
@@ -43,16 +48,14 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
         preflight(config)  # before any process group starts
     except (ConfigError, ValueError) as e:
-        print(f"dlrm train: error: {e}", file=sys.stderr)
-        return 2
+        return _error("train", e)
     from dlrm.checkpoint import CheckpointError
     from dlrm.train import train
 
     try:
         train(config, args.run_dir)
     except CheckpointError as e:
-        print(f"dlrm train: error: {e}", file=sys.stderr)
-        return 2
+        return _error("train", e)
     return 0
 
 
@@ -71,8 +74,7 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
 
             sizes = check_data(config.data)["cardinalities"]
     except (ConfigError, ValueError) as e:
-        print(f"dlrm plan: error: {e}", file=sys.stderr)
-        return 2
+        return _error("plan", e)
     import torch
     from torchrec.distributed.planner.types import PlannerError
 
@@ -112,8 +114,7 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
         report = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.out,
                                      args.batch_size)
     except _offline_errors() as e:
-        print(f"dlrm evaluate: error: {e}", file=sys.stderr)
-        return 2
+        return _error("evaluate", e)
     if report is not None:  # rank 0
         print(f"{report['checkpoint']} (step {report['step']}) on {args.data} "
               f"split {args.split}, {report['world_size']} rank(s):")
@@ -129,8 +130,7 @@ def _score(args: argparse.Namespace, rest: list[str]) -> int:
         rows = score_checkpoint(args.checkpoint, args.data, args.out, args.split,
                                 args.batch_size)
     except _offline_errors() as e:
-        print(f"dlrm score: error: {e}", file=sys.stderr)
-        return 2
+        return _error("score", e)
     if rows is not None:
         print(json.dumps({"event": "score", "split": args.split, "rows": rows,
                           "out": args.out}))
@@ -143,8 +143,7 @@ def _report(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         page = report(args.run_dir)
     except ValueError as e:
-        print(f"dlrm report: error: {e}", file=sys.stderr)
-        return 2
+        return _error("report", e)
     print(json.dumps({"event": "report", "page": str(page)}))
     return 0
 

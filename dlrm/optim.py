@@ -45,10 +45,12 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> CombinedOptimiz
     """The dense optimizer over every parameter not handled in backward, combined with the
     sharded model's fused embedding optimizer (whose ``step`` is a no-op)."""
     dense = dict(in_backward_optimizer_filter(model.named_parameters()))
+    # fused: one kernel over all parameters instead of a handful of ops per tensor (on
+    # CPU 4x faster for Adagrad, which is much of a step's overhead beside the MLPs).
     make = {
-        "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=cfg.dense_lr, eps=cfg.eps),
-        "adam": lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr, eps=cfg.eps),
-        "sgd": lambda ps: torch.optim.SGD(ps, lr=cfg.dense_lr),
+        "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=cfg.dense_lr, eps=cfg.eps, fused=True),
+        "adam": lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr, eps=cfg.eps, fused=True),
+        "sgd": lambda ps: torch.optim.SGD(ps, lr=cfg.dense_lr, fused=True),
     }[cfg.dense_optimizer]
     dense_opt = KeyedOptimizerWrapper(dense, make)
     return CombinedOptimizer([("embedding", model.fused_optimizer), ("dense", dense_opt)])

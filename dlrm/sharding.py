@@ -89,7 +89,10 @@ class Planner:
         return int(self.cfg.ddr_gib * GIB) if self.cfg.ddr_gib else \
             _host_memory() // self.local_world_size
 
-    def build(self, tables: list[str]) -> EmbeddingShardingPlanner:
+    def build(self, tables: list[str],
+              constraints: dict[str, ParameterConstraints] | None = None,
+              ) -> EmbeddingShardingPlanner:
+        """The planner; ``constraints`` replace those of the config when given."""
         topology = TopologyFactory.create_topology(
             trainer_config=TrainerConfig(world_size=self.world_size,
                                          local_world_size=self.local_world_size),
@@ -99,7 +102,7 @@ class Planner:
         )
         return EmbeddingShardingPlanner(
             topology=topology, batch_size=self.batch_size,
-            constraints=table_constraints(self.cfg, tables), debug=False,
+            constraints=constraints or table_constraints(self.cfg, tables), debug=False,
             # A fixed 15% reserve for dense parameters, activations and KJTs, as torchrec
             # recommends over its heuristic (which overestimates on meta-device models).
             storage_reservation=FixedPercentageStorageReservation(0.15),
@@ -144,6 +147,7 @@ def plan_offline(model: torch.nn.Module, tables: list[str], spec: Planner,
 
 def shard_model(model: torch.nn.Module, tables: list[str], cfg: ShardingConfig,
                 device: torch.device, batch_size: int,
+                constraints: dict[str, ParameterConstraints] | None = None,
                 ) -> tuple[DistributedModelParallel, str, list[dict[str, float]]]:
     """Plans (on rank 0, broadcast, so every rank gets the same plan) and shards ``model``.
 
@@ -155,7 +159,7 @@ def shard_model(model: torch.nn.Module, tables: list[str], cfg: ShardingConfig,
     world_size = dist.get_world_size()
     spec = Planner(cfg, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
                    device.type, batch_size)
-    planner = spec.build(tables)
+    planner = spec.build(tables, constraints)
     chosen = sharders(cfg, device)
     plan = planner.collective_plan(model, chosen, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=chosen)

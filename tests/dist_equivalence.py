@@ -29,7 +29,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from dlrm.config import ModelConfig, OptimConfig
+from dlrm.config import ModelConfig, OptimConfig, ShardingConfig
 from dlrm.data.loader import ParquetBatches, resolve_split
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import SPARSE_NAMES
@@ -121,7 +121,8 @@ def main() -> None:
     # min_partition 8 lets column-wise split the 16 columns over both ranks.
     constraints = {t: ParameterConstraints(sharding_types=[types[i % len(types)]], min_partition=8)
                    for i, t in enumerate(tables)}
-    model, plan = shard_model(model, constraints, info.device, BATCH)
+    model, plan, _ = shard_model(model, tables, ShardingConfig(), info.device, BATCH,
+                                 constraints)
     copy_into_sharded(model, initial)
     pipeline = TrainPipelineSparseDist(model, build_optimizer(model, ocfg), info.device)
 

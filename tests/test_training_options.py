@@ -96,13 +96,18 @@ def test_each_cpu_embedding_optimizer_trains(small_dataset, tmp_path, optimizer,
     assert {k: len(v) for k, v in optimizer_state(run).items()} == state
 
 
-def test_adam_tables_are_refused_on_cpu_before_training(small_dataset, tmp_path):
+@pytest.mark.parametrize("override,key", [
+    ("--optim.embedding_optimizer=adam", "optim.embedding_optimizer"),  # no fbgemm CPU kernel
+    ("--train.autocast=bf16", "train.autocast"),  # GPU only
+])
+def test_gpu_only_settings_are_refused_on_cpu_before_training(small_dataset, tmp_path,
+                                                              override, key):
     proc = subprocess.run([sys.executable, "-m", "dlrm", "train", *SMALL,
-                           f"--data.path={small_dataset}", "--optim.embedding_optimizer=adam",
+                           f"--data.path={small_dataset}", override,
                            "--run-dir", str(tmp_path / "run")],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "optim.embedding_optimizer" in proc.stderr and "adam" in proc.stderr
+    assert proc.stderr.startswith(f"dlrm train: error: {key}:")
     assert not (tmp_path / "run").exists()
 
 

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from dlrm.fsutil import atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
@@ -124,10 +126,8 @@ class Checkpointer:
         if dist.get_rank() == 0:
             files = {p.name: [p.stat().st_size, _sha256(p)]
                      for p in sorted(partial.iterdir()) if p.is_file()}
-            tmp = partial / (MARKER + ".tmp")
-            tmp.write_text(json.dumps({"step": step, "position": position, "files": files},
-                                      indent=1) + "\n")
-            os.replace(tmp, partial / MARKER)
+            atomic_write_json(partial / MARKER,
+                              {"step": step, "position": position, "files": files})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             self._retain()

@@ -24,7 +24,7 @@ from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import SPARSE_NAMES
 from dlrm.dist import init_distributed
 from dlrm.evaluate import gather_predictions, predict
-from dlrm.fsutil import atomic_write_json
+from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.metrics import binary_metrics, reliability, roc_points, sigmoid
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
@@ -121,11 +121,8 @@ def score_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path,
     table = pa.table({"row": pa.array(np.arange(len(labels), dtype=np.int64)),
                       "label": pa.array(labels.astype(np.int8)),
                       "prob": pa.array(sigmoid(logits))})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(out)
+    with atomic_path(Path(out)) as tmp:
+        pq.write_table(table, tmp)
     return len(labels)
 
 

@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dlrm.fsutil import atomic_write_text  # noqa: E402
+from dlrm.fsutil import atomic_path, atomic_write_text  # noqa: E402
 
 
 def _read_metrics(run: Path) -> list[dict[str, Any]]:
@@ -42,10 +42,9 @@ def _last_eval(run: Path) -> dict[str, Any] | None:
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

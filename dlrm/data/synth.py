@@ -20,7 +20,6 @@ Deterministic for a given seed: day ``d`` depends only on ``(seed, d)``.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from dlrm.data.schema import (
     SPARSE_NAMES,
     holdout_halves,
 )
-from dlrm.fsutil import atomic_write_json
+from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.metrics import auc
 
 VOCAB_SIZES = [1460, 583, 100000, 50000, 305, 24, 12517, 633, 3, 80000, 5683, 90000, 3194,
@@ -142,12 +141,10 @@ def _hex(values: np.ndarray) -> pa.Array:
 
 def write_tsv(table: pa.Table, path: Path) -> None:
     """Writes Criteo-format TSV (no header, empty = missing), atomically; `.gz` compresses."""
-    tmp = path.with_name(path.name + ".tmp")
     compression = "gzip" if path.suffix == ".gz" else None
     options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    with pa.output_stream(tmp, compression=compression) as sink:
+    with atomic_path(path) as tmp, pa.output_stream(tmp, compression=compression) as sink:
         pacsv.write_csv(table, sink, options)
-    os.replace(tmp, path)
 
 
 def synth(out: str | Path, days: int, rows_per_day: int, seed: int = 0,

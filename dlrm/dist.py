@@ -31,6 +31,13 @@ def quiet_third_party() -> None:
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` where a GPU is visible, else ``cpu``; others unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Starts the default process group: NCCL on GPU, gloo on CPU.
 
@@ -38,7 +45,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     is a world of one (in-memory store, nothing to rendezvous with).
     """
     quiet_third_party()
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    use_cuda = resolve_device(device) == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device = 'cuda' but no CUDA device is available")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -22,7 +22,7 @@ from dlrm.config import Config, load_config
 from dlrm.data.loader import ParquetBatches, resolve_split
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import SPARSE_NAMES
-from dlrm.dist import init_distributed
+from dlrm.dist import init_distributed, resolve_device
 from dlrm.evaluate import gather_predictions, predict
 from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.metrics import binary_metrics, reliability, roc_points, sigmoid
@@ -67,8 +67,9 @@ class Offline:
                 raise ValueError(f"{data}: feature {f} has {n} ids, more than the "
                                  f"{size} rows of its table in {self.checkpoint}")
         segments = resolve_split(data, manifest, split_specs_for(config, manifest, split))
-        if config.train.device == "auto" or not torch.cuda.is_available():
-            config.train.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # The run's device where this host has it (a GPU-trained run evaluates on CPU too).
+        config.train.device = resolve_device(
+            config.train.device if torch.cuda.is_available() else "cpu")
         if config.train.device == "cpu":
             config.train.autocast = "none"
         # Inference needs no optimizer state; SGD has a kernel on every device.

@@ -8,15 +8,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.fbgemm_qcomm_codec import (
     CommType,
     QCommsConfig,
     get_qcomm_codecs_registry,
 )
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import (
+    DefaultDataParallelWrapper,
+    DistributedModelParallel,
+)
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import (
@@ -37,8 +38,6 @@ from dlrm.config import SHARDING_TYPES, ShardingConfig
 
 GIB = 1 << 30
 _COMM = {"fp32": CommType.FP32, "fp16": CommType.FP16, "bf16": CommType.BF16}
-_ALLREDUCE_HOOK = {"fp16": default_hooks.fp16_compress_hook,
-                   "bf16": default_hooks.bf16_compress_hook}
 
 
 def table_constraints(cfg: ShardingConfig, tables: list[str]) -> dict[str, ParameterConstraints]:
@@ -162,11 +161,10 @@ def shard_model(model: torch.nn.Module, tables: list[str], cfg: ShardingConfig,
     planner = spec.build(tables, constraints)
     chosen = sharders(cfg, device)
     plan = planner.collective_plan(model, chosen, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=chosen)
-    if cfg.allreduce_precision != "fp32":
-        for module in dmp.modules():
-            if isinstance(module, DistributedDataParallel):
-                module.register_comm_hook(dist.GroupMember.WORLD,
-                                          _ALLREDUCE_HOOK[cfg.allreduce_precision])
+    # torchrec's DDP wrapper registers the fp16 / bf16 compression hook itself.
+    precision = None if cfg.allreduce_precision == "fp32" else cfg.allreduce_precision
+    dmp = DistributedModelParallel(
+        module=model, device=device, plan=plan, sharders=chosen,
+        data_parallel_wrapper=DefaultDataParallelWrapper(allreduce_comm_precision=precision))
     memory = memory_per_rank(planner, world_size)
     return dmp, describe(plan, memory, spec), memory

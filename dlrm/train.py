@@ -20,7 +20,7 @@ from dlrm.config import Config, DataConfig, to_toml
 from dlrm.data.loader import ParquetBatches, default_split_specs, resolve_split
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import SPARSE_NAMES
-from dlrm.dist import broadcast_object, init_distributed
+from dlrm.dist import broadcast_object, init_distributed, resolve_device
 from dlrm.evaluate import evaluate
 from dlrm.fsutil import atomic_write_json, atomic_write_text
 from dlrm.model import autocast_dense, build_model, table_name, table_sizes
@@ -78,9 +78,7 @@ def preflight(config: Config) -> dict[str, Any]:
 
 def check_device(config: Config) -> None:
     """Settings the device of this host cannot run."""
-    device = config.train.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(config.train.device)
     if device == "cpu" and config.optim.embedding_optimizer not in CPU_EMBEDDING_OPTIMIZERS:
         raise ValueError(f"optim.embedding_optimizer: {config.optim.embedding_optimizer!r} has "
                          "no CPU kernel in fbgemm-gpu-cpu (it has "

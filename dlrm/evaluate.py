@@ -12,7 +12,8 @@ from torchrec.datasets.utils import Batch
 
 from dlrm.data.loader import PAD_LABEL
 from dlrm.dist import broadcast_object
-from dlrm.metrics import binary_metrics, reliability, roc_points, sigmoid
+from dlrm.metrics import binary_metrics
+from dlrm.metrics import curves as split_curves
 
 
 @torch.no_grad()
@@ -62,7 +63,7 @@ def gather_metrics(logits: torch.Tensor, labels: torch.Tensor, curves: bool = Fa
         y, z = got
         result = binary_metrics(y, z)
         if curves:
-            result["curves"] = {"roc": roc_points(y, z), "calibration": reliability(y, sigmoid(z))}
+            result["curves"] = split_curves(y, z)
     return broadcast_object(result)
 
 

@@ -89,6 +89,11 @@ def roc_points(labels: np.ndarray, scores: np.ndarray, points: int = 201,
     return {"fpr": fpr[keep].round(6).tolist(), "tpr": tpr[keep].round(6).tolist()}
 
 
+def curves(labels: np.ndarray, logits: np.ndarray) -> dict[str, dict[str, list]]:
+    """The ROC curve and the calibration curve of a split (what ``dlrm report`` plots)."""
+    return {"roc": roc_points(labels, logits), "calibration": reliability(labels, sigmoid(logits))}
+
+
 def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = 20) -> dict[str, list]:
     """Calibration curve: rows bucketed by predicted probability into ``bins`` equal-count
     bins; each bin's mean prediction, observed click rate and size."""

@@ -18,16 +18,21 @@ def table_name(feature: str) -> str:
     return f"t_{feature}"
 
 
+def check_tables_hold(sizes: list[int], cardinalities: list[int], where: str) -> None:
+    """Raises ValueError, prefixed by ``where``, unless every table holds every id of its
+    feature in the dataset."""
+    for f, size, n in zip(SPARSE_NAMES, sizes, cardinalities, strict=True):
+        if size < n:
+            raise ValueError(f"{where}: {f} has {size} rows but the dataset has {n} ids for it")
+
+
 def table_sizes(cfg: ModelConfig, cardinalities: list[int]) -> list[int]:
     """Rows of each table: ``model.num_embeddings_per_feature`` if set (it must hold every
     id of the dataset), else the dataset's cardinalities."""
     sizes = cfg.num_embeddings_per_feature
     if not sizes:
         return list(cardinalities)
-    for f, size, n in zip(SPARSE_NAMES, sizes, cardinalities, strict=True):
-        if size < n:
-            raise ValueError(f"model.num_embeddings_per_feature: {f} has {size} rows but the "
-                             f"dataset has {n} ids for it")
+    check_tables_hold(sizes, cardinalities, "model.num_embeddings_per_feature")
     return list(sizes)
 
 

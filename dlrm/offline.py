@@ -21,11 +21,11 @@ from dlrm.checkpoint import Checkpointer, verify
 from dlrm.config import Config, load_config
 from dlrm.data.loader import ParquetBatches, resolve_split
 from dlrm.data.preprocess import load_manifest
-from dlrm.data.schema import SPARSE_NAMES
 from dlrm.dist import init_distributed, resolve_device
 from dlrm.evaluate import gather_predictions, predict
 from dlrm.fsutil import atomic_path, atomic_write_json
-from dlrm.metrics import binary_metrics, reliability, roc_points, sigmoid
+from dlrm.metrics import binary_metrics, curves, sigmoid
+from dlrm.model import check_tables_hold
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
 
@@ -62,10 +62,8 @@ class Offline:
         config.data = dataclasses.replace(config.data, path=str(data))
         manifest = load_manifest(data)
         sizes = position["table_sizes"]
-        for f, size, n in zip(SPARSE_NAMES, sizes, manifest["cardinalities"], strict=True):
-            if n > size:
-                raise ValueError(f"{data}: feature {f} has {n} ids, more than the "
-                                 f"{size} rows of its table in {self.checkpoint}")
+        check_tables_hold(sizes, manifest["cardinalities"],
+                          f"{data} against the tables of {self.checkpoint}")
         segments = resolve_split(data, manifest, split_specs_for(config, manifest, split))
         # The run's device where this host has it (a GPU-trained run evaluates on CPU too).
         config.train.device = resolve_device(
@@ -102,9 +100,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "
     labels, logits = got
     report = {"checkpoint": str(offline.checkpoint), "step": offline.step, "data": str(data),
               "split": split, "world_size": offline.dist.world_size,
-              "metrics": binary_metrics(labels, logits),
-              "curves": {"roc": roc_points(labels, logits),
-                         "calibration": reliability(labels, sigmoid(logits))}}
+              "metrics": binary_metrics(labels, logits), "curves": curves(labels, logits)}
     if out is not None:
         atomic_write_json(Path(out), report)
     return report

@@ -1,6 +1,6 @@
 """Benchmark `dlrm preprocess` against torchrec's Criteo preprocessing script.
 
-Run:  .venv/bin/python scripts/bench_preprocess.py [--days 2] [--rows-per-day 200000]
+Run:  .venv/bin/python scripts/bench_preprocess.py [--days 24] [--rows-per-day 100000]
           [--workers W] [--torchrec-rows N] [--keep DIR]
 
 In one run it
@@ -13,6 +13,10 @@ In one run it
      that do not exist, so pointing it at a directory of our day files works as is; it
      processes them one after another in one process (calling
      `BinaryCriteoUtils.tsv_to_npys` per file, which holds a whole file as Python lists);
+   - with all 24 days, torchrec's second step too,
+     `python -m torchrec.datasets.scripts.contiguous_preproc_criteo` (raw ids → contiguous
+     ids, all days held in memory at once): the pair is what our `vocab` encoding does,
+     so `vocab` is compared with the two together, `hash` with the first alone;
 3. reports for each: wall seconds (process start to exit, interpreter and import time
    included), rows/s (rows = lines in the input files), and the peak RSS of the process
    tree, found by polling /proc every 50 ms and summing VmRSS over the process and all its
@@ -20,6 +24,10 @@ In one run it
    and cpu_s, the user+system CPU seconds of the tree (getrusage of reaped children): on
    a shared machine it moves less than wall time;
 4. prints the rows/s ratio of ours (hash, vocab) to torchrec.
+
+The default input (24 days of 100k rows, 2.4M rows, about 560 MiB) is large enough that
+neither tool's start-up (imports, spawning workers: about a second for ours, four for
+torchrec's) decides the figures; with small inputs it does.
 
 `--torchrec-rows N` runs torchrec on the first N rows only (split evenly over the days,
 copied into a separate directory) and reports its rows/s from those N rows; the output
@@ -124,8 +132,8 @@ def head_copy(src: Path, dst: Path, rows: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--days", type=int, default=2)
-    parser.add_argument("--rows-per-day", type=int, default=200_000)
+    parser.add_argument("--days", type=int, default=24)
+    parser.add_argument("--rows-per-day", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0,
                         help="dlrm preprocess --workers (0: all cores)")
@@ -149,7 +157,7 @@ def main() -> int:
 def run(args: argparse.Namespace, work: Path) -> int:
     dlrm = [sys.executable, "-m", "dlrm"]
     logs = work / "logs"
-    for sub in ("logs", "raw", "hash", "vocab", "torchrec", "torchrec_in"):
+    for sub in ("logs", "raw", "hash", "vocab", "torchrec", "torchrec_in", "torchrec_contig"):
         shutil.rmtree(work / sub, ignore_errors=True)
     logs.mkdir()
     raw = work / "raw"
@@ -192,15 +200,30 @@ def run(args: argparse.Namespace, work: Path) -> int:
     got = sum(np.load(tr_out / f"{p.name}_labels.npy", mmap_mode="r").shape[0] for p in days)
     check(got == tr_rows, f"torchrec wrote {got} rows, expected {tr_rows}")
     results["torchrec"] = (wall, peak, cpu, tr_rows)
+    if args.days == 24:
+        contig = work / "torchrec_contig"
+        contig.mkdir()
+        c_wall, c_peak, c_cpu = measure(
+            "torchrec_contig", [sys.executable, "-m",
+                                "torchrec.datasets.scripts.contiguous_preproc_criteo",
+                                "--input_dir", str(tr_out), "--output_dir", str(contig)], logs)
+        got = sum(np.load(contig / f"{p.name}_sparse_contig_freq.npy", mmap_mode="r").shape[0]
+                  for p in days)
+        check(got == tr_rows, f"torchrec contiguous wrote {got} rows, expected {tr_rows}")
+        results["torchrec(npy+contiguous)"] = (wall + c_wall, max(peak, c_peak), cpu + c_cpu,
+                                               tr_rows)
 
     for name, (wall, peak, cpu, n) in results.items():
         note = f" (subset: {n} of {rows} rows)" if n != rows else ""
         print(f"{name}: wall_s {wall:.2f} rows {n} rows_per_s {n / wall:.0f} "
               f"peak_rss_mib {peak / 2**20:.0f} cpu_s {cpu:.2f}{note}")
-    tr_wall, _, _, tr_n = results["torchrec"]
-    for enc in ("hash", "vocab"):
+    pairs = [("hash", "torchrec"), ("vocab", "torchrec"), ("vocab", "torchrec(npy+contiguous)")]
+    for enc, theirs in pairs:
+        if theirs not in results:
+            continue
         wall, _, _, n = results[f"ours({enc})"]
-        print(f"ours({enc}) / torchrec rows/s ratio: {(n / wall) / (tr_n / tr_wall):.2f}")
+        tr_wall, _, _, tr_n = results[theirs]
+        print(f"ours({enc}) / {theirs} rows/s ratio: {(n / wall) / (tr_n / tr_wall):.2f}")
     load = os.getloadavg()
     print(f"loadavg after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if args.keep:

@@ -175,6 +175,79 @@ def test_large_values_stay_distinct(tmp_path):
     assert len(set(ids)) == len(hexes) - 1
 
 
+def test_eight_digit_hex_fields_every_byte_in_every_place():
+    """The word-at-a-time path for 8-character fields against int(field, 16): each of
+    the 256 byte values in each of the 8 places, between random hex digits; and the
+    same fields through the general path (one 7-character field forces it)."""
+    rng = np.random.default_rng(0)
+    digits = list(b"0123456789abcdefABCDEF")
+    fields = []
+    for byte in range(256):
+        for place in range(8):
+            field = bytearray(rng.choice(digits, 8).tolist())
+            field[place] = byte
+            fields.append(bytes(field))
+    fields += [bytes(rng.choice(digits, 8).tolist()) for _ in range(500)] + [b"", b"ffffffff"]
+    valid = np.array([all(b in digits for b in f) for f in fields])
+    want = np.array([int(f, 16) if ok and f else 0 for f, ok in zip(fields, valid, strict=True)],
+                    dtype=np.uint64)
+    assert 0 < valid.sum() < len(fields)
+    for extra in ([], [b"abcdef1"]):
+        every = fields + extra
+        offsets = np.cumsum([0] + [len(f) for f in every])
+        data = np.frombuffer(b"".join(every), np.uint8)
+        values, present, ok = pre._hex_values(offsets, data)
+        n = len(fields)
+        np.testing.assert_array_equal(ok[:n], valid)
+        np.testing.assert_array_equal(values[:n], want)
+        np.testing.assert_array_equal(present[:n], [bool(f) for f in fields])
+
+
+@pytest.mark.parametrize("text, value", [
+    ("", 0), ("0", 0), ("7", 7), ("-7", 0), ("-0", 0), ("007", 7), ("65535", 65535),
+    ("65536", 65536), ("123456789012345678", 123456789012345678),
+    ("-123456789012345678", 0),
+    ("-", None), ("0x10", None), ("+5", None), (" 5", None), ("5 ", None), ("1.5", None),
+    ("1e3", None), ("--5", None), ("5-", None), ("1234567890123456789", None),
+    ("0000000000000000005", None), ("٣", None),
+])
+def test_dense_field_rules(tmp_path, text, value):
+    """Missing → 0, negative → 0, then log1p; anything but an optional minus and 1 to 18
+    decimal digits is a bad_dense row (pyarrow's own parser would take "0x10")."""
+    rows = [tsv_row("1", ["3"] * NUM_DENSE), tsv_row("0", [text] + ["2"] * (NUM_DENSE - 1))]
+    out = tmp_path / "dataset"
+    m = preprocess([write_lines(tmp_path / "d.tsv", rows)], out, workers=1, log=quiet)
+    table = read_source(out, m, "d")
+    if value is None:
+        assert m["rejected_by_reason"] == {"bad_dense": 1}
+        assert table.num_rows == 1
+    else:
+        assert m["rows_rejected"] == 0
+        want = np.log1p(np.array([3.0, value], np.float64)).astype(np.float32)
+        np.testing.assert_array_equal(table.column("I1").to_numpy(), want)
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 3000])
+def test_vocabulary_hash_table_finds_every_value_and_nothing_else(size):
+    """Value → id lookups of the vocab encoding: every vocabulary value (0 and 2**64 - 1
+    among them, and runs of values that share a home slot) finds its id; other values,
+    some of them sharing home slots too, find OOV_ID."""
+    rng = np.random.default_rng(size)
+    pool = np.unique(np.concatenate([
+        rng.integers(0, 2**64 - 1, 4 * size + 8, dtype=np.uint64, endpoint=True),
+        np.array([0, 2**64 - 1], np.uint64),
+        np.arange(64, dtype=np.uint64) << np.uint64(58),  # few home slots, many values
+    ]))
+    rng.shuffle(pool)
+    vocab, others = pool[:size], pool[size:]
+    keys, ids = pre._hash_table(vocab)
+    assert keys.size >= 2 * size and (ids >= 0).sum() == size
+    query = np.concatenate([vocab, others, vocab[::-1]])
+    want = np.concatenate([np.arange(size) + 2, np.full(others.size, OOV_ID),
+                           np.arange(size)[::-1] + 2])
+    np.testing.assert_array_equal(pre._probe(keys, ids, query), want)
+
+
 def test_rerun_with_same_inputs_does_nothing(synth_data):
     out, inputs = synth_data["out"], synth_data["inputs"]
     files = [out / "manifest.json", out / "vocab.npz",
@@ -487,10 +560,14 @@ def _dataset_state(out: Path) -> dict[str, object]:
     return {"manifest": manifest, "files": files, "tables": tables}
 
 
-def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("encoding, stage", [("vocab", "counts"), ("vocab", "done"),
+                                             ("hash", "done")])
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, encoding, stage):
+    """Killed once 3 chunks have finished a pass (vocab: the counting pass, or the
+    encoding pass; hash: its one pass), the rerun finishes the same dataset."""
     synth(tmp_path / "raw", days=2, rows_per_day=30_000, seed=5)
     inputs = [str(tmp_path / "raw" / f"day_{d}") for d in range(2)]
-    args = ["--workers", "2", "--chunk-mb", "0.5"]  # ~14 chunks per day
+    args = ["--workers", "2", "--chunk-mb", "0.5", "--encoding", encoding]  # ~14 chunks a day
 
     dlrm("preprocess", "--input", *inputs, "--out", str(tmp_path / "whole"), *args)
 
@@ -499,14 +576,17 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path):
            *args]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    done = killed / "_work" / "done"
+    marks = killed / "_work" / stage
+
+    def finished() -> int:  # chunks whose mark is written (a temporary one is not)
+        return len([p for p in marks.glob("*") if ".tmp" not in p.name])
+
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(done.glob("*.json"))) < 3:
+    while time.time() < deadline and finished() < 3:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, mid-run
     proc.wait()
-    finished_before = len(list(done.glob("*.json")))
-    assert 3 <= finished_before < 28 and not (killed / "manifest.json").exists()
+    assert 3 <= finished() < 28 and not (killed / "manifest.json").exists()
 
     log = dlrm("preprocess", "--input", *inputs, "--out", str(killed), *args).stdout
     assert "resuming" in log

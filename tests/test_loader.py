@@ -6,7 +6,10 @@ from __future__ import annotations
 import gc
 import itertools
 import math
+import os
 import re
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -14,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import quiet, tsv_row, write_lines
+from helpers import REPO, quiet, tsv_row, write_lines
 
 from dlrm.config import ConfigError, ModelConfig, load_config
 from dlrm.data.loader import (
@@ -466,6 +469,28 @@ def test_prefetch_thread_ends_when_the_consumer_stops_early(grouped):
     for t in _prefetch_threads() - before:
         t.join(timeout=5)
     assert _prefetch_threads() == before
+
+
+def test_prefetch_threads_end_before_the_interpreter_exits(grouped):
+    """An iterator still held when the program ends: its thread is stopped and joined at
+    exit, not cut off mid-read during finalization (which can abort the process)."""
+    script = f"""
+import atexit, threading
+def report():  # registered first, so it runs after the loader's own exit hook
+    alive = [t for t in threading.enumerate() if t.name == "ParquetBatches-prefetch"]
+    print("alive at exit:", len(alive))
+atexit.register(report)
+from dlrm.data.loader import ParquetBatches, Segment
+segments = [Segment(p, a, b) for p, a, b in {[(str(g.path), g.start, g.stop) for g in grouped]!r}]
+held = iter(ParquetBatches(segments, 8, 0, 1, prefetch=2))
+next(held)
+print("alive before exit:", sum(t.name == "ParquetBatches-prefetch"
+                                for t in threading.enumerate()))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["alive before exit: 1", "alive at exit: 0"]
 
 
 def test_prefetch_thread_ends_after_the_last_batch(grouped):

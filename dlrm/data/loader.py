@@ -25,11 +25,13 @@ On top of that, :class:`ParquetBatches` can
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import queue
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -375,6 +377,7 @@ class _Prefetcher(Iterator[Batch]):
         self.thread = threading.Thread(target=_produce_into, name="ParquetBatches-prefetch",
                                        args=(produce, self._queue, self._stop), daemon=True)
         self.thread.start()
+        _LIVE.add(self)
 
     def __next__(self) -> Batch:
         if self._done:
@@ -395,10 +398,10 @@ class _Prefetcher(Iterator[Batch]):
             raise StopIteration
         return item
 
-    def close(self) -> None:
-        """Stops the producer and waits for it to end."""
+    def close(self, timeout: float | None = None) -> None:
+        """Stops the producer and waits (at most ``timeout`` seconds) for it to end."""
         self._shutdown()
-        self.thread.join()
+        self.thread.join(timeout)
 
     def _shutdown(self) -> None:
         self._done = True
@@ -412,6 +415,18 @@ class _Prefetcher(Iterator[Batch]):
     def __del__(self) -> None:
         if hasattr(self, "_stop"):
             self._shutdown()  # no join: the thread ends by itself at its next batch
+
+
+_LIVE: weakref.WeakSet[_Prefetcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_prefetchers() -> None:
+    """Ends every prefetch thread before the interpreter finalizes. A daemon thread still
+    running then is cut off where it stands, and if that is inside pyarrow's C++ code the
+    process aborts ("terminate called without an active exception") after a clean run."""
+    for prefetcher in list(_LIVE):
+        prefetcher.close(timeout=30)
 
 
 # ------------------------------------------------------------------ the loader

@@ -963,7 +963,11 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, encoding: Encoding,
         updates = manager.Queue() if bar is not None else None
         tables = None
         if encoding.type == "vocab":
-            todo = [t for t in by_size if not (work / "counts" / f"{t.key}.npz").exists()]
+            # A chunk is counted once its counts exist; its staged rows are needed until
+            # the chunk is written (an unfinished run of an older version had none).
+            todo = [t for t in by_size if not (
+                (work / "counts" / f"{t.key}.npz").exists()
+                and ((work / "done" / f"{t.key}.json").exists() or _staged(work, t)[0].exists()))]
             _run(pool, _count_chunk, todo, (opts, str(work)), bar, updates)
             vocabs = _merge_vocab(tasks, work, encoding)
             _atomic_npz(out / "vocab.npz", dict(zip(SPARSE_NAMES, vocabs, strict=True)))

@@ -729,8 +729,10 @@ class _Encoder:
             ids = (values % np.uint64(self.enc.buckets - 1)).astype(np.int64) + 1
         else:
             if self._loaded is None:
-                self._loaded = [(np.load(Path(self.tables) / f"{c}.keys.npy", mmap_mode="r"),
-                                 np.load(Path(self.tables) / f"{c}.ids.npy", mmap_mode="r"))
+                def load(name: str) -> np.ndarray:  # mapped, as a plain array (faster)
+                    return np.asarray(np.load(Path(self.tables) / name, mmap_mode="r"))
+
+                self._loaded = [(load(f"{c}.keys.npy"), load(f"{c}.ids.npy"))
                                 for c in SPARSE_NAMES]
             ids = _probe(*self._loaded[f], values)
         return np.where(present, ids, MISSING_ID)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import json
 import os
+import pty
 import re
 import resource
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections import Counter
 from pathlib import Path
@@ -467,6 +472,40 @@ def test_clashing_source_names(tmp_path):
     b = write_lines(tmp_path / "day_0.gz", [tsv_row()])
     with pytest.raises(PreprocessError, match="day_0"):
         preprocess([a, b], tmp_path / "dataset", log=quiet)
+
+
+@pytest.mark.parametrize("encoding", ["vocab", "hash"])
+def test_progress_bar_on_a_terminal_ends_at_exactly_the_input_size(tmp_path, encoding):
+    """On a terminal (a pseudo-terminal here) the bar counts input bytes, once per pass:
+    it ends at 100%, never past it, however the chunks cut the files."""
+    synth(tmp_path / "raw", days=2, rows_per_day=8000, seed=4, gzip=False)
+    gz = tmp_path / "raw" / "day_1.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "raw" / "day_1").read_bytes()))
+    cmd = [sys.executable, "-m", "dlrm", "preprocess", "--input", str(tmp_path / "raw" / "day_0"),
+           str(gz), "--out", str(tmp_path / "out"), "--workers", "2", "--chunk-mb", "0.3",
+           "--encoding", encoding]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a 100-column terminal, then the command
+        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        os.chdir(REPO)
+        os.execv(sys.executable, cmd)
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+        while data := os.read(fd, 1 << 16):
+            chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    bars = [b for b in b"".join(chunks).decode().replace("\r", "\n").splitlines()
+            if b.startswith("preprocess:") and "|" in b]
+    assert bars, "no progress bar on a terminal"
+    assert all("%" in b for b in bars)  # past its total, tqdm drops the percentage
+    total = (tmp_path / "raw" / "day_0").stat().st_size + gz.stat().st_size
+    assert bars[-1].startswith("preprocess: 100%")
+    done, of, unit = re.search(r"\| *([\d.]+[kM]?)/([\d.]+)([kM]?) ", bars[-1]).groups()
+    assert done == of + unit
+    passes = 2 if encoding == "vocab" else 1
+    assert float(of) * {"": 1, "k": 1e3, "M": 1e6}[unit] == pytest.approx(total * passes,
+                                                                         rel=0.01)
 
 
 def test_cli_missing_input_exits_2(tmp_path, capsys):

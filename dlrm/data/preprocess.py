@@ -200,14 +200,34 @@ class _LineReader:
         return f, self.task.end
 
     def blocks(self) -> Iterator[bytes]:
-        """Yields buffers of whole lines (each ending in a newline)."""
+        """Yields buffers of whole lines (each ending in a newline).
+
+        Reports the input bytes it reads to ``progress``, the chunk's own share in all
+        (``Task.bytes``): a read past ``end`` (the last line, a block overshooting) is not
+        counted again by the next chunk's bar.
+        """
+        budget, reported = self.task.bytes, 0
+
+        def report(n: int) -> None:
+            nonlocal reported
+            n = min(n, budget - reported)
+            if n > 0:
+                self.progress(n)
+                reported += n
+
+        try:
+            yield from self._blocks(report)
+        finally:
+            report(budget - reported)
+
+    def _blocks(self, report: Callable[[int], None]) -> Iterator[bytes]:
         f, end = self._open()
         with f:
             pos = f.tell()  # offset (plain file) of the first byte of ``carry``
             carry, skipping = b"", False
             while end < 0 or pos < end:  # past ``end``, lines start in the next chunk
                 data = f.read(self.opts.block_bytes)
-                self.progress(f.raw_read_delta() if self.task.gzip else len(data))
+                report(f.raw_read_delta() if self.task.gzip else len(data))
                 if not data:
                     if self.task.gzip and f.truncated:
                         self._reject("truncated_gzip", carry or b"<gzip stream cut short>")
@@ -629,7 +649,8 @@ def _count_chunk(task: Task, opts: Options, work: str, progress: Any) -> None:
     parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in SPARSE_NAMES]
     summary: dict[str, Any] = {}
     tmp = staged.with_name(staged.name + ".tmp")
-    blocks = _read_blocks(task, opts, _reporter(progress))
+    report = _Progress(progress)
+    blocks = _read_blocks(task, opts, report)
     with pa.ipc.new_file(str(tmp), STAGED_SCHEMA, options=_IPC) as writer:
         for block in _with_rejects(blocks, work_dir / "rejects" / f"{task.key}.tsv", summary):
             writer.write_batch(_stage_batch(block))
@@ -643,6 +664,7 @@ def _count_chunk(task: Task, opts: Options, work: str, progress: Any) -> None:
     arrays = {f"{c}_values": v for c, (v, _) in zip(SPARSE_NAMES, merged, strict=True)}
     arrays |= {f"{c}_counts": n for c, (_, n) in zip(SPARSE_NAMES, merged, strict=True)}
     _atomic_npz(work_dir / "counts" / f"{task.key}.npz", arrays)
+    report.flush()
 
 
 def build_vocab(counts: tuple[np.ndarray, np.ndarray], enc: Encoding) -> np.ndarray:
@@ -788,8 +810,9 @@ def _write_chunk(task: Task, opts: Options, out: str, encoder: _Encoder, progres
 
     summary: dict[str, Any] = {}
     staged, summary_path = _staged(work, task)
+    report = _Progress(progress)
     if encoder.tables is None:
-        blocks = _with_rejects(_read_blocks(task, opts, _reporter(progress)),
+        blocks = _with_rejects(_read_blocks(task, opts, report),
                                work / "rejects" / f"{task.key}.tsv", summary)
     else:
         summary = json.loads(summary_path.read_text())
@@ -808,8 +831,9 @@ def _write_chunk(task: Task, opts: Options, out: str, encoder: _Encoder, progres
             if shard_rows == SHARD_ROWS:
                 close_shard()
     close_shard()
-    if encoder.tables is not None and progress is not None:  # the bar counts input bytes
-        progress.put(task.bytes)
+    if encoder.tables is not None:  # the bar counts input bytes, here the chunk's
+        report(task.bytes)
+    report.flush()
     accepted = sum(f["rows"] for f in files)
     rejected = sum(summary["rejected_by_reason"].values())
     atomic_write_json(work / "done" / f"{task.key}.json", {
@@ -823,19 +847,22 @@ def _write_chunk(task: Task, opts: Options, out: str, encoder: _Encoder, progres
 # --------------------------------------------------------------------------- driver
 
 
-def _reporter(progress: Any) -> Callable[[int], None]:
-    """Bytes-read callback for workers: batches updates into the driver's queue."""
-    if progress is None:
-        return lambda n: None
-    pending = [0]
+class _Progress:
+    """A worker's bytes-read callback: sends the driver's bar batched updates (``queue``:
+    the driver's, None when there is no bar); ``flush`` when a chunk is done."""
 
-    def report(n: int) -> None:
-        pending[0] += n
-        if pending[0] >= 8 << 20:
-            progress.put(pending[0])
-            pending[0] = 0
+    def __init__(self, queue: Any) -> None:
+        self.queue, self.pending = queue, 0
 
-    return report
+    def __call__(self, n: int) -> None:
+        self.pending += n
+        if self.pending >= 8 << 20:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.queue is not None and self.pending:
+            self.queue.put(self.pending)
+        self.pending = 0
 
 
 def _worker_init() -> None:

@@ -1,3 +1,3 @@
-from dlrm.cli import main
+from dlrm.cli import entry
 
-raise SystemExit(main())
+entry()

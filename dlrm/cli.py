@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from typing import NoReturn
 
 from dlrm.data.schema import SPARSE_NAMES
 
@@ -146,6 +148,18 @@ def _report(args: argparse.Namespace, rest: list[str]) -> int:
         return _error("report", e)
     print(json.dumps({"event": "report", "page": str(page)}))
     return 0
+
+
+def entry() -> NoReturn:
+    """The ``dlrm`` command (and ``python -m dlrm``): :func:`main`, then an exit that skips
+    tearing down native thread pools. A pyarrow or gloo thread still alive while the
+    interpreter finalizes can abort a run that has finished ("terminate called without
+    an active exception", apache/arrow#34314); every file a command writes is closed (and
+    renamed into place) before ``main`` returns, so nothing is lost by leaving at once."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -559,7 +559,11 @@ class ParquetBatches:
                     if file is not None:
                         file.close()
                     file, open_path = pq.ParquetFile(path), path
-                yield self._rows(file.read_row_group(g, columns=columns).slice(s, e - s), path)
+                # On the calling thread: no Arrow thread pool, whose threads could still be
+                # alive when the process exits and abort it (apache/arrow#34314); one core
+                # a rank gains nothing from them, and the prefetch thread overlaps reads.
+                group = file.read_row_group(g, columns=columns, use_threads=False)
+                yield self._rows(group.slice(s, e - s), path)
         finally:
             if file is not None:
                 file.close()

@@ -599,11 +599,16 @@ def _dataset_state(out: Path) -> dict[str, object]:
     return {"manifest": manifest, "files": files, "tables": tables}
 
 
-@pytest.mark.parametrize("encoding, stage", [("vocab", "counts"), ("vocab", "done"),
-                                             ("hash", "done")])
-def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, encoding, stage):
+@pytest.mark.parametrize("encoding, stage, drop_staged", [
+    ("vocab", "counts", False), ("vocab", "done", False), ("hash", "done", False),
+    ("vocab", "counts", True),
+])
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, encoding, stage,
+                                                          drop_staged):
     """Killed once 3 chunks have finished a pass (vocab: the counting pass, or the
-    encoding pass; hash: its one pass), the rerun finishes the same dataset."""
+    encoding pass; hash: its one pass), the rerun finishes the same dataset. Also when
+    the counted chunks' staged rows are gone (an unfinished run of a version that did
+    not stage them): those chunks are counted again."""
     synth(tmp_path / "raw", days=2, rows_per_day=30_000, seed=5)
     inputs = [str(tmp_path / "raw" / f"day_{d}") for d in range(2)]
     args = ["--workers", "2", "--chunk-mb", "0.5", "--encoding", encoding]  # ~14 chunks a day
@@ -626,6 +631,9 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, encoding, sta
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, mid-run
     proc.wait()
     assert 3 <= finished() < 28 and not (killed / "manifest.json").exists()
+    if drop_staged:
+        for path in (killed / "_work" / "staged").glob("*"):
+            path.unlink()
 
     log = dlrm("preprocess", "--input", *inputs, "--out", str(killed), *args).stdout
     assert "resuming" in log

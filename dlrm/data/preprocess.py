@@ -576,15 +576,13 @@ def _with_rejects(blocks: Iterator[Block], path: Path, summary: dict[str, Any]) 
     are read); then fills ``summary`` with ``lines`` and ``rejected_by_reason``."""
     reasons: Counter[str] = Counter()
     lines = 0
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as rejects:
+    with atomic_path(path) as tmp, open(tmp, "wb") as rejects:
         for block in blocks:
             lines = block.lines
             for r in block.rejects:
                 reasons[r.reason] += 1
                 rejects.write(b"%d\t%s\t%s\n" % (r.line, r.reason.encode(), _one_line(r.text)))
             yield block
-    os.replace(tmp, path)
     summary.update(lines=lines, rejected_by_reason=dict(sorted(reasons.items())))
 
 
@@ -648,17 +646,16 @@ def _count_chunk(task: Task, opts: Options, work: str, progress: Any) -> None:
     staged, summary_path = _staged(work_dir, task)
     parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in SPARSE_NAMES]
     summary: dict[str, Any] = {}
-    tmp = staged.with_name(staged.name + ".tmp")
     report = _Progress(progress)
     blocks = _read_blocks(task, opts, report)
-    with pa.ipc.new_file(str(tmp), STAGED_SCHEMA, options=_IPC) as writer:
+    with atomic_path(staged) as tmp, \
+            pa.ipc.new_file(str(tmp), STAGED_SCHEMA, options=_IPC) as writer:
         for block in _with_rejects(blocks, work_dir / "rejects" / f"{task.key}.tsv", summary):
             writer.write_batch(_stage_batch(block))
             for f, (values, present) in enumerate(block.hex):
                 parts[f].append(np.unique(values[present], return_counts=True))
                 if len(parts[f]) >= 16:  # keep memory at the chunk's distinct values
                     parts[f] = [_compact(parts[f])]
-    os.replace(tmp, staged)
     atomic_write_json(summary_path, summary)
     merged = [_compact(p) for p in parts]
     arrays = {f"{c}_values": v for c, (v, _) in zip(SPARSE_NAMES, merged, strict=True)}
@@ -1041,8 +1038,7 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, encoding: Encoding,
         chunks = [t for t in tasks if t.source == name]
         reasons: Counter[str] = Counter()
         files, offset = [], 0
-        tmp = out / "rejects" / f"{name}.tsv.tmp"
-        with open(tmp, "wb") as merged:
+        with atomic_path(out / "rejects" / f"{name}.tsv") as tmp, open(tmp, "wb") as merged:
             for t in sorted(chunks, key=lambda t: t.index):
                 done = json.loads((work / "done" / f"{t.key}.json").read_text())
                 reasons.update(done["rejected_by_reason"])
@@ -1052,7 +1048,6 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, encoding: Encoding,
                         number, rest = line.split(b"\t", 1)
                         merged.write(b"%d\t%s" % (int(number) + offset, rest))
                 offset += done["lines"]
-        os.replace(tmp, out / "rejects" / f"{name}.tsv")
         accepted, rejected = sum(f["rows"] for f in files), sum(reasons.values())
         sources.append({
             "name": name, **_fingerprint(p), "rows_read": accepted + rejected,

@@ -31,10 +31,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from bench_train import TRAINING_OVERRIDES  # the benchmark's training settings
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULTS = ["--data.batch_size=512", "--train.checkpoint_every=0",
-            "--model.num_embeddings_per_feature=[]", "--eval.limit_batches=1"]
+DEFAULTS = ["--data.batch_size=512", *TRAINING_OVERRIDES]
 
 
 def thread_cpu() -> dict[str, float]:

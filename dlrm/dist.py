@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dlrm.heap import keep_freed_memory
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -45,6 +47,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     is a world of one (in-memory store, nothing to rendezvous with).
     """
     quiet_third_party()
+    keep_freed_memory()  # every step allocates and frees the same buffers
     use_cuda = resolve_device(device) == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device = 'cuda' but no CUDA device is available")

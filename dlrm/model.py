@@ -8,6 +8,7 @@ import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.config import ModelConfig
 from dlrm.data.schema import NUM_DENSE, SPARSE_NAMES
@@ -34,6 +35,46 @@ def table_sizes(cfg: ModelConfig, cardinalities: list[int]) -> list[int]:
         return list(cardinalities)
     check_tables_hold(sizes, cardinalities, "model.num_embeddings_per_feature")
     return list(sizes)
+
+
+@torch.fx.wrap  # a leaf for TrainPipelineSparseDist's tracer: it branches on key order
+def stack_pooled(pooled: KeyedTensor, names: list[str], dim: int) -> torch.Tensor:
+    """The pooled embeddings as [B, F, D] in the order of ``names``, as torchrec's
+    ``SparseArch`` returns them. Where the KeyedTensor already holds its keys in that order
+    (always unsharded; sharded, unless a plan mixes sharding types) that is a view of its
+    values, not SparseArch's split into 26 tensors and concatenation (a copy of the batch's
+    embeddings forward and another backward)."""
+    if pooled.keys() == names:
+        return pooled.values().reshape(-1, len(names), dim)
+    per_feature = pooled.to_dict()
+    return torch.cat([per_feature[f] for f in names], dim=1).reshape(-1, len(names), dim)
+
+
+class _LookupFirst:
+    """torchrec ``DLRM.forward`` with the embedding lookup started before the dense arch.
+
+    Sharded, the lookup returns an awaitable whose all-to-all runs while the dense arch
+    computes; torchrec's order (dense arch, then lookup) waits for it at once. In backward
+    the dense arch's nodes, created later, run first: while the embedding gradients'
+    all-to-all is in flight. Same modules and parameter names as torchrec's classes, so
+    checkpoints are unchanged."""
+
+    def forward(self, dense_features: torch.Tensor,
+                sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        pooled = self.sparse_arch.embedding_bag_collection(sparse_features)
+        embedded_dense = self.dense_arch(dense_features)
+        embedded_sparse = stack_pooled(pooled, self.sparse_arch.sparse_feature_names,
+                                       self.sparse_arch.D)
+        return self.over_arch(self.inter_arch(dense_features=embedded_dense,
+                                              sparse_features=embedded_sparse))
+
+
+class LookupFirstDLRM(_LookupFirst, DLRM):
+    """torchrec ``DLRM`` (dot interaction) with the lookup first."""
+
+
+class LookupFirstDLRM_DCN(_LookupFirst, DLRM_DCN):
+    """torchrec ``DLRM_DCN`` (DCN-v2 interaction) with the lookup first."""
 
 
 def build_model(cfg: ModelConfig, cardinalities: list[int], dense_device: torch.device,
@@ -65,10 +106,10 @@ def build_model(cfg: ModelConfig, cardinalities: list[int], dense_device: torch.
               "over_arch_layer_sizes": list(cfg.over_arch_layer_sizes),
               "dense_device": dense_device}
     if cfg.interaction == "dcn":
-        model = DLRM_DCN(**common, dcn_num_layers=cfg.dcn_num_layers,
-                         dcn_low_rank_dim=cfg.dcn_low_rank_dim)
+        model = LookupFirstDLRM_DCN(**common, dcn_num_layers=cfg.dcn_num_layers,
+                                    dcn_low_rank_dim=cfg.dcn_low_rank_dim)
     else:
-        model = DLRM(**common)
+        model = LookupFirstDLRM(**common)
     return DLRMTrain(model)
 
 

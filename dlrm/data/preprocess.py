@@ -33,7 +33,6 @@ atomically: a dataset is complete iff it exists.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import queue
@@ -57,6 +56,7 @@ from tqdm import tqdm
 
 from dlrm.data.schema import DENSE_NAMES, LABEL, MISSING_ID, OOV_ID, SPARSE_NAMES, TSV_COLUMNS
 from dlrm.fsutil import atomic_path, atomic_write_json
+from dlrm.heap import keep_freed_memory
 
 MANIFEST = "manifest.json"
 FORMAT = "dlrm-criteo-parquet/1"
@@ -65,7 +65,6 @@ ROW_GROUP_ROWS = 1 << 16
 SHARD_ROWS = 1 << 20
 REJECT_REASONS = ("line_too_long", "truncated_gzip", "empty_line", "invalid_utf8",
                   "wrong_field_count", "bad_label", "bad_dense", "bad_categorical")
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters
 _REJECT_TEXT_BYTES = 1000  # rejects keep at most this much of a bad line
 
 
@@ -862,16 +861,6 @@ class _Progress:
         self.pending = 0
 
 
-def _worker_init() -> None:
-    """Keeps freed memory in the worker's heap (glibc): every block allocates and frees
-    the same large arrays, and handing them back to the kernel each time costs a page
-    fault per page on the next block (about a tenth of the run time)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest
-
-
 def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with atomic_path(path) as tmp:
         np.savez(tmp, **arrays)
@@ -985,7 +974,7 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, encoding: Encoding,
                dynamic_ncols=True) if os.isatty(1) else None
     manager = ctx.Manager() if bar is not None else contextlib.nullcontext()
     with manager, ProcessPoolExecutor(workers, mp_context=ctx,
-                                                initializer=_worker_init) as pool:
+                                                initializer=keep_freed_memory) as pool:
         updates = manager.Queue() if bar is not None else None
         tables = None
         if encoding.type == "vocab":

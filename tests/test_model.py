@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 from helpers import REPO
-from torchrec.models.dlrm import DLRM, DLRM_DCN
+from torchrec.models.dlrm import DLRM, DLRM_DCN, InteractionArch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.config import ModelConfig
 from dlrm.data.schema import NUM_DENSE, SPARSE_NAMES
-from dlrm.model import build_model, stack_pooled
+from dlrm.model import KeyOrderInteractionArch, build_model, stack_pooled
 
 CARDS = [5 + i for i in range(len(SPARSE_NAMES))]
 
@@ -72,6 +72,31 @@ def test_stack_pooled_views_keys_in_order_and_reorders_others():
     mixed = KeyedTensor(keys=shuffled, length_per_key=[dim] * 3,
                         values=torch.cat([per_key[k] for k in shuffled], dim=1))
     torch.testing.assert_close(stack_pooled(mixed, names, dim), expected, rtol=0, atol=0)
+
+
+def test_dot_interaction_reads_features_in_any_key_order():
+    """A sharded collection returns features grouped by owning rank: the interaction on
+    that KeyedTensor equals torchrec's on the features in model order, forward and
+    backward (the gradient reaches each feature's own columns)."""
+    names, batch, dim = [f"f{i}" for i in range(5)], 3, 4
+    keys = ["f3", "f0", "f4", "f1", "f2"]
+    torch.manual_seed(0)
+    dense = torch.randn(batch, dim, requires_grad=True)
+    per_key = {k: torch.randn(batch, dim, requires_grad=True) for k in names}
+    inter = KeyOrderInteractionArch(len(names), names)
+
+    ours = inter(dense, KeyedTensor(keys=keys, length_per_key=[dim] * 5,
+                                    values=torch.cat([per_key[k] for k in keys], dim=1)))
+    theirs = InteractionArch(len(names))(dense, torch.stack([per_key[k] for k in names], 1))
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn_like(theirs)
+    grads = [torch.autograd.grad(out, [dense, *per_key.values()], upstream)
+             for out in (ours, theirs)]
+    for g_ours, g_theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-5, atol=1e-6)
+    # a [B, F, D] tensor in model order (bench_train's ceiling) takes torchrec's forward
+    torch.testing.assert_close(inter(dense, torch.stack([per_key[k] for k in names], 1)),
+                               theirs, rtol=0, atol=0)
 
 
 _HEAP_PROBE = """

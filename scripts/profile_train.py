@@ -11,7 +11,8 @@ times ``--steps`` more, and rank 0 prints:
 
 1. wall ms/step (mean, median) and each thread's CPU ms/step: the main thread (model,
    optimizers, Python), gloo's threads (the all-to-alls and the all-reduce), the loader's
-   prefetch thread. One core a rank: wall minus the sum is time spent waiting;
+   prefetch thread. One core a rank: wall minus the sum is time spent waiting; and how
+   busy the whole host was over those steps (/proc/stat: user, system, idle, steal);
 2. over ``--profile-steps`` further steps under ``torch.profiler``: the operators by self
    CPU time, and the pipeline's and TorchRec's named phases (``## forward ##``,
    ``[output_dist]...``, the all-to-all waits).
@@ -52,6 +53,13 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
+def host_cpu() -> list[int]:
+    """This host's CPU time so far, in ticks: user, nice, system, idle, iowait, irq, softirq,
+    steal (the first line of /proc/stat)."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="a preprocessed dataset")
@@ -77,12 +85,13 @@ def main() -> None:
     for _ in range(args.warmup):
         trainer.pipeline.progress(batches)
 
-    before, times = thread_cpu(), []
+    before, host_before, times = thread_cpu(), host_cpu(), []
     for _ in range(args.steps):
         start = time.perf_counter()
         trainer.pipeline.progress(batches)
         times.append(time.perf_counter() - start)
     after = thread_cpu()
+    host = [b - a for a, b in zip(host_before, host_cpu(), strict=True)]
     per_thread = {k: (v - before.get(k, 0.0)) * 1e3 / args.steps for k, v in after.items()}
 
     from torch.profiler import ProfilerActivity, profile
@@ -102,6 +111,10 @@ def main() -> None:
     for name, ms in busy.items():
         print(f"  {ms:7.1f}  {name}")
     print(f"  {wall - sum(busy.values()):7.1f}  waiting (wall minus all threads' CPU)")
+    total = sum(host) or 1
+    print(f"host, all cores, same steps: user {(host[0] + host[1]) / total:.1%}, system "
+          f"{(host[2] + host[5] + host[6]) / total:.1%}, idle {(host[3] + host[4]) / total:.1%}, "
+          f"steal {host[7] / total:.1%}")
 
     n = args.profile_steps
     print(f"\noperators by self CPU, ms/step (over {n} profiled steps; the profiler adds "

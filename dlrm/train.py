@@ -352,8 +352,9 @@ class _TermFlag:
 
     The agreement is a tiny all-reduce that no rank waits for: the one started after step
     ``n`` is read after step ``n + 1``, while the next one starts. A blocking all-reduce
-    every step would make the ranks meet once more per step (measured on the 2-vCPU host:
-    about 10 ms a step); this way the answer comes one step later, the same on every rank.
+    every step would make the ranks meet once more per step (about 10 ms a step in a
+    paired measurement on a 2-vCPU host); this way the answer comes one step later, the
+    same on every rank.
     """
 
     def __init__(self, device: torch.device) -> None:

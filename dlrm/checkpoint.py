@@ -6,6 +6,11 @@ the step, the training position and the size and SHA-256 of every file, so a che
 is complete iff its marker exists and every file matches it. Saving goes to
 ``step-N.partial`` and is renamed to ``step-N`` only once complete.
 
+Checksums are shared out: each rank hashes the files it wrote, and on load each rank
+checks every world-size-th file, so no rank reads the whole checkpoint while the others
+wait in a collective (a 200 GB checkpoint on slow shared storage would outlast NCCL's
+watchdog).
+
 Nothing in loading unpickles arbitrary objects: our own state is JSON; DCP's
 ``.metadata`` (a pickle) is first read by an unpickler that admits only the
 checkpoint-metadata classes of torch, and DCP reads tensor data with ``weights_only``.
@@ -19,6 +24,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from dlrm.column_splits import rowwise_state_across_column_splits
+from dlrm.dist import barrier, broadcast_object
 from dlrm.fsutil import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -68,29 +76,75 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """The marker of a complete, intact checkpoint; raises CheckpointError otherwise."""
+def read_marker(path: Path) -> dict[str, Any]:
+    """The marker of a complete checkpoint, unchecked against the files (see :func:`verify`)."""
     marker = path / MARKER
     if not marker.is_file():
         raise CheckpointError(f"{path}: incomplete (no {MARKER})")
     try:
         info = json.loads(marker.read_text())
-        files = info["files"]
+        if not isinstance(info["files"], dict):
+            raise TypeError("files is not a table")
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{marker}: corrupt marker ({e})") from None
-    for name, (size, digest) in files.items():
+    return info
+
+
+def read_metadata(path: Path) -> Any:
+    """DCP's metadata of ``path``, read by an unpickler that admits only its own classes."""
+    try:
+        return _MetadataUnpickler(io.BytesIO((path / ".metadata").read_bytes())).load()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable DCP metadata ({e})") from None
+
+
+def verify(path: Path, share: int = 0, shares: int = 1) -> dict[str, Any]:
+    """The marker of a complete, intact checkpoint; raises CheckpointError otherwise.
+
+    Only every ``shares``-th file from the ``share``-th (in name order) is checksummed,
+    so that ranks can split the work; the marker and the metadata are checked whole.
+    """
+    info = read_marker(path)
+    for name, (size, digest) in sorted(info["files"].items())[share::shares]:
         f = path / name
         if not f.is_file() or f.stat().st_size != size:
             raise CheckpointError(f"{path}: {name} is missing or truncated")
         if _sha256(f) != digest:
             raise CheckpointError(f"{path}: {name} does not match its checksum")
-    try:
-        _MetadataUnpickler(io.BytesIO((path / ".metadata").read_bytes())).load()
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable DCP metadata ({e})") from None
+    read_metadata(path)
     return info
+
+
+def verify_together(path: Path) -> dict[str, Any]:
+    """:func:`verify`, each rank checking its share of the files; every rank raises the
+    same CheckpointError if any share is bad (all ranks call it)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        info, error = verify(path, rank, world), None
+    except CheckpointError as e:
+        info, error = None, str(e)
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    bad = [e for e in errors if e]
+    if bad:
+        raise CheckpointError(bad[0])
+    return info
+
+
+_RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
+
+
+def _digests(directory: Path, rank: int) -> dict[str, list]:
+    """Size and SHA-256 of the files this rank wrote (DCP names them ``__RANK_N.distcp``);
+    rank 0 also takes the rest (DCP's ``.metadata``)."""
+    out = {}
+    for p in sorted(directory.iterdir()):
+        owner = _RANK_FILE.match(p.name)
+        if p.is_file() and (int(owner.group(1)) == rank if owner else rank == 0):
+            out[p.name] = [p.stat().st_size, _sha256(p)]
+    return out
 
 
 class Checkpointer:
@@ -117,21 +171,24 @@ class Checkpointer:
         ``position`` (JSON: step, epoch, batches consumed...). Returns the checkpoint."""
         final = self.directory / f"{_PREFIX}{step:09d}"
         partial = final.with_name(final.name + ".partial")
-        if dist.get_rank() == 0:
+        rank = dist.get_rank()
+        if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-        dist.barrier()
+        barrier()
         dcp.save(state, checkpoint_id=str(partial))
-        dist.barrier()  # every rank's files are on disk
-        if dist.get_rank() == 0:
-            files = {p.name: [p.stat().st_size, _sha256(p)]
-                     for p in sorted(partial.iterdir()) if p.is_file()}
+        # Each rank hashes what it wrote; the gather is also the wait for every rank's files.
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, _digests(partial, rank))
+        if rank == 0:
+            files = {name: entry for share in shares for name, entry in share.items()}
             atomic_write_json(partial / MARKER,
-                              {"step": step, "position": position, "files": files})
+                              {"step": step, "position": position, "files": dict(sorted(
+                                  files.items()))})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             self._retain()
-        dist.barrier()
+        barrier()
         return final
 
     def _retain(self) -> None:
@@ -142,19 +199,24 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> Path | None:
-        """The newest checkpoint that verifies; bad ones are skipped with a warning."""
-        for path in reversed(self._complete()):
+        """The newest checkpoint that verifies; bad ones are skipped with a warning (all
+        ranks call it: rank 0's listing is used, and each rank checks its share)."""
+        candidates = broadcast_object([str(p) for p in self._complete()])
+        for path in map(Path, reversed(candidates)):
             try:
-                verify(path)
+                verify_together(path)
                 return path
             except CheckpointError as e:
-                logger.warning("skipping checkpoint: %s", e)
+                if dist.get_rank() == 0:
+                    logger.warning("skipping checkpoint: %s", e)
         return None
 
     def load(self, path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
         """Fills ``state`` in place from ``path`` (resharding as needed); returns its
-        position. Raises CheckpointError for an incomplete, corrupt or unsafe one."""
+        position. Raises CheckpointError for an incomplete, corrupt or unsafe one (all
+        ranks call it)."""
         path = Path(path)
-        info = verify(path)
-        dcp.load(state, checkpoint_id=str(path))
+        info = verify_together(path)
+        with rowwise_state_across_column_splits(state, read_metadata(path)):
+            dcp.load(state, checkpoint_id=str(path))
         return info["position"]

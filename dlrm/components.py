@@ -20,6 +20,22 @@ from torchx.components import dist
 
 DEFAULT_IMAGE = "dlrm:latest"  # built from the repository's Dockerfile
 
+# Automatic sizing (cpu / memMB left at 0). A GPU rank wants a few CPUs for its data loader
+# and pinned-memory copies, and host memory for its batches and any embedding tables the
+# planner places in DDR: 8 CPUs and 64 GiB per GPU fill a p4d / DGX-class node (8 GPUs,
+# 64 CPUs, 512 GiB) without asking for more than it has. CPU-only jobs keep the small size.
+CPUS_PER_GPU = 8
+MEM_MB_PER_GPU = 64 * 1024
+CPU_ONLY_CPUS = 2
+CPU_ONLY_MEM_MB = 8192
+
+
+def _resources(cpu: int, gpu: int, memMB: int) -> tuple[int, int]:
+    """(cpu, memMB) per node: explicit values as given, 0 sized from the GPUs."""
+    auto_cpu, auto_mem = ((CPUS_PER_GPU * gpu, MEM_MB_PER_GPU * gpu) if gpu > 0
+                          else (CPU_ONLY_CPUS, CPU_ONLY_MEM_MB))
+    return cpu or auto_cpu, memMB or auto_mem
+
 
 def _env(env: Optional[Dict[str, str]], omp_threads: int) -> dict[str, str]:
     merged = {
@@ -39,13 +55,14 @@ def _env(env: Optional[Dict[str, str]], omp_threads: int) -> dict[str, str]:
 def _job(command: str, args: tuple[str, ...], image: str, j: str, cpu: int, gpu: int,
          memMB: int, h: Optional[str], env: Optional[Dict[str, str]], max_retries: int,
          rdzv_port: int, mounts: Optional[List[str]], omp_threads: int) -> specs.AppDef:
+    cpu, memMB = _resources(cpu, gpu, memMB)  # torchx ignores all three when h is given
     return dist.ddp(command, *args, m="dlrm", image=image, name=f"dlrm-{command}", h=h,
                     cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=_env(env, omp_threads),
                     max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts)
 
 
-def train(*script_args: str, image: str = DEFAULT_IMAGE, j: str = "1x2", cpu: int = 2,
-          gpu: int = 0, memMB: int = 8192, h: Optional[str] = None,
+def train(*script_args: str, image: str = DEFAULT_IMAGE, j: str = "1x2", cpu: int = 0,
+          gpu: int = 0, memMB: int = 0, h: Optional[str] = None,
           env: Optional[Dict[str, str]] = None, max_retries: int = 0, rdzv_port: int = 29500,
           mounts: Optional[List[str]] = None, omp_threads: int = 0) -> specs.AppDef:
     """A ``dlrm train`` job: ``j`` = NODESxPROCS_PER_NODE ranks under torchrun.
@@ -54,7 +71,9 @@ def train(*script_args: str, image: str = DEFAULT_IMAGE, j: str = "1x2", cpu: in
         script_args: arguments of ``dlrm train`` (``--config``, ``--run-dir``, overrides).
         image: container image (the Dockerfile's); local_cwd runs from this checkout.
         j: nodes x processes per node, e.g. 2x8 (elastic: 1:4x8).
-        cpu: CPUs per node (replica); gpu: GPUs per node; memMB: memory per node.
+        cpu: CPUs per node (replica); 0: 8 per GPU, or 2 without GPUs.
+        gpu: GPUs per node.
+        memMB: memory per node in MB; 0: 65536 (64 GiB) per GPU, or 8192 without GPUs.
         h: a named resource of the scheduler instead of cpu / gpu / memMB.
         env: extra environment variables (they override the defaults).
         max_retries: job restarts after a failure (training resumes from its newest
@@ -67,8 +86,8 @@ def train(*script_args: str, image: str = DEFAULT_IMAGE, j: str = "1x2", cpu: in
                 rdzv_port, mounts, omp_threads)
 
 
-def evaluate(*script_args: str, image: str = DEFAULT_IMAGE, j: str = "1x1", cpu: int = 2,
-             gpu: int = 0, memMB: int = 8192, h: Optional[str] = None,
+def evaluate(*script_args: str, image: str = DEFAULT_IMAGE, j: str = "1x1", cpu: int = 0,
+             gpu: int = 0, memMB: int = 0, h: Optional[str] = None,
              env: Optional[Dict[str, str]] = None, rdzv_port: int = 29500,
              mounts: Optional[List[str]] = None, omp_threads: int = 0) -> specs.AppDef:
     """A ``dlrm evaluate`` job (``--checkpoint``, ``--data``, ``--split``, ``--out``) on

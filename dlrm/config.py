@@ -74,6 +74,12 @@ class ShardingConfig:
     GPU row_wise, table_row_wise); empty: all of these."""
     table_sharding_types: dict[str, list[str]] = field(default_factory=dict)
     """Per-feature override of sharding_types, e.g. {C20 = ["row_wise"]}."""
+    compute_kernels: list[str] = field(default_factory=list)
+    """Compute kernels the planner may use for every table: fused (in device memory),
+    fused_uvm (in host memory), fused_uvm_caching (host memory, a cache in HBM); GPU only
+    but fused. Empty: the planner's choice."""
+    column_shard_dim: int = 0
+    """Smallest width of a column-wise shard (torchrec's min_partition); 0: torchrec's (128)."""
     hbm_gib: float = 0.0
     """Device (GPU) memory per rank the planner may fill; 0: the device's own size."""
     ddr_gib: float = 0.0
@@ -131,6 +137,10 @@ class TrainConfig:
     """Steps between checkpoints (also written at the end and on SIGTERM); 0: only those."""
     keep_checkpoints: int = 3
     """Complete checkpoints kept in RUN/checkpoints, newest first; 0: all."""
+    collective_timeout_s: int = 1800
+    """Timeout of every collective (NCCL's watchdog aborts the job past it; torch's default
+    is 600): it must cover the longest work one rank does while others wait, such as
+    checksumming its share of a checkpoint on shared storage."""
     resume: str = "auto"
     """auto: go on from the newest complete checkpoint of the run directory, if any;
     none: start afresh; or the path of a checkpoint to start from."""
@@ -162,6 +172,8 @@ EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
 DENSE_OPTIMIZERS = ("adagrad", "adam", "sgd")
 INTERACTIONS = ("dot", "dcn")
 PRECISIONS = ("fp32", "fp16", "bf16")
+# The kernels that train with the fused embedding optimizer (dense / quant do not).
+COMPUTE_KERNELS = ("fused", "fused_uvm", "fused_uvm_caching")
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -317,6 +329,11 @@ def validate(config: Config) -> None:
     for f in sh.table_sharding_types:
         need(f in SPARSE_NAMES, f"sharding.table_sharding_types.{f}",
              f"unknown feature, expected one of {SPARSE_NAMES[0]}..{SPARSE_NAMES[-1]}")
+    for kernel in sh.compute_kernels:
+        need(kernel in COMPUTE_KERNELS, "sharding.compute_kernels",
+             f"unknown kernel {kernel!r}, expected some of {COMPUTE_KERNELS}")
+    need(sh.column_shard_dim >= 0, "sharding.column_shard_dim",
+         f"must be >= 0, got {sh.column_shard_dim}")
     need(sh.hbm_gib >= 0, "sharding.hbm_gib", f"must be >= 0, got {sh.hbm_gib}")
     need(sh.ddr_gib >= 0, "sharding.ddr_gib", f"must be >= 0, got {sh.ddr_gib}")
     for key in ("a2a_forward_precision", "a2a_backward_precision", "allreduce_precision"):
@@ -344,6 +361,8 @@ def validate(config: Config) -> None:
     ]:
         need(value >= 0, key, f"must be >= 0, got {value}")
     need(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
+    need(t.collective_timeout_s > 0, "train.collective_timeout_s",
+         f"must be positive, got {t.collective_timeout_s}")
 
 
 def to_toml(config: Config) -> str:

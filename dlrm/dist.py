@@ -6,6 +6,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -40,11 +41,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Starts the default process group: NCCL on GPU, gloo on CPU.
 
     Under torchrun the rank and world size come from its environment; without it this
-    is a world of one (in-memory store, nothing to rendezvous with).
+    is a world of one (in-memory store, nothing to rendezvous with). ``timeout_s`` bounds
+    every collective (``train.collective_timeout_s``). On GPU the group is bound to this
+    rank's device (``device_id``), so NCCL never guesses it from the rank.
     """
     quiet_third_party()
     keep_freed_memory()  # every step allocates and frees the same buffers
@@ -61,13 +64,23 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
+        options = {"backend": backend, "timeout": timedelta(seconds=timeout_s),
+                   **({"device_id": dev} if use_cuda else {})}
         if "RANK" in os.environ:
-            dist.init_process_group(backend=backend, store=_attempt_store(),
-                                    rank=int(os.environ["RANK"]),
-                                    world_size=int(os.environ["WORLD_SIZE"]))
+            dist.init_process_group(store=_attempt_store(), rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), **options)
         else:
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **options)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def barrier() -> None:
+    """A barrier of the default group. On NCCL it names this rank's GPU: without
+    ``device_ids`` NCCL guesses the device from the rank, and warns that it may hang."""
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
 
 
 def _attempt_store() -> dist.Store | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torchrec.datasets.utils import Batch
+from torchrec.distributed.train_pipeline import EvalPipelineSparseDist
 
 from dlrm.data.loader import PAD_LABEL
 from dlrm.dist import broadcast_object
@@ -19,17 +21,32 @@ from dlrm.metrics import curves as split_curves
 @torch.no_grad()
 def predict(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device,
             limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of this rank's batches; ``model`` is a (sharded) ``DLRMTrain``."""
+    """(logits, labels) of this rank's batches; ``model`` is a sharded ``DLRMTrain``.
+
+    Through TorchRec's evaluation pipeline, as training runs through its own: the next
+    batch is copied to the device by a background thread and its features exchanged
+    (input all-to-all) while the current one is scored. Every rank must have the same
+    number of batches (the evaluation loader pads).
+    """
     was_training = model.training
     model.eval()
+    # The pipeline rewrites the sharded modules' forward for the overlap; detach()
+    # restores it. Its optimizer is never used in eval mode.
+    pipeline = EvalPipelineSparseDist(model, optimizer=None, device=device)
+    batches = itertools.islice(batches, limit) if limit else iter(batches)
     logits, labels = [], []
-    for i, batch in enumerate(batches):
-        if limit and i >= limit:
-            break
-        _, (_, batch_logits, batch_labels) = model(batch.to(device))
-        logits.append(batch_logits.float())
-        labels.append(batch_labels.float())
-    model.train(was_training)
+    try:
+        while True:
+            try:
+                _, batch_logits, batch_labels = pipeline.progress(batches)
+            except StopIteration:
+                break
+            logits.append(batch_logits.float())
+            labels.append(batch_labels.float())
+    finally:
+        pipeline.reset()  # stops its copy thread
+        pipeline.detach()
+        model.train(was_training)
     if not logits:
         return torch.zeros(0, device=device), torch.zeros(0, device=device)
     return torch.cat(logits), torch.cat(labels)

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dlrm.checkpoint import Checkpointer, verify
+from dlrm.checkpoint import Checkpointer, read_marker
 from dlrm.config import Config, load_config
 from dlrm.data.loader import ParquetBatches, resolve_split
 from dlrm.data.preprocess import load_manifest
@@ -57,7 +57,8 @@ class Offline:
         from dlrm.train import sharded_model
 
         self.checkpoint = Path(checkpoint)
-        position = verify(self.checkpoint)["position"]  # CheckpointError if bad
+        # Checksums are checked by every rank together when the state is loaded.
+        position = read_marker(self.checkpoint)["position"]  # CheckpointError if absent
         config = run_config(self.checkpoint)
         config.data = dataclasses.replace(config.data, path=str(data))
         manifest = load_manifest(data)
@@ -72,7 +73,7 @@ class Offline:
             config.train.autocast = "none"
         # Inference needs no optimizer state; SGD has a kernel on every device.
         config.optim = dataclasses.replace(config.optim, embedding_optimizer="sgd")
-        self.dist = init_distributed(config.train.device)
+        self.dist = init_distributed(config.train.device, config.train.collective_timeout_s)
         bs = batch_size or config.eval.batch_size or config.data.batch_size
         self.model, _, _ = sharded_model(config, sizes, self.dist.device, bs)
         state = {"model": self.model.state_dict()}

@@ -56,6 +56,18 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> CombinedOptimiz
     return CombinedOptimizer([("embedding", model.fused_optimizer), ("dense", dense_opt)])
 
 
+def init_dense_state(optimizer: CombinedOptimizer) -> None:
+    """Creates the dense optimizer's state (zero moments: a step with zero gradients,
+    which moves no parameter), so that a checkpoint's state can be loaded into it. The
+    fused embedding optimizer has its state from the start, and is left alone: this
+    would allocate a gradient the size of every table."""
+    for name, optimizer_part in optimizer.optimizers:
+        if name == "dense":
+            optimizer_part.init_state()
+            for param in optimizer_part.params.values():
+                param.grad = None
+
+
 def lr_scale(update: int, cfg: OptimConfig) -> float:
     """The factor on the base learning rates for the ``update``-th optimizer step (from 1),
     as MLPerf's DLRM reference defines it: linear warmup ``update / warmup_steps`` while

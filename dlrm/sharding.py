@@ -42,10 +42,13 @@ _COMM = {"fp32": CommType.FP32, "fp16": CommType.FP16, "bf16": CommType.BF16}
 
 def table_constraints(cfg: ShardingConfig, tables: list[str]) -> dict[str, ParameterConstraints]:
     """Allowed sharding types per table: ``sharding_types`` (all types if empty), unless
-    ``table_sharding_types`` names the table's feature (table ``t_C20`` ↔ feature ``C20``)."""
+    ``table_sharding_types`` names the table's feature (table ``t_C20`` ↔ feature ``C20``);
+    the allowed compute kernels and the narrowest column shard, the same for every table."""
     types = list(cfg.sharding_types or SHARDING_TYPES)
     return {t: ParameterConstraints(
-                sharding_types=list(cfg.table_sharding_types.get(t.removeprefix("t_"), types)))
+                sharding_types=list(cfg.table_sharding_types.get(t.removeprefix("t_"), types)),
+                compute_kernels=list(cfg.compute_kernels) or None,
+                min_partition=cfg.column_shard_dim or None)
             for t in tables}
 
 

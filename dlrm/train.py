@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
@@ -29,6 +30,7 @@ from dlrm.optim import (
     LRSchedule,
     apply_embedding_optimizer,
     build_optimizer,
+    init_dense_state,
 )
 from dlrm.runlog import RunLog
 from dlrm.sharding import shard_model
@@ -107,7 +109,7 @@ class Trainer:
     def __init__(self, config: Config, run_dir: str | Path | None = None) -> None:
         self.config = config
         manifest = preflight(config)
-        self.dist = init_distributed(config.train.device)
+        self.dist = init_distributed(config.train.device, config.train.collective_timeout_s)
         rank, world, device = self.dist.rank, self.dist.world_size, self.dist.device
 
         default_dir = f"runs/train-{datetime.now():%Y%m%d-%H%M%S}"
@@ -125,7 +127,9 @@ class Trainer:
         specs = split_specs(data, manifest)
         segments = {s: resolve_split(data.path, manifest, specs[s]) for s in SPLITS}
         every = dict(prefetch=data.prefetch, multi_hot_sizes=data.multi_hot_sizes,
-                     cardinalities=manifest["cardinalities"], multi_hot_seed=data.multi_hot_seed)
+                     cardinalities=manifest["cardinalities"], multi_hot_seed=data.multi_hot_seed,
+                     # pinned in the loader's thread, so the pipeline's copy is asynchronous
+                     finish=Batch.pin_memory if device.type == "cuda" else None)
         self.train_batches = ParquetBatches(segments["train"], data.batch_size, rank, world,
                                             shuffle_buffer=data.shuffle_buffer,
                                             seed=data.shuffle_seed, **every)
@@ -168,15 +172,13 @@ class Trainer:
 
     def _checkpoint_to_resume(self) -> Path | None:
         """train.resume: ``auto`` (newest complete checkpoint, bad ones skipped with a
-        warning), ``none``, or a path (a bad one is an error). Rank 0 decides for all."""
+        warning), ``none``, or a path (a bad one is an error). All ranks decide together."""
         resume = self.config.train.resume
         if resume == "none":
             return None
         if resume != "auto":
             return Path(resume)  # verified when loaded: a bad one is an error
-        found = self.checkpointer.latest() if self.dist.is_main else None
-        found = broadcast_object(str(found) if found else None)
-        return Path(found) if found else None
+        return self.checkpointer.latest()
 
     def _state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
@@ -198,6 +200,9 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         start = time.perf_counter()
+        # Optimizers such as Adam make their state at their first step: without it, the
+        # state dict has no slots for the checkpoint's moments and they would be dropped.
+        init_dense_state(self.optimizer)
         state = self._state()
         position = self.checkpointer.load(path, state)
         self.model.load_state_dict(state["model"])
@@ -229,7 +234,7 @@ class Trainer:
         window_steps, window_start = 0, time.perf_counter()
         samples, train_seconds = 0, 0.0
         reached = False  # train.target_auc
-        with _TermFlag(self.dist.device) as term:
+        with _TermFlag() as term:
             while self.epoch < cfg.epochs and not reached:
                 steps = self._steps_per_epoch() - self.batch
                 self.log.progress(steps, desc=f"epoch {self.epoch}")
@@ -350,17 +355,22 @@ class _TermFlag:
     """SIGTERM (preemption) noted by a handler, then agreed on by all ranks at a step
     boundary, so that every rank stops at the same step.
 
-    The agreement is a tiny all-reduce that no rank waits for: the one started after step
-    ``n`` is read after step ``n + 1``, while the next one starts. A blocking all-reduce
-    every step would make the ranks meet once more per step (about 10 ms a step in a
-    paired measurement on a 2-vCPU host); this way the answer comes one step later, the
-    same on every rank.
+    The agreement is a one-element all-reduce in host memory over a gloo group of its
+    own, which no rank waits for: the one started after step ``n`` is read after step
+    ``n + 1``, while the next one starts. Nothing of it touches the training device, so
+    on a GPU the host never waits for the device here and can run ahead of it; the flag
+    is read and written through numpy views of two alternating buffers, not tensor reads.
+    (A blocking all-reduce every step made the ranks meet once more per step, about
+    10 ms a step in a paired measurement on a 2-vCPU host.)
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device  # NCCL reduces only device tensors
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo")
+        self.buffers = [torch.zeros(1), torch.zeros(1)]
+        self.views = [b.numpy() for b in self.buffers]  # share the buffers' memory
+        self.next = 0  # the buffer of the next all-reduce
         self.raised = False
-        self.pending: tuple[dist.Work, torch.Tensor] | None = None
+        self.pending: dist.Work | None = None
 
     def __enter__(self) -> _TermFlag:
         self.previous = signal.signal(signal.SIGTERM, self._handle)
@@ -369,8 +379,10 @@ class _TermFlag:
     def __exit__(self, *exc: object) -> None:
         signal.signal(signal.SIGTERM, self.previous)
         if self.pending is not None and exc[0] is None:
-            self.pending[0].wait()  # no collective left in flight behind the training
+            self.pending.wait()  # no collective left in flight behind the training
         self.pending = None
+        if exc[0] is None:  # after a failure a peer may be gone: leave the group to exit
+            dist.destroy_process_group(self.group)
 
     def _handle(self, signum: int, frame: object) -> None:
         self.raised = True
@@ -379,11 +391,12 @@ class _TermFlag:
         """Whether any rank had been signalled when the previous step ended."""
         stop = False
         if self.pending is not None:
-            work, flag = self.pending
-            work.wait()
-            stop = bool(flag.item())
-        flag = torch.tensor([1.0 if self.raised else 0.0], device=self.device)
-        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+            self.pending.wait()
+            stop = bool(self.views[1 - self.next][0])
+        self.views[self.next][0] = 1.0 if self.raised else 0.0
+        self.pending = dist.all_reduce(self.buffers[self.next], op=dist.ReduceOp.MAX,
+                                       group=self.group, async_op=True)
+        self.next = 1 - self.next
         return stop
 
 

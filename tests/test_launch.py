@@ -84,3 +84,40 @@ def test_two_torchrun_nodes_train_like_one(small_dataset, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     for key, value in test_one.items():
         assert test_two[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def _appdef(fn_name: str, *cli: str):
+    """The AppDef torchx builds for ``torchx run dlrm/components.py:FN CLI...``: the
+    component found and its arguments parsed as the torchx CLI does."""
+    from torchx.specs.builders import materialize_appdef
+    from torchx.specs.finder import get_component
+
+    component = get_component(f"{REPO / 'dlrm' / 'components.py'}:{fn_name}")
+    return materialize_appdef(component.fn, list(cli))
+
+
+def test_component_sizes_a_gpu_node_from_its_gpus():
+    (role,) = _appdef("train", "-j", "1x8", "--gpu", "8", "--", "--config", "x.toml").roles
+    assert (role.resource.cpu, role.resource.gpu, role.resource.memMB) == (64, 8, 8 * 65536)
+    assert role.num_replicas == 1
+
+
+def test_component_cpu_only_keeps_the_small_default():
+    for fn_name in ("train", "evaluate"):
+        (role,) = _appdef(fn_name, "-j", "2x2").roles
+        assert (role.resource.cpu, role.resource.gpu, role.resource.memMB) == (2, 0, 8192)
+        assert role.num_replicas == 2
+
+
+def test_component_explicit_resources_win():
+    (role,) = _appdef("train", "-j", "1x8", "--gpu", "8", "--cpu", "16").roles
+    assert (role.resource.cpu, role.resource.memMB) == (16, 8 * 65536)
+    (role,) = _appdef("evaluate", "--gpu", "2", "--memMB", "1000").roles
+    assert (role.resource.cpu, role.resource.gpu, role.resource.memMB) == (16, 2, 1000)
+
+
+def test_component_named_resource_replaces_the_sizing():
+    from torchx.specs import named_resources
+
+    (role,) = _appdef("train", "-j", "1x8", "-h", "aws_p4d.24xlarge", "--cpu", "16").roles
+    assert role.resource == named_resources["aws_p4d.24xlarge"]

@@ -457,6 +457,9 @@ class ParquetBatches:
         cardinalities: ids per feature (``manifest["cardinalities"]``); needed with
             ``multi_hot_sizes``.
         multi_hot_seed: seed of the multi-hot tables; 0 gives MLPerf's.
+        finish: applied to each batch by the thread that makes it (the prefetch thread,
+            if any), e.g. ``Batch.pin_memory`` for a GPU: the pipeline's asynchronous copy
+            to the device is only asynchronous from page-locked memory.
 
     A sparse column may hold one id per row (integers: the one-hot fast path) or a bag
     of ids (``list<int>``: KJT lengths are the list sizes, a null list an empty bag);
@@ -473,7 +476,8 @@ class ParquetBatches:
     def __init__(self, segments: list[Segment], batch_size: int, rank: int, world_size: int,
                  pad: bool = False, *, shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0,
                  prefetch: int = 4, multi_hot_sizes: Sequence[int] = (),
-                 cardinalities: Sequence[int] | None = None, multi_hot_seed: int = 0) -> None:
+                 cardinalities: Sequence[int] | None = None, multi_hot_seed: int = 0,
+                 finish: Callable[[Batch], Batch] | None = None) -> None:
         if batch_size <= 0 or shuffle_buffer < 0 or prefetch < 0:
             raise ValueError(f"need batch_size > 0, shuffle_buffer >= 0, prefetch >= 0; got "
                              f"{batch_size}, {shuffle_buffer}, {prefetch}")
@@ -482,6 +486,7 @@ class ParquetBatches:
         self.rank = rank
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
         self.prefetch = prefetch
+        self.finish = finish
         total = sum(s.stop - s.start for s in segments)
         self.rows_total = total
         lo, hi = rank * total // world_size, (rank + 1) * total // world_size
@@ -534,7 +539,8 @@ class ParquetBatches:
             blocks = self._read(chunks)
         for i, rows in enumerate(self._batches(blocks)):
             if i >= skip:  # skipped batches are read (the shuffle order needs them), not built
-                yield _to_batch(rows, self.multi_hot)
+                batch = _to_batch(rows, self.multi_hot)
+                yield self.finish(batch) if self.finish else batch
 
     def _chunks(self) -> Iterator[tuple[Path, int, int, int]]:
         """(file, row group, start, stop) of each piece of this rank's part, in order."""

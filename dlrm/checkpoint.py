@@ -147,6 +147,25 @@ def _digests(directory: Path, rank: int) -> dict[str, list]:
     return out
 
 
+def _without_empty(tree: Any) -> Any:
+    """``tree`` without its empty tables, leaves shared. An empty table (SGD's per-table
+    state) gives DCP nothing to save, yet on load DCP looks for it and fails."""
+    if not isinstance(tree, dict):
+        return tree
+    pruned = {k: _without_empty(v) for k, v in tree.items()}
+    return {k: v for k, v in pruned.items() if not (isinstance(v, dict) and not v)}
+
+
+def _copy_back(into: dict[str, Any], source: dict[str, Any]) -> None:
+    """Puts the leaves DCP replaced (rather than filled in place) in ``source``, a pruned
+    copy of ``into``, back into ``into``."""
+    for key, value in source.items():
+        if isinstance(value, dict):
+            _copy_back(into[key], value)
+        elif into[key] is not value:
+            into[key] = value
+
+
 class Checkpointer:
     """Saves and restores a run's state; ranks call every method together.
 
@@ -176,7 +195,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         barrier()
-        dcp.save(state, checkpoint_id=str(partial))
+        dcp.save(_without_empty(state), checkpoint_id=str(partial))
         # Each rank hashes what it wrote; the gather is also the wait for every rank's files.
         shares = [None] * dist.get_world_size()
         dist.all_gather_object(shares, _digests(partial, rank))
@@ -217,6 +236,8 @@ class Checkpointer:
         ranks call it)."""
         path = Path(path)
         info = verify_together(path)
-        with rowwise_state_across_column_splits(state, read_metadata(path)):
-            dcp.load(state, checkpoint_id=str(path))
+        pruned = _without_empty(state)
+        with rowwise_state_across_column_splits(pruned, read_metadata(path)):
+            dcp.load(pruned, checkpoint_id=str(path))
+        _copy_back(state, pruned)
         return info["position"]

@@ -66,6 +66,12 @@ def init_dense_state(optimizer: CombinedOptimizer) -> None:
             optimizer_part.init_state()
             for param in optimizer_part.params.values():
                 param.grad = None
+            # Plain SGD's step leaves a None momentum per parameter, which a checkpoint
+            # does not hold (nothing to save) and DCP would look for: drop them again.
+            state = optimizer_part.state
+            for param in [p for p, slots in state.items()
+                          if all(v is None for v in slots.values())]:
+                del state[param]
 
 
 def lr_scale(update: int, cfg: OptimConfig) -> float:

@@ -29,6 +29,7 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
+from dlrm import host
 from dlrm.config import SHARDING_TYPES, ShardingConfig
 
 # Never data_parallel: torchrec trains a data-parallel table with the dense optimizer (its
@@ -63,16 +64,13 @@ def sharders(cfg: ShardingConfig, device: torch.device) -> list[ModuleSharder]:
     return [EmbeddingBagCollectionSharder(qcomm_codecs_registry=codecs)]
 
 
-def _host_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 @dataclass
 class Planner:
     """The planner for a cluster that need not exist: world size, ranks per host, device
     type and per-rank memory. ``sharding.hbm_gib`` / ``ddr_gib`` set the memory the planner
     may fill (torchrec_dlrm leaves it at torchrec's built-in default, wrong for every GPU);
-    0 means this device's own HBM and this host's memory shared by its ranks."""
+    0 means this device's own HBM and this host's memory shared by its ranks (in a
+    container, its cgroup's memory limit where that is smaller)."""
 
     cfg: ShardingConfig
     world_size: int
@@ -89,7 +87,7 @@ class Planner:
 
     def ddr_bytes(self) -> int:
         return int(self.cfg.ddr_gib * GIB) if self.cfg.ddr_gib else \
-            _host_memory() // self.local_world_size
+            host.memory_bytes() // self.local_world_size
 
     def build(self, tables: list[str],
               constraints: dict[str, ParameterConstraints] | None = None,

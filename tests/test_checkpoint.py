@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import torchrun
 
 from dlrm.checkpoint import MARKER, Checkpointer, CheckpointError, verify
 
@@ -89,3 +90,19 @@ def test_metadata_that_would_run_code_is_refused(group, tmp_path):
     with pytest.raises(CheckpointError, match="builtins.exec"):
         Checkpointer(tmp_path).load(path, state(0))
     assert not pwned.exists()
+
+
+def test_each_rank_checksums_its_own_files_and_a_share_on_load(tmp_path):
+    """2 real ranks: saving, each hashes only the files it wrote (rank 0 also DCP's
+    metadata); verifying, the ranks split the files between them; a corrupt file in one
+    rank's share fails the check on every rank."""
+    out = tmp_path / "out.json"
+    torchrun(["tests/dist_checkpoint_shares.py", str(tmp_path / "ckpt"), str(out)])
+    got = json.loads(out.read_text())
+    r0, r1 = got["ranks"]
+    assert got["files"] == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert sorted(r0["save"]) == [".metadata", "__0_0.distcp"] and r1["save"] == ["__1_0.distcp"]
+    assert not set(r0["verify"]) & set(r1["verify"])
+    assert sorted(r0["verify"] + r1["verify"]) == got["files"]
+    assert r0["error"] == r1["error"] and "__1_0.distcp" in r0["error"]
+    assert "checksum" in r0["error"]

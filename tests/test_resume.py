@@ -53,9 +53,25 @@ def _rank_of(pid: int) -> int | None:
     return ranks[0] if ranks else None
 
 
-def test_sigkill_of_a_rank_restarts_and_ends_with_the_same_model(small_dataset, tmp_path):
+def final_metrics(run: Path) -> dict[str, float]:
+    return {k: v for r in metrics(run) for k, v in r.items() if k.startswith("eval/")}
+
+
+# Every embedding optimizer with a CPU kernel and every dense optimizer, each at least once;
+# the state each keeps (none for SGD) must come back whole.
+OPTIMIZERS = [("rowwise_adagrad", "adam", ("momentum1", "exp_avg", "exp_avg_sq")),
+              ("adagrad", "adagrad", ("momentum1", "sum")),
+              ("sgd", "sgd", ())]
+
+
+@pytest.mark.parametrize("embedding, dense, states", OPTIMIZERS,
+                         ids=[f"{e}+{d}" for e, d, _ in OPTIMIZERS])
+def test_sigkill_of_a_rank_restarts_and_ends_with_the_same_model(small_dataset, tmp_path,
+                                                                 embedding, dense, states):
     common = [*SMALL, f"--data.path={small_dataset}", "--train.epochs=2",
-              "--train.checkpoint_every=10", "--train.keep_checkpoints=0"]
+              "--train.checkpoint_every=10", "--train.keep_checkpoints=0",
+              f"--optim.embedding_optimizer={embedding}", f"--optim.dense_optimizer={dense}",
+              "--optim.dense_lr=0.01"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     torchrun(["-m", "dlrm", "train", *common, "--run-dir", str(whole)])
 
@@ -86,9 +102,14 @@ def test_sigkill_of_a_rank_restarts_and_ends_with_the_same_model(small_dataset, 
     assert position(end_whole) == position(end_killed)  # data position and RNG states
     assert len(position(end_killed)["rng"]) == 2
     a, b = checkpoint_tensors(end_whole, tmp_path), checkpoint_tensors(end_killed, tmp_path)
-    assert a.keys() == b.keys() and any("momentum" in k or "sum" in k for k in a)
+    assert a.keys() == b.keys()
+    assert {s for s in states if any(k.endswith(s) for k in a)} == set(states)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    whole_metrics, killed_metrics = final_metrics(whole), final_metrics(killed)
+    assert whole_metrics.keys() == killed_metrics.keys() and "eval/test/auc" in whole_metrics
+    for key, value in whole_metrics.items():
+        assert killed_metrics[key] == pytest.approx(value, abs=1e-6), key
     # The restarted run's log goes on where the first stopped: steps never go back.
     steps = [r["step"] for r in metrics(killed) if "train/loss" in r]
     assert steps[-1] == int(end_killed.name[5:])

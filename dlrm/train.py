@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torchrec.datasets.utils import Batch
@@ -366,8 +367,8 @@ class _TermFlag:
 
     def __init__(self) -> None:
         self.group = dist.new_group(backend="gloo")
-        self.buffers = [torch.zeros(1), torch.zeros(1)]
-        self.views = [b.numpy() for b in self.buffers]  # share the buffers' memory
+        self.views = [np.zeros(1, dtype=np.float32) for _ in range(2)]
+        self.buffers = [torch.from_numpy(v) for v in self.views]  # the same memory
         self.next = 0  # the buffer of the next all-reduce
         self.raised = False
         self.pending: dist.Work | None = None

@@ -152,6 +152,9 @@ def test_malformed_override(override):
         (["--train.device=tpu"], "train.device"),
         (["--train.log_every=0"], "train.log_every"),
         (["--eval.limit_batches=-1"], "eval.limit_batches"),
+        (['--sharding.compute_kernels=["dense"]'], "sharding.compute_kernels"),
+        (["--sharding.column_shard_dim=-4"], "sharding.column_shard_dim"),
+        (["--train.collective_timeout_s=0"], "train.collective_timeout_s"),
     ],
 )
 def test_inconsistent_value_names_key(overrides, key):
@@ -254,3 +257,15 @@ def test_empty_unknown_section_is_an_error(write_toml):
     with pytest.raises(ConfigError, match=r"unknown key 'modle'") as e:
         load_config(path)
     assert str(path) in str(e.value)
+
+
+def test_kernel_and_column_shard_constraints_reach_every_table():
+    from dlrm.sharding import table_constraints
+
+    config = load_config(TINY, ['--sharding.compute_kernels=["fused_uvm_caching"]',
+                                "--sharding.column_shard_dim=32"])
+    constraints = table_constraints(config.sharding, ["t_C1", "t_C2"])
+    assert {t: (c.compute_kernels, c.min_partition) for t, c in constraints.items()} == {
+        "t_C1": (["fused_uvm_caching"], 32), "t_C2": (["fused_uvm_caching"], 32)}
+    default = table_constraints(load_config(TINY).sharding, ["t_C1"])["t_C1"]
+    assert (default.compute_kernels, default.min_partition) == (None, None)

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import REPO, quiet, tsv_row, write_lines
+from torchrec.datasets.utils import Batch
 
 from dlrm.config import ConfigError, ModelConfig, load_config
 from dlrm.data.loader import (
@@ -629,3 +630,19 @@ def test_loader_config_keys():
                           ("--data.multi_hot_seed=-1", "data.multi_hot_seed")]:
         with pytest.raises(ConfigError, match=re.escape(key)):
             load_config(None, ["--data.path=d", override])
+
+
+@pytest.mark.parametrize("prefetch, thread", [(2, "ParquetBatches-prefetch"), (0, "MainThread")])
+def test_finish_runs_on_each_batch_in_the_thread_that_makes_it(grouped, prefetch, thread):
+    """What a GPU run pins (``Batch.pin_memory``) is pinned off the training thread."""
+    seen = []
+
+    def finish(batch):
+        seen.append(threading.current_thread().name)
+        return Batch(batch.dense_features * 2, batch.sparse_features, batch.labels)
+
+    plain = list(ParquetBatches(grouped, 32, 0, 2, prefetch=prefetch))
+    finished = list(ParquetBatches(grouped, 32, 0, 2, prefetch=prefetch, finish=finish))
+    assert seen == [thread] * len(plain) and len(plain) > 1
+    for a, b in zip(plain, finished, strict=True):
+        assert torch.equal(b.dense_features, a.dense_features * 2)

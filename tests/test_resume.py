@@ -14,6 +14,8 @@ import pytest
 import torch
 from helpers import REPO, checkpoint_tensors, dlrm, torchrun
 
+from dlrm.column_splits import _blend
+
 SMALL = ["--config", "configs/tiny.toml", "--data.batch_size=32", "--train.log_every=10",
          "--model.embedding_dim=8", "--model.dense_arch_layer_sizes=[16,8]",
          "--model.over_arch_layer_sizes=[16,1]", "--data.prefetch=0"]
@@ -184,3 +186,58 @@ def test_checkpoint_restores_on_another_world_size(small_dataset, tmp_path, writ
     assert a.keys() == b.keys() and a["eval/test/rows"] == b["eval/test/rows"]
     for key in a:
         assert a[key] == pytest.approx(b[key], abs=2e-6), key
+
+
+def _launch(nproc: int, *args: str) -> None:
+    if nproc == 1:
+        dlrm("train", *args)
+    else:
+        torchrun(["-m", "dlrm", "train", *args], nproc=nproc)
+
+
+@pytest.mark.parametrize("written_by, read_by", [(2, 1), (1, 2)])
+def test_rowwise_adagrad_restores_across_a_changed_column_split(small_dataset, tmp_path,
+                                                                written_by, read_by):
+    """Row-wise Adagrad keeps one accumulator per column shard: C1 cut into two 4-wide
+    column shards on 2 ranks saves 2 × rows values, one whole table expects rows. The
+    restored state is the width-weighted mean of the saved blocks (2 → 1), or the saved
+    block for each part (1 → 2); everything else comes back as it was."""
+    split = ['--sharding.table_sharding_types={C1=["column_wise"]}',
+             "--sharding.column_shard_dim=4"]
+    whole = ['--sharding.table_sharding_types={C1=["table_wise"]}']
+    common = [*SMALL, f"--data.path={small_dataset}", "--optim.embedding_optimizer=rowwise_adagrad"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    _launch(written_by, *common, *(split if written_by == 2 else whole),
+            "--train.limit_train_batches=20", "--run-dir", str(first))
+    # Nothing left to train on the second world size: the saved state is evaluated as read.
+    _launch(read_by, *common, *(split if read_by == 2 else whole),
+            "--train.limit_train_batches=10", "--run-dir", str(second),
+            "--resume", str(newest(first)))
+    plan = (first if written_by == 2 else second) / "plan.txt"
+    c1 = next(line for line in plan.read_text().splitlines() if line.startswith("t_C1 "))
+    assert "column_wise" in c1 and c1.count(",") == 1  # two shards
+
+    a, b = checkpoint_tensors(newest(first), tmp_path), checkpoint_tensors(newest(second), tmp_path)
+    (key,) = [k for k in a if k.endswith("t_C1.momentum1")]
+    rows = next(v for k, v in a.items() if k.endswith("t_C1.weight")).shape[0]
+    if written_by == 2:
+        assert a[key].shape == (2 * rows,) and b[key].shape == (rows,)
+        expected = (a[key][:rows].double() + a[key][rows:].double()) / 2
+    else:
+        assert a[key].shape == (rows,) and b[key].shape == (2 * rows,)
+        expected = torch.cat([a[key], a[key]]).double()
+    assert not torch.equal(a[key], torch.zeros_like(a[key]))  # it trained
+    torch.testing.assert_close(b[key].double(), expected, rtol=1e-6, atol=0)
+    assert a.keys() == b.keys()
+    for k in a.keys() - {key}:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    for name, value in final_metrics(first).items():
+        assert final_metrics(second)[name] == pytest.approx(value, abs=2e-6), name
+
+
+def test_column_split_blend_weights_each_saved_block_by_its_columns():
+    saved = torch.tensor([1.0, 2.0, 10.0, 20.0])  # 2 rows; blocks of columns [0,3), [3,8)
+    cols = [(0, 3), (3, 5)]
+    assert _blend(saved, 2, cols, 0, 8).tolist() == [(3 * 1 + 5 * 10) / 8, (3 * 2 + 5 * 20) / 8]
+    assert _blend(saved, 2, cols, 0, 2).tolist() == [1.0, 2.0]  # inside the first block
+    assert _blend(saved, 2, cols, 2, 4).tolist() == [(1 + 3 * 10) / 4, (2 + 3 * 20) / 4]

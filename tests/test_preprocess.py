@@ -28,6 +28,7 @@ from helpers import REPO, dlrm, quiet, tsv_row, write_lines
 
 import dlrm.data.preprocess as pre
 from dlrm import cli
+from dlrm.data.codecs import hex_column
 from dlrm.data.preprocess import Encoding, PreprocessError, load_manifest, preprocess
 from dlrm.data.schema import (
     DENSE_NAMES,
@@ -41,6 +42,7 @@ from dlrm.data.schema import (
     holdout_halves,
 )
 from dlrm.data.synth import synth
+from dlrm.data.vocab import hash_table, probe
 from dlrm.metrics import auc
 
 ROWS_PER_DAY = 20_000
@@ -201,7 +203,7 @@ def test_eight_digit_hex_fields_every_byte_in_every_place():
         every = fields + extra
         offsets = np.cumsum([0] + [len(f) for f in every])
         data = np.frombuffer(b"".join(every), np.uint8)
-        values, present, ok = pre._hex_values(offsets, data)
+        values, present, ok = hex_column(offsets, data)
         n = len(fields)
         np.testing.assert_array_equal(ok[:n], valid)
         np.testing.assert_array_equal(values[:n], want)
@@ -245,12 +247,12 @@ def test_vocabulary_hash_table_finds_every_value_and_nothing_else(size):
     ]))
     rng.shuffle(pool)
     vocab, others = pool[:size], pool[size:]
-    keys, ids = pre._hash_table(vocab)
+    keys, ids = hash_table(vocab)
     assert keys.size >= 2 * size and (ids >= 0).sum() == size
     query = np.concatenate([vocab, others, vocab[::-1]])
     want = np.concatenate([np.arange(size) + 2, np.full(others.size, OOV_ID),
                            np.arange(size)[::-1] + 2])
-    np.testing.assert_array_equal(pre._probe(keys, ids, query), want)
+    np.testing.assert_array_equal(probe(keys, ids, query), want)
 
 
 def test_rerun_with_same_inputs_does_nothing(synth_data):

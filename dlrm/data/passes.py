@@ -1,0 +1,153 @@
+"""The per-chunk work of the two passes, run in the worker processes.
+
+Pass 1 (vocab encoding only): a chunk's rejects, staged rows, summary and, last, its
+value counts. Pass 2: its Parquet shards, then its done record, last. Each output is
+written atomically, so a rerun redoes exactly the chunks whose last output is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dlrm.data.chunks import Options, Task
+from dlrm.data.criteo_tsv import Block, read_blocks
+from dlrm.data.rejects import with_rejects
+from dlrm.data.schema import DENSE_NAMES, LABEL, SPARSE_NAMES
+from dlrm.data.staging import IPC_OPTIONS, STAGED_SCHEMA, read_staged, stage_batch, staged_paths
+from dlrm.data.vocab import Encoder, compact
+from dlrm.fsutil import atomic_path, atomic_write_json
+
+WORK = "_work"  # in-progress state; removed once the manifest is written
+ROW_GROUP_ROWS = 1 << 16
+SHARD_ROWS = 1 << 20
+
+
+def count_chunk(task: Task, opts: Options, work: str, progress: Any) -> None:
+    """Pass 1 for one chunk: its rejects, its staged rows, its summary, and last (the mark
+    that the chunk's pass 1 is complete) its per-feature value counts."""
+    work_dir = Path(work)
+    staged, summary_path = staged_paths(work_dir, task)
+    parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in SPARSE_NAMES]
+    summary: dict[str, Any] = {}
+    report = Progress(progress)
+    blocks = read_blocks(task, opts, report)
+    with atomic_path(staged) as tmp, \
+            pa.ipc.new_file(str(tmp), STAGED_SCHEMA, options=IPC_OPTIONS) as writer:
+        for block in with_rejects(blocks, work_dir / "rejects" / f"{task.key}.tsv", summary):
+            writer.write_batch(stage_batch(block))
+            for f, (values, present) in enumerate(block.hex):
+                parts[f].append(np.unique(values[present], return_counts=True))
+                if len(parts[f]) >= 16:  # keep memory at the chunk's distinct values
+                    parts[f] = [compact(parts[f])]
+    atomic_write_json(summary_path, summary)
+    merged = [compact(p) for p in parts]
+    arrays = {f"{c}_values": v for c, (v, _) in zip(SPARSE_NAMES, merged, strict=True)}
+    arrays |= {f"{c}_counts": n for c, (_, n) in zip(SPARSE_NAMES, merged, strict=True)}
+    atomic_npz(work_dir / "counts" / f"{task.key}.npz", arrays)
+    report.flush()
+
+
+OUTPUT_SCHEMA = pa.schema(
+    [(LABEL, pa.int8())]
+    + [(c, pa.float32()) for c in DENSE_NAMES]
+    + [(c, pa.int64()) for c in SPARSE_NAMES]
+)
+
+
+def encode(block: Block, encoder: Encoder) -> pa.Table:
+    arrays = [pa.array(block.label)] + [pa.array(x) for x in block.dense]
+    arrays += [pa.array(encoder.ids(f, *block.hex[f])) for f in range(len(SPARSE_NAMES))]
+    return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
+
+
+def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, progress: Any) -> None:
+    """The encoding pass for one chunk: its shards, then (hash: read from the TSV) its
+    rejects, then its done record, last. The vocab encoding reads the rows that its first
+    pass staged, and drops them once the chunk is done."""
+    out_dir, work = Path(out), Path(out) / WORK
+    shard_dir = out_dir / "data" / task.source
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for stale in shard_dir.glob(f"part-{task.index:05d}-*"):  # an interrupted earlier try
+        stale.unlink()
+    files: list[dict[str, Any]] = []
+    writer: pq.ParquetWriter | None = None
+    shard_rows = 0
+
+    def shard_path(k: int) -> Path:
+        return shard_dir / f"part-{task.index:05d}-{k:03d}.parquet"
+
+    def close_shard() -> None:
+        nonlocal writer, shard_rows
+        if writer is None:
+            return
+        writer.close()
+        final = shard_path(len(files))
+        os.replace(final.with_name(final.name + ".tmp"), final)
+        files.append({"path": str(final.relative_to(out_dir)), "rows": shard_rows})
+        writer, shard_rows = None, 0
+
+    summary: dict[str, Any] = {}
+    staged, summary_path = staged_paths(work, task)
+    report = Progress(progress)
+    if encoder.tables is None:
+        blocks = with_rejects(read_blocks(task, opts, report),
+                               work / "rejects" / f"{task.key}.tsv", summary)
+    else:
+        summary = json.loads(summary_path.read_text())
+        blocks = read_staged(staged)
+    for block in blocks:
+        batch = encode(block, encoder)
+        start = 0
+        while start < batch.num_rows:
+            if writer is None:
+                tmp = shard_path(len(files))
+                writer = pq.ParquetWriter(tmp.with_name(tmp.name + ".tmp"), OUTPUT_SCHEMA)
+            take = min(SHARD_ROWS - shard_rows, batch.num_rows - start)
+            writer.write_table(batch.slice(start, take), row_group_size=ROW_GROUP_ROWS)
+            shard_rows += take
+            start += take
+            if shard_rows == SHARD_ROWS:
+                close_shard()
+    close_shard()
+    if encoder.tables is not None:  # the bar counts input bytes, here the chunk's
+        report(task.bytes)
+    report.flush()
+    accepted = sum(f["rows"] for f in files)
+    rejected = sum(summary["rejected_by_reason"].values())
+    atomic_write_json(work / "done" / f"{task.key}.json", {
+        "task": asdict(task), "rows_accepted": accepted, "rows_rejected": rejected,
+        "rejected_by_reason": summary["rejected_by_reason"], "files": files,
+        "lines": summary["lines"],
+    })
+    staged.unlink(missing_ok=True)
+
+
+class Progress:
+    """A worker's bytes-read callback: sends the driver's bar batched updates (``queue``:
+    the driver's, None when there is no bar); ``flush`` when a chunk is done."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue, self.pending = queue, 0
+
+    def __call__(self, n: int) -> None:
+        self.pending += n
+        if self.pending >= 8 << 20:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.queue is not None and self.pending:
+            self.queue.put(self.pending)
+        self.pending = 0
+
+
+def atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)

@@ -1,0 +1,154 @@
+"""Categorical values → ids: the hash rule, or vocabularies from exact counts.
+
+Counts of every chunk are merged exactly; a feature's vocabulary is the values seen at
+least ``min_frequency`` times, by descending count (ties by value), capped at
+``max_vocab``. Lookups go through an open-addressing hash table per feature, built
+vectorised and memory-mapped by each worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlrm.data.chunks import Task
+from dlrm.data.schema import MISSING_ID, OOV_ID, SPARSE_NAMES
+from dlrm.fsutil import atomic_path
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How categorical values become ids; recorded in the manifest."""
+
+    type: str = "vocab"  # "vocab" or "hash"
+    min_frequency: int = 1  # vocab: values seen fewer times map to OOV_ID
+    max_vocab: int = 0  # vocab: keep at most this many values per feature; 0: no cap
+    buckets: int = 40_000_000  # hash: ids are 1 + value % (buckets - 1); 0 is missing
+
+    def to_json(self) -> dict[str, Any]:
+        if self.type == "hash":
+            return {"type": "hash", "buckets": self.buckets}
+        return {"type": "vocab", "min_frequency": self.min_frequency, "max_vocab": self.max_vocab}
+
+
+def compact(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Merges (values, counts) pairs into one, summing the counts of equal values."""
+    if not parts:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    values = np.concatenate([v for v, _ in parts])
+    counts = np.concatenate([c for _, c in parts])
+    uniq, inverse = np.unique(values, return_inverse=True)
+    return uniq, np.bincount(inverse, weights=counts, minlength=uniq.size).astype(np.int64)
+
+
+def build_vocab(counts: tuple[np.ndarray, np.ndarray], enc: Encoding) -> np.ndarray:
+    """Vocabulary of one feature: values in id order (id = position + 2)."""
+    values, n = counts
+    keep = n >= enc.min_frequency
+    values, n = values[keep], n[keep]
+    order = np.lexsort((values, -n))  # descending count, then ascending value
+    if enc.max_vocab:
+        order = order[: enc.max_vocab]
+    return values[order]
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: multiplicative hashing
+
+
+def _slots(values: np.ndarray, bits: int) -> np.ndarray:
+    return ((values * _GOLDEN) >> np.uint64(64 - bits)).astype(np.int64)
+
+
+def hash_table(vocab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A vocabulary as an open-addressing hash table with linear probing: (keys, ids),
+    ``2**bits >= 2 * len(vocab)`` slots, id -1 where a slot is empty.
+
+    Built in rounds: every value not yet placed tries its next slot; of those that find
+    the slot empty, the first (in vocabulary order) takes it. A value thus sits after an
+    unbroken run of full slots from its home slot, which is what a probe relies on.
+    """
+    bits = max(4, (2 * vocab.size - 1).bit_length())
+    keys = np.zeros(1 << bits, np.uint64)
+    ids = np.full(1 << bits, -1, np.int32)
+    pending = np.arange(vocab.size)
+    slot = _slots(vocab, bits)
+    while pending.size:
+        free = np.flatnonzero(ids[slot] < 0)
+        taken, first = np.unique(slot[free], return_index=True)
+        won = free[first]
+        ids[taken] = pending[won] + 2
+        keys[taken] = vocab[pending[won]]
+        lost = np.ones(pending.size, bool)
+        lost[won] = False
+        pending, slot = pending[lost], (slot[lost] + 1) & ((1 << bits) - 1)
+    return keys, ids
+
+
+def probe(keys: np.ndarray, ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The id of each value in the table, OOV_ID for those it does not hold."""
+    mask = keys.size - 1
+    slot = _slots(values, mask.bit_length())
+    found = ids[slot]
+    full = found >= 0
+    hit = full & (keys[slot] == values)
+    out = np.where(hit, found, OOV_ID).astype(np.int64)
+    todo = np.flatnonzero(full & ~hit)  # a slot holding another value: try the next
+    slot = slot[todo]
+    while todo.size:
+        slot = (slot + 1) & mask
+        found = ids[slot]
+        full = found >= 0
+        hit = full & (keys[slot] == values[todo])
+        out[todo[hit]] = found[hit]
+        more = full & ~hit
+        todo, slot = todo[more], slot[more]
+    return out
+
+
+class Encoder:
+    """Categorical values → ids: by the hash rule, or (``tables``: the directory that
+    ``save_tables`` wrote) by each feature's vocabulary. Pickled into every task without
+    the tables; each process maps them from disk when it first needs them."""
+
+    def __init__(self, enc: Encoding, tables: str | None = None):
+        self.enc, self.tables = enc, tables
+        self._loaded: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_loaded": None}
+
+    def ids(self, f: int, values: np.ndarray, present: np.ndarray) -> np.ndarray:
+        if self.tables is None:
+            ids = (values % np.uint64(self.enc.buckets - 1)).astype(np.int64) + 1
+        else:
+            if self._loaded is None:
+                def load(name: str) -> np.ndarray:  # mapped, as a plain array (faster)
+                    return np.asarray(np.load(Path(self.tables) / name, mmap_mode="r"))
+
+                self._loaded = [(load(f"{c}.keys.npy"), load(f"{c}.ids.npy"))
+                                for c in SPARSE_NAMES]
+            ids = probe(*self._loaded[f], values)
+        return np.where(present, ids, MISSING_ID)
+
+
+def save_tables(vocabs: list[np.ndarray], tables: Path) -> None:
+    tables.mkdir(parents=True, exist_ok=True)
+    for c, vocab in zip(SPARSE_NAMES, vocabs, strict=True):
+        for name, array in zip(("keys", "ids"), hash_table(vocab), strict=True):
+            path = tables / f"{c}.{name}.npy"
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, array)
+
+
+def merge_vocab(tasks: list[Task], work: Path, encoding: Encoding) -> list[np.ndarray]:
+    vocabs = []
+    for c in SPARSE_NAMES:
+        parts = []
+        for t in tasks:
+            with np.load(work / "counts" / f"{t.key}.npz") as z:
+                parts.append((z[f"{c}_values"], z[f"{c}_counts"]))
+        vocabs.append(build_vocab(compact(parts), encoding))
+    return vocabs

@@ -8,8 +8,6 @@ import os
 import sys
 from typing import NoReturn
 
-from dlrm.data.schema import SPARSE_NAMES
-
 
 def _error(command: str, e: Exception) -> int:
     """The one way a command reports bad input: a line naming what is wrong, exit 2."""
@@ -70,11 +68,21 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
             config.sharding.hbm_gib = args.hbm_gib
         if args.ddr_gib is not None:
             config.sharding.ddr_gib = args.ddr_gib
-        sizes = config.model.num_embeddings_per_feature
-        if not sizes:
-            from dlrm.train import check_data
+        # The dataset's features and sizes where it exists; a recipe that sizes every
+        # table itself (num_embeddings_per_feature) plans Criteo's without one.
+        from dlrm.config import check_features
+        from dlrm.data.schema import CRITEO, Features
+        from dlrm.train import check_data
 
-            sizes = check_data(config.data)["cardinalities"]
+        sizes, features = config.model.num_embeddings_per_feature, CRITEO
+        if not sizes or os.path.isfile(os.path.join(config.data.path, "manifest.json")):
+            manifest = check_data(config.data)
+            features = Features.of(manifest)
+            sizes = sizes or manifest["cardinalities"]
+        check_features(config, features)
+        if len(sizes) != len(features.sparse):
+            raise ValueError(f"model.num_embeddings_per_feature: {len(sizes)} tables for "
+                             f"{len(features.sparse)} categorical features")
     except (ConfigError, ValueError) as e:
         return _error("plan", e)
     import torch
@@ -85,12 +93,12 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
     from dlrm.sharding import Planner, plan_offline
 
     meta = torch.device("meta")
-    model = build_model(config.model, sizes, meta, meta)
+    model = build_model(config.model, features, sizes, meta, meta)
     apply_embedding_optimizer(model, config.optim)
     spec = Planner(config.sharding, args.world_size, args.local_world_size or args.world_size,
                    args.device, config.data.batch_size)
     try:
-        text, memory = plan_offline(model, [table_name(f) for f in SPARSE_NAMES], spec)
+        text, memory = plan_offline(model, [table_name(f) for f in features.sparse], spec)
     except PlannerError as e:
         print(f"dlrm plan: no plan fits {args.world_size} x {args.device} "
               f"(HBM {spec.hbm_bytes() / 2**30:.0f} GiB, DDR {spec.ddr_bytes() / 2**30:.0f} "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlrm.data.schema import NUM_SPARSE, SPARSE_NAMES
+from dlrm.data.schema import Features
 
 
 class ConfigError(ValueError):
@@ -41,7 +41,7 @@ class DataConfig:
     prefetch: int = 4
     """Batches each loader makes ahead in a background thread; 0: made on demand, no thread."""
     multi_hot_sizes: list[int] = field(default_factory=list)
-    """Ids per bag of each of the 26 features: MLPerf DLRMv2 synthetic multi-hot; empty: off."""
+    """Ids per bag of each categorical feature: MLPerf DLRMv2 synthetic multi-hot; empty: off."""
     multi_hot_seed: int = 0
     """Seed of the multi-hot lookup tables; 0: the MLPerf DLRMv2 reference's tables."""
 
@@ -55,7 +55,7 @@ class ModelConfig:
     over_arch_layer_sizes: list[int] = field(default_factory=lambda: [1024, 1024, 512, 256, 1])
     """Top MLP widths; the last must be 1 (the click logit)."""
     num_embeddings_per_feature: list[int] = field(default_factory=list)
-    """Rows of each of the 26 tables (e.g. Criteo 1TB capped at 40M); empty: the dataset's
+    """Rows of each feature's table (e.g. Criteo 1TB capped at 40M); empty: the dataset's
     cardinalities. Each must hold the dataset's ids (>= its cardinality)."""
     interaction: str = "dot"
     """Feature interaction: dot (torchrec DLRM) or dcn (DCN-v2 cross layers, DLRM_DCN)."""
@@ -277,10 +277,8 @@ def validate(config: Config) -> None:
     need(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {d.shuffle_buffer}")
     need(d.shuffle_seed >= 0, "data.shuffle_seed", f"must be >= 0, got {d.shuffle_seed}")
     need(d.prefetch >= 0, "data.prefetch", f"must be >= 0, got {d.prefetch}")
-    need(not d.multi_hot_sizes
-         or (len(d.multi_hot_sizes) == NUM_SPARSE and min(d.multi_hot_sizes) > 0),
-         "data.multi_hot_sizes",
-         f"must be empty or {NUM_SPARSE} positive ints, got {d.multi_hot_sizes}")
+    need(not d.multi_hot_sizes or min(d.multi_hot_sizes) > 0, "data.multi_hot_sizes",
+         f"must be empty or positive ints, got {d.multi_hot_sizes}")
     need(0 <= d.multi_hot_seed < 2**32, "data.multi_hot_seed",
          f"must be in [0, 2**32), got {d.multi_hot_seed}")
     need(m.embedding_dim > 0, "model.embedding_dim", f"must be positive, got {m.embedding_dim}")
@@ -304,11 +302,9 @@ def validate(config: Config) -> None:
         "optim.dense_optimizer",
         f"must be one of {DENSE_OPTIMIZERS}, got {o.dense_optimizer!r}",
     )
-    need(not m.num_embeddings_per_feature
-         or (len(m.num_embeddings_per_feature) == NUM_SPARSE
-             and min(m.num_embeddings_per_feature) > 0),
+    need(not m.num_embeddings_per_feature or min(m.num_embeddings_per_feature) > 0,
          "model.num_embeddings_per_feature",
-         f"must be empty or {NUM_SPARSE} positive ints, got {m.num_embeddings_per_feature}")
+         f"must be empty or positive ints, got {m.num_embeddings_per_feature}")
     need(m.interaction in INTERACTIONS, "model.interaction",
          f"must be one of {INTERACTIONS}, got {m.interaction!r}")
     need(m.dcn_num_layers > 0, "model.dcn_num_layers", f"must be positive, got {m.dcn_num_layers}")
@@ -326,9 +322,6 @@ def validate(config: Config) -> None:
                  "the dense optimizer, not the embedding optimizer")
             need(st in SHARDING_TYPES, key,
                  f"unknown type {st!r}, expected some of {SHARDING_TYPES}")
-    for f in sh.table_sharding_types:
-        need(f in SPARSE_NAMES, f"sharding.table_sharding_types.{f}",
-             f"unknown feature, expected one of {SPARSE_NAMES[0]}..{SPARSE_NAMES[-1]}")
     for kernel in sh.compute_kernels:
         need(kernel in COMPUTE_KERNELS, "sharding.compute_kernels",
              f"unknown kernel {kernel!r}, expected some of {COMPUTE_KERNELS}")
@@ -363,6 +356,26 @@ def validate(config: Config) -> None:
     need(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
     need(t.collective_timeout_s > 0, "train.collective_timeout_s",
          f"must be positive, got {t.collective_timeout_s}")
+
+
+def check_features(config: Config, features: Features) -> None:
+    """Checks the keys that name or count the dataset's categorical features (known once
+    its manifest is read) against them.
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    names, n = features.sparse, len(features.sparse)
+    for key, value in [("data.multi_hot_sizes", config.data.multi_hot_sizes),
+                       ("model.num_embeddings_per_feature",
+                        config.model.num_embeddings_per_feature)]:
+        if value and len(value) != n:
+            raise ConfigError(f"{key}: must have one entry per categorical feature of the "
+                              f"dataset ({n}: {', '.join(names)}), got {len(value)}")
+    for f in config.sharding.table_sharding_types:
+        if f not in names:
+            raise ConfigError(f"sharding.table_sharding_types.{f}: unknown feature, the "
+                              f"dataset's are {', '.join(names)}")
 
 
 def to_toml(config: Config) -> str:

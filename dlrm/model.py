@@ -11,29 +11,33 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.config import ModelConfig
-from dlrm.data.schema import NUM_DENSE, SPARSE_NAMES
+from dlrm.data.schema import Features
 
 
 def table_name(feature: str) -> str:
-    """Embedding table of a feature (one table per Criteo categorical feature)."""
+    """Embedding table of a feature (one table per categorical feature)."""
     return f"t_{feature}"
 
 
-def check_tables_hold(sizes: list[int], cardinalities: list[int], where: str) -> None:
-    """Raises ValueError, prefixed by ``where``, unless every table holds every id of its
-    feature in the dataset."""
-    for f, size, n in zip(SPARSE_NAMES, sizes, cardinalities, strict=True):
+def check_tables_hold(features: Features, sizes: list[int], cardinalities: list[int],
+                      where: str) -> None:
+    """Raises ValueError, prefixed by ``where``, unless there is one table per categorical
+    feature and every table holds every id of its feature in the dataset."""
+    if len(sizes) != len(features.sparse):
+        raise ValueError(f"{where}: {len(sizes)} tables for {len(features.sparse)} categorical "
+                         f"features ({', '.join(features.sparse)})")
+    for f, size, n in zip(features.sparse, sizes, cardinalities, strict=True):
         if size < n:
             raise ValueError(f"{where}: {f} has {size} rows but the dataset has {n} ids for it")
 
 
-def table_sizes(cfg: ModelConfig, cardinalities: list[int]) -> list[int]:
+def table_sizes(cfg: ModelConfig, features: Features, cardinalities: list[int]) -> list[int]:
     """Rows of each table: ``model.num_embeddings_per_feature`` if set (it must hold every
     id of the dataset), else the dataset's cardinalities."""
     sizes = cfg.num_embeddings_per_feature
     if not sizes:
         return list(cardinalities)
-    check_tables_hold(sizes, cardinalities, "model.num_embeddings_per_feature")
+    check_tables_hold(features, sizes, cardinalities, "model.num_embeddings_per_feature")
     return list(sizes)
 
 
@@ -131,14 +135,17 @@ class LookupFirstDLRM_DCN(_LookupFirst, DLRM_DCN):
     """torchrec ``DLRM_DCN`` (DCN-v2 interaction) with the lookup first."""
 
 
-def build_model(cfg: ModelConfig, cardinalities: list[int], dense_device: torch.device,
-                sparse_device: torch.device | None = None) -> DLRMTrain:
+def build_model(cfg: ModelConfig, features: Features, cardinalities: list[int],
+                dense_device: torch.device, sparse_device: torch.device | None = None,
+                ) -> DLRMTrain:
     """torchrec ``DLRM`` (dot interaction) or ``DLRM_DCN`` (DCN-v2 cross layers) wrapped in
     ``DLRMTrain`` (BCE loss).
 
     Args:
         cfg: the model section.
-        cardinalities: rows of each table, from the dataset manifest (26 ints).
+        features: the dataset's features: one table per categorical one, the dense arch
+            takes the dense ones.
+        cardinalities: rows of each table (one per categorical feature).
         dense_device: where the dense arch and over arch live.
         sparse_device: where the tables are created; ``meta`` (the default) defers
             their allocation to DistributedModelParallel, which places each shard.
@@ -146,16 +153,16 @@ def build_model(cfg: ModelConfig, cardinalities: list[int], dense_device: torch.
     Returns:
         ``DLRMTrain``: ``forward(batch) -> (loss, (loss, logits [B], labels [B]))``.
     """
-    if len(cardinalities) != len(SPARSE_NAMES):
-        raise ValueError(f"need {len(SPARSE_NAMES)} cardinalities, got {len(cardinalities)}")
+    if len(cardinalities) != len(features.sparse):
+        raise ValueError(f"need {len(features.sparse)} cardinalities, got {len(cardinalities)}")
     data_type = DataType.FP16 if cfg.embedding_dtype == "fp16" else DataType.FP32
     tables = [
         EmbeddingBagConfig(name=table_name(f), embedding_dim=cfg.embedding_dim,
                            num_embeddings=n, feature_names=[f], data_type=data_type)
-        for f, n in zip(SPARSE_NAMES, cardinalities, strict=True)
+        for f, n in zip(features.sparse, cardinalities, strict=True)
     ]
     ebc = EmbeddingBagCollection(tables=tables, device=sparse_device or torch.device("meta"))
-    common = {"embedding_bag_collection": ebc, "dense_in_features": NUM_DENSE,
+    common = {"embedding_bag_collection": ebc, "dense_in_features": len(features.dense),
               "dense_arch_layer_sizes": list(cfg.dense_arch_layer_sizes),
               "over_arch_layer_sizes": list(cfg.over_arch_layer_sizes),
               "dense_device": dense_device}

@@ -21,6 +21,7 @@ from dlrm.checkpoint import Checkpointer, read_marker
 from dlrm.config import Config, load_config
 from dlrm.data.loader import ParquetBatches, resolve_split
 from dlrm.data.preprocess import load_manifest
+from dlrm.data.schema import Features
 from dlrm.dist import init_distributed, resolve_device
 from dlrm.evaluate import gather_predictions, predict
 from dlrm.fsutil import atomic_path, atomic_write_json
@@ -62,8 +63,9 @@ class Offline:
         config = run_config(self.checkpoint)
         config.data = dataclasses.replace(config.data, path=str(data))
         manifest = load_manifest(data)
+        features = Features.of(manifest)
         sizes = position["table_sizes"]
-        check_tables_hold(sizes, manifest["cardinalities"],
+        check_tables_hold(features, sizes, manifest["cardinalities"],
                           f"{data} against the tables of {self.checkpoint}")
         segments = resolve_split(data, manifest, split_specs_for(config, manifest, split))
         # The run's device where this host has it (a GPU-trained run evaluates on CPU too).
@@ -75,13 +77,13 @@ class Offline:
         config.optim = dataclasses.replace(config.optim, embedding_optimizer="sgd")
         self.dist = init_distributed(config.train.device, config.train.collective_timeout_s)
         bs = batch_size or config.eval.batch_size or config.data.batch_size
-        self.model, _, _ = sharded_model(config, sizes, self.dist.device, bs)
+        self.model, _, _ = sharded_model(config, features, sizes, self.dist.device, bs)
         state = {"model": self.model.state_dict()}
         Checkpointer(self.checkpoint.parent).load(self.checkpoint, state)
         self.model.load_state_dict(state["model"])
         self.step = position["step"]
         self.batches = ParquetBatches(
-            segments, bs, self.dist.rank, self.dist.world_size, pad=True,
+            segments, bs, self.dist.rank, self.dist.world_size, pad=True, features=features,
             multi_hot_sizes=config.data.multi_hot_sizes,
             cardinalities=manifest["cardinalities"], multi_hot_seed=config.data.multi_hot_seed)
 

@@ -18,10 +18,10 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from dlrm.checkpoint import Checkpointer
-from dlrm.config import Config, DataConfig, to_toml
+from dlrm.config import Config, DataConfig, check_features, to_toml
 from dlrm.data.loader import ParquetBatches, default_split_specs, resolve_split
 from dlrm.data.preprocess import load_manifest
-from dlrm.data.schema import SPARSE_NAMES
+from dlrm.data.schema import Features
 from dlrm.dist import broadcast_object, init_distributed, resolve_device
 from dlrm.evaluate import evaluate
 from dlrm.fsutil import atomic_write_json, atomic_write_text
@@ -64,6 +64,10 @@ def check_data(cfg: DataConfig) -> dict[str, Any]:
             resolve_split(cfg.path, manifest, specs)
     except ValueError as e:
         raise ValueError(f"data: {e}") from None
+    try:
+        Features.of(manifest)
+    except ValueError as e:
+        raise ValueError(f"data.path: {cfg.path}: {e}") from None
     return manifest
 
 
@@ -74,7 +78,9 @@ def preflight(config: Config) -> dict[str, Any]:
         ValueError: naming the key, path or source at fault.
     """
     manifest = check_data(config.data)
-    table_sizes(config.model, manifest["cardinalities"])
+    features = Features.of(manifest)
+    check_features(config, features)
+    table_sizes(config.model, features, manifest["cardinalities"])
     check_device(config)
     return manifest
 
@@ -91,16 +97,17 @@ def check_device(config: Config) -> None:
                          "this run is on CPU")
 
 
-def sharded_model(config: Config, sizes: list[int], device: torch.device, batch_size: int,
+def sharded_model(config: Config, features: Features, sizes: list[int], device: torch.device,
+                  batch_size: int,
                   ) -> tuple[DistributedModelParallel, str, list[dict[str, float]]]:
-    """The DLRM of ``config`` with tables of ``sizes`` rows, built on the meta device, its
-    embedding optimizer fused, sharded by the planner over this process group (see
-    :func:`dlrm.sharding.shard_model` for what is returned)."""
-    model = build_model(config.model, sizes, device)
+    """The DLRM of ``config`` over ``features``, with tables of ``sizes`` rows, built on the
+    meta device, its embedding optimizer fused, sharded by the planner over this process
+    group (see :func:`dlrm.sharding.shard_model` for what is returned)."""
+    model = build_model(config.model, features, sizes, device)
     if config.train.autocast == "bf16":
         autocast_dense(model, device)
     apply_embedding_optimizer(model, config.optim)
-    tables = [table_name(f) for f in SPARSE_NAMES]
+    tables = [table_name(f) for f in features.sparse]
     return shard_model(model, tables, config.sharding, device, batch_size)
 
 
@@ -127,7 +134,9 @@ class Trainer:
         data, eval_bs = config.data, config.eval.batch_size or config.data.batch_size
         specs = split_specs(data, manifest)
         segments = {s: resolve_split(data.path, manifest, specs[s]) for s in SPLITS}
-        every = dict(prefetch=data.prefetch, multi_hot_sizes=data.multi_hot_sizes,
+        self.features = Features.of(manifest)
+        every = dict(features=self.features, prefetch=data.prefetch,
+                     multi_hot_sizes=data.multi_hot_sizes,
                      cardinalities=manifest["cardinalities"], multi_hot_seed=data.multi_hot_seed,
                      # pinned in the loader's thread, so the pipeline's copy is asynchronous
                      finish=Batch.pin_memory if device.type == "cuda" else None)
@@ -146,8 +155,8 @@ class Trainer:
 
         # Model: tables on meta, sharded by the planner; dense parts replicated under DDP.
         torch.manual_seed(config.train.seed)
-        self.table_sizes = table_sizes(config.model, manifest["cardinalities"])
-        self.model, plan, memory = sharded_model(config, self.table_sizes, device,
+        self.table_sizes = table_sizes(config.model, self.features, manifest["cardinalities"])
+        self.model, plan, memory = sharded_model(config, self.features, self.table_sizes, device,
                                                  data.batch_size)
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "plan.txt", plan)

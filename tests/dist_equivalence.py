@@ -32,7 +32,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dlrm.config import ModelConfig, OptimConfig, ShardingConfig
 from dlrm.data.loader import ParquetBatches, resolve_split
 from dlrm.data.preprocess import load_manifest
-from dlrm.data.schema import SPARSE_NAMES
+from dlrm.data.schema import CRITEO, SPARSE_NAMES
 from dlrm.dist import init_distributed
 from dlrm.model import build_model, table_name
 from dlrm.optim import apply_embedding_optimizer, build_optimizer
@@ -111,10 +111,11 @@ def main() -> None:
     cards = manifest["cardinalities"]
 
     torch.manual_seed(0)
-    reference = build_model(mcfg, cards, torch.device("cpu"), sparse_device=torch.device("cpu"))
+    reference = build_model(mcfg, CRITEO, cards, torch.device("cpu"),
+                            sparse_device=torch.device("cpu"))
     initial = copy.deepcopy(reference.state_dict())
 
-    model = build_model(mcfg, cards, torch.device("cpu"))
+    model = build_model(mcfg, CRITEO, cards, torch.device("cpu"))
     apply_embedding_optimizer(model, ocfg)
     tables = [table_name(f) for f in SPARSE_NAMES]
     types = MIXED if sharding == "mixed" else [sharding]

@@ -46,7 +46,7 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from dlrm.data.schema import DENSE_NAMES, LABEL, MISSING_ID, NUM_SPARSE, SPARSE_NAMES
+from dlrm.data.schema import CRITEO, MISSING_ID, Features
 
 PAD_LABEL = -1.0
 _SPEC = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<a>[0-9./]*):(?P<b>[0-9./]*)\])?$")
@@ -168,11 +168,14 @@ class MultiHot:
     or small vocabularies it is small.
     """
 
-    def __init__(self, sizes: Sequence[int], cardinalities: Sequence[int], seed: int = 0) -> None:
-        if len(sizes) != NUM_SPARSE or not all(s >= 1 for s in sizes):
-            raise ValueError(f"multi_hot_sizes: need {NUM_SPARSE} ints >= 1, got {list(sizes)}")
-        if len(cardinalities) != NUM_SPARSE or not all(c >= 1 for c in cardinalities):
-            raise ValueError(f"cardinalities: need {NUM_SPARSE} ints >= 1, got {cardinalities}")
+    def __init__(self, sizes: Sequence[int], cardinalities: Sequence[int], seed: int = 0,
+                 names: Sequence[str] = CRITEO.sparse) -> None:
+        n = len(names)
+        if len(sizes) != n or not all(s >= 1 for s in sizes):
+            raise ValueError(f"multi_hot_sizes: need {n} ints >= 1, got {list(sizes)}")
+        if len(cardinalities) != n or not all(c >= 1 for c in cardinalities):
+            raise ValueError(f"cardinalities: need {n} ints >= 1, got {cardinalities}")
+        self.names = list(names)
         self.sizes = [int(s) for s in sizes]
         self.cardinalities = [int(c) for c in cardinalities]
         self.seed = seed
@@ -184,7 +187,7 @@ class MultiHot:
         if table is None:
             return ids
         if ids.size and (ids.min() < 0 or ids.max() >= len(table)):
-            raise ValueError(f"{SPARSE_NAMES[feature]}: ids must lie in [0, {len(table)}), the "
+            raise ValueError(f"{self.names[feature]}: ids must lie in [0, {len(table)}), the "
                              f"feature's cardinality; got [{ids.min()}, {ids.max()}]")
         return table[ids].reshape(-1).astype(np.int64)
 
@@ -207,7 +210,7 @@ class _Rows:
     """Rows in memory: numpy columns; a list (multi-hot) feature as a pyarrow list array."""
 
     labels: np.ndarray  # [n] float32
-    dense: np.ndarray  # [n, 13] float32
+    dense: np.ndarray  # [n, dense features] float32
     sparse: list[Any]  # per feature: [n] int64 ids, or a list<int64> array of n bags
 
     def __len__(self) -> int:
@@ -234,8 +237,9 @@ class _Rows:
                       for cs in zip(*(p.sparse for p in parts), strict=True)])
 
 
-def _to_batch(rows: _Rows, multi_hot: MultiHot | None = None) -> Batch:
-    """The Batch of ``rows``: KJT values feature-major, one bag per row and feature."""
+def _to_batch(rows: _Rows, keys: Sequence[str], multi_hot: MultiHot | None = None) -> Batch:
+    """The Batch of ``rows``: KJT values feature-major under ``keys`` (the categorical
+    features' names), one bag per row and feature."""
     n = len(rows)
     values: list[np.ndarray] = []
     lengths: list[np.ndarray | int] = []
@@ -258,21 +262,23 @@ def _to_batch(rows: _Rows, multi_hot: MultiHot | None = None) -> Batch:
     return Batch(
         dense_features=torch.from_numpy(rows.dense),
         sparse_features=KeyedJaggedTensor.from_lengths_sync(
-            keys=SPARSE_NAMES, values=torch.from_numpy(values_array),
+            keys=list(keys), values=torch.from_numpy(values_array),
             lengths=torch.from_numpy(lengths_array)),
         labels=torch.from_numpy(rows.labels),
     )
 
 
-def make_batch(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> Batch:
-    """Builds a Batch from ``labels [B]``, ``dense [B, 13]`` and ``sparse ids [B, 26]``.
+def make_batch(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
+               keys: Sequence[str] = CRITEO.sparse) -> Batch:
+    """Builds a Batch from ``labels [B]``, ``dense [B, D]`` and ``sparse ids [B, F]`` (the
+    F features named by ``keys``).
 
-    One id per row and feature (Criteo is one-hot), so every KJT length is 1 and the
-    values are the ids feature-major, as KeyedJaggedTensor lays them out.
+    One id per row and feature, so every KJT length is 1 and the values are the ids
+    feature-major, as KeyedJaggedTensor lays them out.
     """
     rows = _Rows(labels.astype(np.float32), np.ascontiguousarray(dense, dtype=np.float32),
                  list(sparse.T))
-    return _to_batch(rows)
+    return _to_batch(rows, keys)
 
 
 def _shuffle(blocks: Iterator[_Rows], buffer: int, rng: np.random.Generator) -> Iterator[_Rows]:
@@ -299,17 +305,21 @@ def _shuffle(blocks: Iterator[_Rows], buffer: int, rng: np.random.Generator) -> 
         yield _Rows.concat(pool).take(rng.permutation(have))
 
 
-def _list_features(segments: list[Segment]) -> list[bool]:
+def _columns(features: Features) -> list[str]:
+    return [features.label, *features.dense, *features.sparse]
+
+
+def _list_features(segments: list[Segment], features: Features) -> list[bool]:
     """Which sparse columns hold bags (list<int>) rather than ids, from the first file."""
     if not segments:
-        return [False] * NUM_SPARSE
+        return [False] * len(features.sparse)
     path = segments[0].path
     schema = pq.read_schema(path)
-    missing = [c for c in [LABEL, *DENSE_NAMES, *SPARSE_NAMES] if c not in schema.names]
+    missing = [c for c in _columns(features) if c not in schema.names]
     if missing:
         raise ValueError(f"{path}: no column {', '.join(missing)}")
     kinds = []
-    for name in SPARSE_NAMES:
+    for name in features.sparse:
         t = schema.field(name).type
         if _is_list(t) and pa.types.is_integer(t.value_type):
             kinds.append(True)
@@ -451,12 +461,15 @@ class ParquetBatches:
             sets it, e.g. when resuming.
         prefetch: batches made ahead by a background thread; 0: made in the caller's
             thread, on demand.
-        multi_hot_sizes: empty, or the bag size of each of the 26 features: one-hot ids
+        multi_hot_sizes: empty, or the bag size of each categorical feature: one-hot ids
             are expanded into MLPerf DLRMv2's synthetic multi-hot bags (:class:`MultiHot`).
             A feature stored as a list column must have size 1 (it is multi-hot already).
         cardinalities: ids per feature (``manifest["cardinalities"]``); needed with
             ``multi_hot_sizes``.
         multi_hot_seed: seed of the multi-hot tables; 0 gives MLPerf's.
+        features: the dataset's columns (``Features.of(manifest)``): the label, the dense
+            features (the batch's dense tensor, in this order) and the categorical ones
+            (the KJT's keys, in this order).
         finish: applied to each batch by the thread that makes it (the prefetch thread,
             if any), e.g. ``Batch.pin_memory`` for a GPU: the pipeline's asynchronous copy
             to the device is only asynchronous from page-locked memory.
@@ -477,6 +490,7 @@ class ParquetBatches:
                  pad: bool = False, *, shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0,
                  prefetch: int = 4, multi_hot_sizes: Sequence[int] = (),
                  cardinalities: Sequence[int] | None = None, multi_hot_seed: int = 0,
+                 features: Features = CRITEO,
                  finish: Callable[[Batch], Batch] | None = None) -> None:
         if batch_size <= 0 or shuffle_buffer < 0 or prefetch < 0:
             raise ValueError(f"need batch_size > 0, shuffle_buffer >= 0, prefetch >= 0; got "
@@ -497,16 +511,18 @@ class ParquetBatches:
         self.rows = hi - lo if pad else self.num_batches * batch_size
         # Only the rows yielded are read: shuffling reorders them, never swaps some out.
         self.segments = _take(segments, lo, lo + self.rows)
-        self._list_features = _list_features(segments)
+        self.features = features
+        self._list_features = _list_features(segments, features)
         self.multi_hot: MultiHot | None = None
         if multi_hot_sizes:
             if cardinalities is None:
                 raise ValueError("multi_hot_sizes needs the cardinality of every feature "
                                  "(the manifest's cardinalities)")
-            self.multi_hot = MultiHot(multi_hot_sizes, cardinalities, multi_hot_seed)
+            self.multi_hot = MultiHot(multi_hot_sizes, cardinalities, multi_hot_seed,
+                                      features.sparse)
             for f, is_list in enumerate(self._list_features):
                 if is_list and self.multi_hot.sizes[f] > 1:
-                    raise ValueError(f"multi_hot_sizes: {SPARSE_NAMES[f]} is a list column "
+                    raise ValueError(f"multi_hot_sizes: {features.sparse[f]} is a list column "
                                      f"(multi-hot already); its size must be 1, got "
                                      f"{self.multi_hot.sizes[f]}")
 
@@ -539,7 +555,7 @@ class ParquetBatches:
             blocks = self._read(chunks)
         for i, rows in enumerate(self._batches(blocks)):
             if i >= skip:  # skipped batches are read (the shuffle order needs them), not built
-                batch = _to_batch(rows, self.multi_hot)
+                batch = _to_batch(rows, self.features.sparse, self.multi_hot)
                 yield self.finish(batch) if self.finish else batch
 
     def _chunks(self) -> Iterator[tuple[Path, int, int, int]]:
@@ -557,7 +573,7 @@ class ParquetBatches:
                     break
 
     def _read(self, chunks: Iterator[tuple[Path, int, int, int]]) -> Iterator[_Rows]:
-        columns = [LABEL, *DENSE_NAMES, *SPARSE_NAMES]
+        columns = _columns(self.features)
         file, open_path = None, None
         try:
             for path, g, s, e in chunks:
@@ -575,10 +591,11 @@ class ParquetBatches:
                 file.close()
 
     def _rows(self, table: pa.Table, path: Path) -> _Rows:
-        labels = table.column(LABEL).to_numpy().astype(np.float32)
-        dense = np.stack([_filled(table.column(c), 0).to_numpy() for c in DENSE_NAMES], axis=1)
+        labels = table.column(self.features.label).to_numpy().astype(np.float32)
+        dense = np.stack([_filled(table.column(c), 0).to_numpy() for c in self.features.dense],
+                         axis=1) if self.features.dense else np.zeros((len(labels), 0))
         sparse: list[Any] = []
-        for name, is_list in zip(SPARSE_NAMES, self._list_features, strict=True):
+        for name, is_list in zip(self.features.sparse, self._list_features, strict=True):
             column = table.column(name)
             if _is_list(column.type) != is_list:
                 raise ValueError(f"{path}: column {name} is {column.type}, but "
@@ -620,5 +637,6 @@ class ParquetBatches:
     def _padding(self, n: int) -> _Rows:
         ids = np.full(n, MISSING_ID, np.int64)
         bags = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), pa.array(ids))
-        return _Rows(np.full(n, PAD_LABEL, np.float32), np.zeros((n, len(DENSE_NAMES)), np.float32),
+        return _Rows(np.full(n, PAD_LABEL, np.float32),
+                     np.zeros((n, len(self.features.dense)), np.float32),
                      [bags if is_list else ids for is_list in self._list_features])

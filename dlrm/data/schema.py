@@ -1,4 +1,10 @@
-"""The Criteo schema, shared by the generator, the preprocessor and the loader."""
+"""The Criteo schema, shared by the generator and the preprocessor, and the features of a
+preprocessed dataset (any layout), which everything downstream reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -21,3 +27,26 @@ def holdout_halves(num_rows: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """
     mid = num_rows // 2
     return (0, mid), (mid, num_rows)
+
+
+@dataclass(frozen=True)
+class Features:
+    """The columns of a preprocessed dataset, by name, as its manifest records them
+    (``manifest["schema"]``). The loader, the model, the planner and the config checks
+    read them from here: nothing downstream of preprocessing assumes Criteo's layout."""
+
+    label: str
+    dense: tuple[str, ...]
+    sparse: tuple[str, ...]
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any]) -> Features:
+        """The features a manifest records; ValueError naming what is missing."""
+        try:
+            schema = manifest["schema"]
+            return cls(str(schema["label"]), tuple(schema["dense"]), tuple(schema["sparse"]))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"manifest: no feature schema ({e})") from None
+
+
+CRITEO = Features(LABEL, tuple(DENSE_NAMES), tuple(SPARSE_NAMES))

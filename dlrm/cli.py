@@ -25,15 +25,20 @@ def _synth(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
+    from dlrm.data.declared import SchemaError, load_schema
     from dlrm.data.preprocess import Encoding, Options, PreprocessError, preprocess
 
-    encoding = Encoding(type=args.encoding, min_frequency=args.min_frequency,
-                        max_vocab=args.max_vocab, buckets=args.buckets)
+    # The encoding flags, where given, replace the schema's encoding of every feature.
+    given = [args.encoding, args.min_frequency, args.max_vocab, args.buckets]
+    encoding = None if given == [None] * 4 else Encoding(
+        type=args.encoding or "vocab", min_frequency=args.min_frequency or 1,
+        max_vocab=args.max_vocab or 0, buckets=args.buckets or 40_000_000)
     options = Options(workers=args.workers, chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
                       max_line_bytes=args.max_line_bytes)
     try:
-        preprocess(args.input, args.out, encoding=encoding, options=options)
-    except PreprocessError as e:
+        schema = load_schema(args.schema)
+        preprocess(args.input, args.out, encoding=encoding, options=options, schema=schema)
+    except (PreprocessError, SchemaError) as e:
         return _error("preprocess", e)
     return 0
 
@@ -182,14 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gzip", action="store_true", help="write day_N.gz")
     p.set_defaults(func=_synth)
 
-    p = sub.add_parser("preprocess", help="Criteo TSV(.gz) -> Parquet dataset + manifest.json")
+    p = sub.add_parser("preprocess", help="click logs (TSV/CSV, .gz) -> Parquet dataset + "
+                       "manifest.json")
     p.add_argument("--input", nargs="+", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--schema", default="criteo",
+                   help="schema file, or a name in configs/schemas/ (default: criteo)")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
-    p.add_argument("--encoding", choices=["vocab", "hash"], default="vocab")
-    p.add_argument("--min-frequency", type=int, default=1, help="vocab: rarer values -> OOV id")
-    p.add_argument("--max-vocab", type=int, default=0, help="vocab: cap per feature (0: none)")
-    p.add_argument("--buckets", type=int, default=40_000_000, help="hash: ids per feature")
+    p.add_argument("--encoding", choices=["vocab", "hash"], default=None,
+                   help="every feature's encoding (default: the schema's; criteo: vocab)")
+    p.add_argument("--min-frequency", type=int, default=None,
+                   help="vocab: rarer values -> OOV id (default 1)")
+    p.add_argument("--max-vocab", type=int, default=None,
+                   help="vocab: cap per feature (default 0: none)")
+    p.add_argument("--buckets", type=int, default=None,
+                   help="hash: ids per feature (default 40M)")
     p.add_argument("--chunk-mb", type=float, default=256,
                    help="plain files are cut into chunks of this many MiB, the unit of "
                         "parallel work and of resumption")

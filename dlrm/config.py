@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dlrm.data.schema import Features
+from dlrm.fsutil import read_toml
 
 
 class ConfigError(ValueError):
@@ -244,13 +245,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     config = Config()
     if path is not None:
         path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                doc = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        doc = read_toml(path, ConfigError, "config")
         for section_name, table in doc.items():
             if not isinstance(table, dict) or not (table or hasattr(config, section_name)):
                 known = ", ".join(f.name for f in dataclasses.fields(config))

@@ -1,10 +1,11 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a part."""
+"""Files: atomic writes (a reader sees the old file or the new one, never a part), TOML reads."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,3 +30,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def read_toml(path: Path, error: type[Exception], what: str) -> dict[str, Any]:
+    """The TOML document at ``path``; ``error`` naming the file (a ``what`` file) when it is
+    missing or not valid TOML."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise error(f"{what} file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise error(f"{path}: invalid TOML: {e}") from None

@@ -6,7 +6,7 @@ import functools
 
 import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain, InteractionArch
-from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -158,8 +158,9 @@ def build_model(cfg: ModelConfig, features: Features, cardinalities: list[int],
     data_type = DataType.FP16 if cfg.embedding_dtype == "fp16" else DataType.FP32
     tables = [
         EmbeddingBagConfig(name=table_name(f), embedding_dim=cfg.embedding_dim,
-                           num_embeddings=n, feature_names=[f], data_type=data_type)
-        for f, n in zip(features.sparse, cardinalities, strict=True)
+                           num_embeddings=n, feature_names=[f], data_type=data_type,
+                           pooling=PoolingType[features.pooling_of(i).upper()])
+        for i, (f, n) in enumerate(zip(features.sparse, cardinalities, strict=True))
     ]
     ebc = EmbeddingBagCollection(tables=tables, device=sparse_device or torch.device("meta"))
     common = {"embedding_bag_collection": ebc, "dense_in_features": len(features.dense),

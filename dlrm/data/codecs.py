@@ -37,6 +37,22 @@ def label_column(offsets: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.
     return (one & ok).astype(np.int8), ok
 
 
+def _decimal(offsets: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(valid, negative) of each field: empty, or an optional ``-`` and 1 to 18 decimal
+    digits (so that its value fits an int64)."""
+    lengths = np.diff(offsets)
+    ok = np.ones(lengths.size, bool)
+    neg = np.zeros(lengths.size, bool)
+    odd = np.flatnonzero((data - np.uint8(ord("0"))) > 9)  # bytes that are not digits
+    if odd.size:
+        row = np.searchsorted(offsets, odd, side="right") - 1
+        sign = (data[odd] == ord("-")) & (odd == offsets[row])  # a leading minus
+        ok[row[~sign]] = False
+        neg[row[sign]] = True
+    ok &= (lengths - neg <= 18) & ~(neg & (lengths == 1))
+    return ok, neg
+
+
 _LOG1P = np.log1p(np.arange(1 << 16, dtype=np.float64)).astype(np.float32)  # small values
 
 
@@ -50,15 +66,7 @@ def dense_column(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """
     offsets, data = column_bytes(column)
     lengths = np.diff(offsets)
-    ok = np.ones(lengths.size, bool)
-    neg = np.zeros(lengths.size, bool)
-    odd = np.flatnonzero((data - np.uint8(ord("0"))) > 9)  # bytes that are not digits
-    if odd.size:
-        row = np.searchsorted(offsets, odd, side="right") - 1
-        sign = (data[odd] == ord("-")) & (odd == offsets[row])  # a leading minus
-        ok[row[~sign]] = False
-        neg[row[sign]] = True
-    ok &= (lengths - neg <= 18) & ~(neg & (lengths == 1))
+    ok, neg = _decimal(offsets, data)
     parse = ok & ~neg & (lengths > 0)
     out = np.zeros(lengths.size, np.float32)
     if parse.any():
@@ -141,3 +149,96 @@ def hex_column(offsets: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.nd
         values = packed.view(">u8").ravel().astype(np.uint64)
     values[~valid] = 0
     return values, present, valid
+
+
+# --------------------------------------------------------------------------- any layout
+
+_FLOAT = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+
+
+def number_column(column: pa.ChunkedArray, fill: float, integer: bool,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Numeric fields → (float64 values, valid). Empty fields take ``fill``; ``integer``
+    admits decimal integers only, else any decimal number (``1.5``, ``-2e3``; not
+    ``nan`` or ``inf``)."""
+    offsets, data = column_bytes(column)
+    present = np.diff(offsets) > 0
+    text = pc.cast(_array(column), pa.string())
+    if integer:
+        ok = _decimal(offsets, data)[0]
+    else:
+        ok = pc.match_substring_regex(text, _FLOAT).to_numpy(zero_copy_only=False) | ~present
+    parse = ok & present
+    out = np.full(present.size, fill, np.float64)
+    if parse.any():
+        kind = pa.int64() if integer else pa.float64()
+        parsed = pc.cast(pc.if_else(pa.array(parse), pc.utf8_trim_whitespace(text), None), kind)
+        out[parse] = parsed.to_numpy(zero_copy_only=False)[parse]
+    return out, ok
+
+
+def transform(values: np.ndarray, kind: str) -> np.ndarray:
+    """A dense feature's transform, to float32: ``log1p`` of the value with negatives
+    taken as 0 (Criteo's), or ``none``."""
+    if kind == "log1p":
+        return np.log1p(np.maximum(values, 0.0)).astype(np.float32)
+    return values.astype(np.float32)
+
+
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+_TOP = np.uint64(1 << 63)
+
+
+def _fnv1a(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """64-bit FNV-1a of each field's bytes, with the top bit set: a decimal integer's own
+    value (below 2**63) never equals a hashed string's. One numpy step per byte position
+    of the longest field."""
+    lengths = np.diff(offsets)
+    h = np.full(lengths.size, _FNV_OFFSET, np.uint64)
+    starts = offsets[:-1]
+    with np.errstate(over="ignore"):
+        for i in range(int(lengths.max()) if lengths.size else 0):
+            rows = np.flatnonzero(lengths > i)
+            h[rows] = (h[rows] ^ data[starts[rows] + i].astype(np.uint64)) * _FNV_PRIME
+    return h | _TOP
+
+
+def category_values(offsets: np.ndarray, data: np.ndarray, kind: str,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Categorical fields → (uint64 values, present, valid). ``hex``: Criteo's hex
+    numbers; ``auto``: a decimal integer stands for itself (a negative one for its
+    two's complement), any other text for its 64-bit hash. Empty is "missing"."""
+    if kind == "hex":
+        return hex_column(offsets, data)
+    lengths = np.diff(offsets)
+    present = lengths > 0
+    ok, neg = _decimal(offsets, data)
+    number = ok & present
+    values = _fnv1a(offsets, data)
+    if number.any():
+        starts = offsets[:-1]
+        acc = np.zeros(lengths.size, np.int64)
+        digits = lengths - neg
+        for i in range(int(digits[number].max())):
+            rows = np.flatnonzero(number & (digits > i))
+            acc[rows] = acc[rows] * 10 + (data[starts[rows] + neg[rows] + i] - ord("0"))
+        values[number] = np.where(neg[number], -acc[number], acc[number]).view(np.uint64)
+    values[~present] = 0
+    return values, present, np.ones(lengths.size, bool)
+
+
+def bag_values(column: pa.ChunkedArray, separator: str, kind: str, max_length: int,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """List fields (elements joined by ``separator``; empty elements dropped) → (uint64
+    values of all bags, each row's bag length, valid, not too long)."""
+    text = pc.cast(_array(column), pa.string())
+    parts = pc.split_pattern(text, separator)
+    per_row = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
+    flat = pc.cast(pc.list_flatten(parts), pa.binary())
+    offsets, data = column_bytes(pa.chunked_array([flat]))
+    values, present, valid = category_values(offsets, data, kind)
+    row = np.repeat(np.arange(per_row.size), per_row)
+    lengths = np.bincount(row[present], minlength=per_row.size).astype(np.int32)
+    ok = np.bincount(row[~valid], minlength=per_row.size) == 0
+    short = lengths <= max_length if max_length else np.ones(per_row.size, bool)
+    return values[present], lengths, ok, short

@@ -7,8 +7,10 @@ written atomically, so a rerun redoes exactly the chunks whose last output is mi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dlrm.data.blocks import Block
 from dlrm.data.chunks import Options, Task
-from dlrm.data.criteo_tsv import Block, read_blocks
+from dlrm.data.layout import Layout
 from dlrm.data.rejects import with_rejects
-from dlrm.data.schema import DENSE_NAMES, LABEL, SPARSE_NAMES
 from dlrm.data.staging import IPC_OPTIONS, STAGED_SCHEMA, read_staged, stage_batch, staged_paths
 from dlrm.data.vocab import Encoder, compact
 from dlrm.fsutil import atomic_path, atomic_write_json
@@ -30,53 +32,69 @@ ROW_GROUP_ROWS = 1 << 16
 SHARD_ROWS = 1 << 20
 
 
-def count_chunk(task: Task, opts: Options, work: str, progress: Any) -> None:
-    """Pass 1 for one chunk: its rejects, its staged rows, its summary, and last (the mark
-    that the chunk's pass 1 is complete) its per-feature value counts."""
+def _counted(block: Block, layout: Layout) -> Iterator[tuple[int, np.ndarray]]:
+    """(feature, values to count) of the block's vocab-encoded features."""
+    for f, (values, mask) in enumerate(block.hex):
+        if layout.encodings[f].type == "vocab":
+            yield f, values if layout.multi[f] else values[mask]
+
+
+def count_chunk(task: Task, opts: Options, work: str, layout: Layout, progress: Any) -> None:
+    """Pass 1 for one chunk: its rejects, its staged rows (Criteo), its summary, and last
+    (the mark that the chunk's pass 1 is complete) its per-feature value counts."""
     work_dir = Path(work)
     staged, summary_path = staged_paths(work_dir, task)
-    parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in SPARSE_NAMES]
+    parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in layout.sparse]
     summary: dict[str, Any] = {}
     report = Progress(progress)
-    blocks = read_blocks(task, opts, report)
-    with atomic_path(staged) as tmp, \
-            pa.ipc.new_file(str(tmp), STAGED_SCHEMA, options=IPC_OPTIONS) as writer:
-        for block in with_rejects(blocks, work_dir / "rejects" / f"{task.key}.tsv", summary):
-            writer.write_batch(stage_batch(block))
-            for f, (values, present) in enumerate(block.hex):
-                parts[f].append(np.unique(values[present], return_counts=True))
+    blocks = with_rejects(layout.blocks(task, opts, report),
+                          work_dir / "rejects" / f"{task.key}.tsv", summary)
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if layout.stages:
+            tmp = stack.enter_context(atomic_path(staged))
+            writer = stack.enter_context(
+                pa.ipc.new_file(str(tmp), STAGED_SCHEMA, options=IPC_OPTIONS))
+        for block in blocks:
+            if writer is not None:
+                writer.write_batch(stage_batch(block))
+            for f, values in _counted(block, layout):
+                parts[f].append(np.unique(values, return_counts=True))
                 if len(parts[f]) >= 16:  # keep memory at the chunk's distinct values
                     parts[f] = [compact(parts[f])]
     atomic_write_json(summary_path, summary)
-    merged = [compact(p) for p in parts]
-    arrays = {f"{c}_values": v for c, (v, _) in zip(SPARSE_NAMES, merged, strict=True)}
-    arrays |= {f"{c}_counts": n for c, (_, n) in zip(SPARSE_NAMES, merged, strict=True)}
+    arrays = {}
+    for c, p, enc in zip(layout.sparse, parts, layout.encodings, strict=True):
+        if enc.type == "vocab":
+            arrays[f"{c}_values"], arrays[f"{c}_counts"] = compact(p)
     atomic_npz(work_dir / "counts" / f"{task.key}.npz", arrays)
     report.flush()
 
 
-OUTPUT_SCHEMA = pa.schema(
-    [(LABEL, pa.int8())]
-    + [(c, pa.float32()) for c in DENSE_NAMES]
-    + [(c, pa.int64()) for c in SPARSE_NAMES]
-)
-
-
-def encode(block: Block, encoder: Encoder) -> pa.Table:
+def encode(block: Block, encoder: Encoder, layout: Layout) -> pa.Table:
     arrays = [pa.array(block.label)] + [pa.array(x) for x in block.dense]
-    arrays += [pa.array(encoder.ids(f, *block.hex[f])) for f in range(len(SPARSE_NAMES))]
-    return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
+    for f, (values, mask) in enumerate(block.hex):
+        if layout.multi[f]:  # mask: the length of each row's bag
+            offsets = np.zeros(mask.size + 1, np.int32)
+            np.cumsum(mask, out=offsets[1:])
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets),
+                                                   pa.array(encoder.ids(f, values))))
+        else:
+            arrays.append(pa.array(encoder.ids(f, values, mask)))
+    return pa.Table.from_arrays(arrays, schema=layout.output_schema())
 
 
-def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, progress: Any) -> None:
-    """The encoding pass for one chunk: its shards, then (hash: read from the TSV) its
-    rejects, then its done record, last. The vocab encoding reads the rows that its first
-    pass staged, and drops them once the chunk is done."""
+def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, layout: Layout,
+                progress: Any) -> None:
+    """The encoding pass for one chunk: its shards, then (unless its rows were staged)
+    its rejects, then its done record, last. Criteo's vocab encoding reads the rows that
+    its first pass staged, and drops them once the chunk is done."""
     out_dir, work = Path(out), Path(out) / WORK
     shard_dir = out_dir / "data" / task.source
     shard_dir.mkdir(parents=True, exist_ok=True)
     for stale in shard_dir.glob(f"part-{task.index:05d}-*"):  # an interrupted earlier try
         stale.unlink()
+    output_schema = layout.output_schema()
     files: list[dict[str, Any]] = []
     writer: pq.ParquetWriter | None = None
     shard_rows = 0
@@ -97,19 +115,19 @@ def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, progress:
     summary: dict[str, Any] = {}
     staged, summary_path = staged_paths(work, task)
     report = Progress(progress)
-    if encoder.tables is None:
-        blocks = with_rejects(read_blocks(task, opts, report),
-                               work / "rejects" / f"{task.key}.tsv", summary)
-    else:
+    if layout.stages:
         summary = json.loads(summary_path.read_text())
         blocks = read_staged(staged)
+    else:
+        blocks = with_rejects(layout.blocks(task, opts, report),
+                              work / "rejects" / f"{task.key}.tsv", summary)
     for block in blocks:
-        batch = encode(block, encoder)
+        batch = encode(block, encoder, layout)
         start = 0
         while start < batch.num_rows:
             if writer is None:
                 tmp = shard_path(len(files))
-                writer = pq.ParquetWriter(tmp.with_name(tmp.name + ".tmp"), OUTPUT_SCHEMA)
+                writer = pq.ParquetWriter(tmp.with_name(tmp.name + ".tmp"), output_schema)
             take = min(SHARD_ROWS - shard_rows, batch.num_rows - start)
             writer.write_table(batch.slice(start, take), row_group_size=ROW_GROUP_ROWS)
             shard_rows += take
@@ -117,7 +135,7 @@ def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, progress:
             if shard_rows == SHARD_ROWS:
                 close_shard()
     close_shard()
-    if encoder.tables is not None:  # the bar counts input bytes, here the chunk's
+    if layout.stages:  # the bar counts input bytes, here the chunk's
         report(task.bytes)
     report.flush()
     accepted = sum(f["rows"] for f in files)

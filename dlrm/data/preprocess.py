@@ -38,6 +38,9 @@ atomically: a dataset is complete iff it exists.
 from __future__ import annotations
 
 import contextlib
+import csv
+import dataclasses
+import gzip
 import json
 import os
 import queue
@@ -53,8 +56,10 @@ from typing import Any
 from tqdm import tqdm
 
 from dlrm.data.chunks import Options, Task, plan_tasks, source_name
+from dlrm.data.declared import SCHEMAS, Schema, SchemaError, is_criteo, load_schema
+from dlrm.data.layout import Layout
 from dlrm.data.passes import WORK, atomic_npz, count_chunk, write_chunk
-from dlrm.data.schema import DENSE_NAMES, LABEL, MISSING_ID, OOV_ID, SPARSE_NAMES
+from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.data.staging import staged_paths
 from dlrm.data.vocab import Encoder, Encoding, merge_vocab, save_tables
 from dlrm.fsutil import atomic_path, atomic_write_json
@@ -64,7 +69,6 @@ __all__ = ["Encoding", "Options", "PreprocessError", "load_manifest", "preproces
 
 MANIFEST = "manifest.json"
 FORMAT = "dlrm-criteo-parquet/1"
-DEFAULT_ENCODING = Encoding()
 
 
 class PreprocessError(RuntimeError):
@@ -109,16 +113,64 @@ def _check_inputs(paths: list[Path], encoding: Encoding) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise PreprocessError(f"inputs share source names {dupes}: rename them")
+    if encoding is None:
+        return
     if encoding.type not in ("vocab", "hash"):
         raise PreprocessError(f"unknown encoding {encoding.type!r} (vocab or hash)")
     if encoding.type == "hash" and encoding.buckets < 2:
         raise PreprocessError(f"hash buckets must be >= 2, got {encoding.buckets}")
 
 
+def _header(path: Path, delimiter: str) -> list[str]:
+    """The column names on the first line of ``path`` (plain or gzip)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            line = f.readline(1 << 20)
+    except (OSError, EOFError) as e:
+        raise PreprocessError(f"{path}: cannot read its header line: {e}") from None
+    text = line.decode("utf-8", "replace").rstrip("\r\n")
+    return next(csv.reader([text], delimiter=delimiter)) if text else []
+
+
+def layout_of(schema: Schema, encoding: Encoding | None, paths: list[Path]) -> Layout:
+    """The workers' layout of ``schema`` for ``paths``: Criteo's fast path where the schema
+    is Criteo's; ``encoding``, when given, replaces every categorical feature's. A header
+    names the columns: every file's must be the same and hold what the schema declares."""
+    if encoding is not None:
+        schema = dataclasses.replace(schema, categorical=tuple(
+            dataclasses.replace(c, encoding=encoding.type, min_frequency=encoding.min_frequency,
+                                max_vocab=encoding.max_vocab, buckets=encoding.buckets)
+            for c in schema.categorical))
+    if is_criteo(schema):
+        first = schema.categorical[0]
+        return Layout.criteo(Encoding(first.encoding, first.min_frequency, first.max_vocab,
+                                      first.buckets))
+    if schema.header:
+        headers = {p: _header(p, schema.delimiter) for p in paths}
+        columns = headers[paths[0]]
+        for p, names in headers.items():
+            if names != columns:
+                raise PreprocessError(f"{p}: header {names} differs from {paths[0]}'s {columns}")
+            if schema.columns and names != list(schema.columns):
+                raise PreprocessError(f"{p}: header {names} is not the schema's input.columns "
+                                      f"{list(schema.columns)}")
+        try:
+            schema.check_columns(columns, f"{paths[0]}: header")
+        except SchemaError as e:
+            raise PreprocessError(str(e)) from None
+        schema = dataclasses.replace(schema, columns=tuple(columns))
+    return Layout.declared(schema)
+
+
 def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
-               encoding: Encoding = DEFAULT_ENCODING, log: Callable[[str], Any] = print,
-               options: Options | None = None) -> dict[str, Any]:
+               encoding: Encoding | None = None, log: Callable[[str], Any] = print,
+               options: Options | None = None, schema: Schema | None = None,
+               ) -> dict[str, Any]:
     """Preprocesses ``inputs`` into the dataset directory ``out``; returns the manifest.
+
+    ``schema``: the layout of the inputs (default: ``configs/schemas/criteo.toml``);
+    ``encoding``, when given, is every categorical feature's.
 
     A rerun over a complete dataset made from the same (unchanged) inputs with the same
     encoding returns its manifest without redoing anything; a rerun over an interrupted
@@ -132,13 +184,17 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
     opts = options or Options(workers=workers)
     paths = [Path(p) for p in inputs]
     _check_inputs(paths, encoding)
+    layout = layout_of(schema or load_schema(SCHEMAS / "criteo.toml"), encoding, paths)
     out = Path(out)
-    plan = {"format": FORMAT, "encoding": encoding.to_json(),
+    plan = {"format": FORMAT, "encoding": layout.encoding_json(),
             "sources": [_fingerprint(p) for p in paths]}
+    if layout.schema is not None:
+        plan["schema"] = layout.schema.to_json()
 
     if (out / MANIFEST).exists():
         old = load_manifest(out)
         same = (old.get("encoding") == plan["encoding"]
+                and old["schema"].get("declared") == plan.get("schema")
                 and [{k: s[k] for k in ("path", "bytes", "mtime_ns")} for s in old["sources"]]
                 == plan["sources"])
         if same:
@@ -157,12 +213,12 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
         raise PreprocessError(f"{out} is not empty and holds no dlrm dataset; choose another --out")
 
     try:
-        return _preprocess(paths, out, opts, encoding, plan, t0, log)
+        return _preprocess(paths, out, opts, layout, plan, t0, log)
     except OSError as e:
         raise PreprocessError(f"writing under {out} failed: {e}") from None
 
 
-def _preprocess(paths: list[Path], out: Path, opts: Options, encoding: Encoding,
+def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
                 plan: dict[str, Any], t0: float, log: Callable[[str], Any]) -> dict[str, Any]:
     work = out / WORK
     for sub in ("counts", "staged", "rejects", "done"):
@@ -174,36 +230,35 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, encoding: Encoding,
     workers = min(opts.workers or os.cpu_count() or 1, len(tasks))
     ctx = get_context("spawn")
     total = sum(p.stat().st_size for p in paths)
-    passes = 2 if encoding.type == "vocab" else 1
+    passes = 2 if layout.vocab else 1
     bar = tqdm(total=total * passes, unit="B", unit_scale=True, desc="preprocess",
                dynamic_ncols=True) if os.isatty(1) else None
     manager = ctx.Manager() if bar is not None else contextlib.nullcontext()
     with manager, ProcessPoolExecutor(workers, mp_context=ctx,
                                                 initializer=keep_freed_memory) as pool:
         updates = manager.Queue() if bar is not None else None
-        tables = None
-        if encoding.type == "vocab":
-            # A chunk is counted once its counts exist; its staged rows are needed until
-            # the chunk is written (an unfinished run of an older version had none).
+        tables, vocabs = None, {}
+        if layout.vocab:
+            # A chunk is counted once its counts exist; Criteo's staged rows are needed
+            # until the chunk is written (an unfinished run of an older version had none).
             todo = [t for t in by_size if not (
                 (work / "counts" / f"{t.key}.npz").exists()
-                and ((work / "done" / f"{t.key}.json").exists()
+                and (not layout.stages or (work / "done" / f"{t.key}.json").exists()
                      or staged_paths(work, t)[0].exists()))]
-            _run(pool, count_chunk, todo, (opts, str(work)), bar, updates)
-            vocabs = merge_vocab(tasks, work, encoding)
-            atomic_npz(out / "vocab.npz", dict(zip(SPARSE_NAMES, vocabs, strict=True)))
-            cardinalities = [int(v.size) + 2 for v in vocabs]
+            _run(pool, count_chunk, todo, (opts, str(work), layout), bar, updates)
+            vocabs = merge_vocab(tasks, work, layout.sparse, layout.encodings)
+            atomic_npz(out / "vocab.npz", vocabs)
             tables = work / "tables"
             save_tables(vocabs, tables)
-        else:
-            cardinalities = [encoding.buckets] * len(SPARSE_NAMES)
+        cardinalities = [int(vocabs[c].size) + 2 if c in vocabs else e.buckets
+                         for c, e in zip(layout.sparse, layout.encodings, strict=True)]
         todo = [t for t in by_size if not (work / "done" / f"{t.key}.json").exists()]
-        encoder = Encoder(encoding, str(tables) if tables else None)
-        _run(pool, write_chunk, todo, (opts, str(out), encoder), bar, updates)
+        encoder = Encoder(layout.sparse, layout.encodings, str(tables) if tables else None)
+        _run(pool, write_chunk, todo, (opts, str(out), encoder, layout), bar, updates)
     if bar is not None:
         bar.close()
 
-    manifest = _finish(paths, tasks, out, encoding, cardinalities, t0)
+    manifest = _finish(paths, tasks, out, layout, cardinalities, t0)
     read = manifest["rows_accepted"] + manifest["rows_rejected"]
     log(f"preprocess: {read} rows read, {manifest['rows_accepted']} accepted, "
         f"{manifest['rows_rejected']} rejected {manifest['rejected_by_reason']} "
@@ -211,7 +266,24 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, encoding: Encoding,
     return manifest
 
 
-def _finish(paths: list[Path], tasks: list[Task], out: Path, encoding: Encoding,
+def _schema_json(layout: Layout) -> dict[str, Any]:
+    """The manifest's ``schema``: the features everything downstream reads (``Features``);
+    for a declared schema also each bag feature's pooling and the declaration itself."""
+    schema = {"label": layout.label, "dense": list(layout.dense), "sparse": list(layout.sparse)}
+    if layout.schema is None:
+        return {**schema, "dense_transform": "missing -> 0, negative -> 0, log1p; float32",
+                "sparse_ids": f"{MISSING_ID} = missing, {OOV_ID} = out of vocabulary, "
+                              "2.. = vocabulary by descending frequency "
+                              "(hash: 1 + value % (buckets-1))"}
+    return {**schema, "pooling": [c.pooling for c in layout.schema.categorical],
+            "bags": [c.name for c in layout.schema.categorical if c.multi],
+            "sparse_ids": f"{MISSING_ID} = missing, {OOV_ID} = out of vocabulary, "
+                          "2.. = vocabulary by descending frequency "
+                          "(hash: 1 + value % (buckets-1))",
+            "declared": layout.schema.to_json()}
+
+
+def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
             cardinalities: list[int], t0: float) -> dict[str, Any]:
     """Per-source rejects with file-wide line numbers, then the manifest, then cleanup."""
     work = out / WORK
@@ -243,14 +315,8 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, encoding: Encoding,
         reasons.update(s["rejected_by_reason"])
     manifest = {
         "format": FORMAT,
-        "schema": {
-            "label": LABEL, "dense": DENSE_NAMES, "sparse": SPARSE_NAMES,
-            "dense_transform": "missing -> 0, negative -> 0, log1p; float32",
-            "sparse_ids": f"{MISSING_ID} = missing, {OOV_ID} = out of vocabulary, "
-                          "2.. = vocabulary by descending frequency "
-                          "(hash: 1 + value % (buckets-1))",
-        },
-        "encoding": encoding.to_json(),
+        "schema": _schema_json(layout),
+        "encoding": layout.encoding_json(),
         "cardinalities": cardinalities,
         "sources": sources,
         "rows_accepted": sum(s["rows_accepted"] for s in sources),

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 from dlrm.fsutil import atomic_path
 
 if TYPE_CHECKING:
-    from dlrm.data.criteo_tsv import Block
+    from dlrm.data.blocks import Block
 
 REJECT_REASONS = ("line_too_long", "truncated_gzip", "empty_line", "invalid_utf8",
-                  "wrong_field_count", "bad_label", "bad_dense", "bad_categorical")
+                  "wrong_field_count", "bad_label", "bad_dense", "bad_categorical",
+                  "list_too_long")
 REJECT_TEXT_BYTES = 1000  # rejects keep at most this much of a bad line
 
 

@@ -38,15 +38,21 @@ class Features:
     label: str
     dense: tuple[str, ...]
     sparse: tuple[str, ...]
+    pooling: tuple[str, ...] = ()  # per categorical feature: sum or mean; empty: all sum
 
     @classmethod
     def of(cls, manifest: dict[str, Any]) -> Features:
         """The features a manifest records; ValueError naming what is missing."""
         try:
             schema = manifest["schema"]
-            return cls(str(schema["label"]), tuple(schema["dense"]), tuple(schema["sparse"]))
+            return cls(str(schema["label"]), tuple(schema["dense"]), tuple(schema["sparse"]),
+                       tuple(schema.get("pooling", ())))
         except (KeyError, TypeError) as e:
             raise ValueError(f"manifest: no feature schema ({e})") from None
+
+    def pooling_of(self, i: int) -> str:
+        """How the bag of the ``i``-th categorical feature is pooled."""
+        return self.pooling[i] if self.pooling else "sum"
 
 
 CRITEO = Features(LABEL, tuple(DENSE_NAMES), tuple(SPARSE_NAMES))

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from dlrm.data.blocks import Block
 from dlrm.data.chunks import Task
-from dlrm.data.criteo_tsv import Block
 from dlrm.data.schema import DENSE_NAMES, LABEL, SPARSE_NAMES
 
 STAGED_SCHEMA = pa.schema(

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from dlrm.data.chunks import Task
-from dlrm.data.schema import MISSING_ID, OOV_ID, SPARSE_NAMES
+from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.fsutil import atomic_path
 
 
@@ -109,46 +109,54 @@ def probe(keys: np.ndarray, ids: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 class Encoder:
-    """Categorical values → ids: by the hash rule, or (``tables``: the directory that
-    ``save_tables`` wrote) by each feature's vocabulary. Pickled into every task without
-    the tables; each process maps them from disk when it first needs them."""
+    """Categorical values → ids, each feature by its encoding: the hash rule, or its
+    vocabulary (``tables``: the directory that ``save_tables`` wrote). Pickled into every
+    task without the tables; each process maps a table from disk when it first needs it."""
 
-    def __init__(self, enc: Encoding, tables: str | None = None):
-        self.enc, self.tables = enc, tables
-        self._loaded: list[tuple[np.ndarray, np.ndarray]] | None = None
+    def __init__(self, names: tuple[str, ...], encodings: tuple[Encoding, ...],
+                 tables: str | None = None):
+        self.names, self.encodings, self.tables = names, encodings, tables
+        self._loaded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_loaded": None}
+        return {**self.__dict__, "_loaded": {}}
 
-    def ids(self, f: int, values: np.ndarray, present: np.ndarray) -> np.ndarray:
-        if self.tables is None:
-            ids = (values % np.uint64(self.enc.buckets - 1)).astype(np.int64) + 1
+    def ids(self, f: int, values: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+        """The ids of feature ``f``'s ``values``; ``MISSING_ID`` where not ``present``."""
+        enc = self.encodings[f]
+        if enc.type == "hash":
+            ids = (values % np.uint64(enc.buckets - 1)).astype(np.int64) + 1
         else:
-            if self._loaded is None:
+            if f not in self._loaded:
                 def load(name: str) -> np.ndarray:  # mapped, as a plain array (faster)
                     return np.asarray(np.load(Path(self.tables) / name, mmap_mode="r"))
 
-                self._loaded = [(load(f"{c}.keys.npy"), load(f"{c}.ids.npy"))
-                                for c in SPARSE_NAMES]
+                c = self.names[f]
+                self._loaded[f] = (load(f"{c}.keys.npy"), load(f"{c}.ids.npy"))
             ids = probe(*self._loaded[f], values)
-        return np.where(present, ids, MISSING_ID)
+        return ids if present is None else np.where(present, ids, MISSING_ID)
 
 
-def save_tables(vocabs: list[np.ndarray], tables: Path) -> None:
+def save_tables(vocabs: dict[str, np.ndarray], tables: Path) -> None:
+    """Each feature's vocabulary as a hash table (``NAME.keys.npy``, ``NAME.ids.npy``)."""
     tables.mkdir(parents=True, exist_ok=True)
-    for c, vocab in zip(SPARSE_NAMES, vocabs, strict=True):
+    for c, vocab in vocabs.items():
         for name, array in zip(("keys", "ids"), hash_table(vocab), strict=True):
             path = tables / f"{c}.{name}.npy"
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.save(f, array)
 
 
-def merge_vocab(tasks: list[Task], work: Path, encoding: Encoding) -> list[np.ndarray]:
-    vocabs = []
-    for c in SPARSE_NAMES:
+def merge_vocab(tasks: list[Task], work: Path, names: tuple[str, ...],
+                encodings: tuple[Encoding, ...]) -> dict[str, np.ndarray]:
+    """The vocabulary of every vocab-encoded feature from all chunks' counts."""
+    vocabs = {}
+    for c, enc in zip(names, encodings, strict=True):
+        if enc.type != "vocab":
+            continue
         parts = []
         for t in tasks:
             with np.load(work / "counts" / f"{t.key}.npz") as z:
                 parts.append((z[f"{c}_values"], z[f"{c}_counts"]))
-        vocabs.append(build_vocab(compact(parts), encoding))
+        vocabs[c] = build_vocab(compact(parts), enc)
     return vocabs

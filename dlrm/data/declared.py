@@ -1,0 +1,272 @@
+"""A dataset's layout declared in one TOML file: the input, the label and every feature.
+
+Schemas live in ``configs/schemas/`` (``criteo.toml`` is the default of ``dlrm
+preprocess``). A file has these tables; every key but the columns has a default::
+
+    [input]
+    format = "csv"          # csv or tsv (gzip by the file's .gz extension)
+    delimiter = ","         # default: "," for csv, tab for tsv
+    header = true           # the first line names the columns; else list them:
+    columns = ["a", "b"]    # every column of a line, in order
+
+    [label]
+    column = "click"
+    rule = ""               # "" : the field is 0 or 1; ">= 4": 1 where the number holds it
+
+    ignore = ["id"]         # columns read and dropped (top level, before any table)
+
+    [dense]                 # numeric features
+    columns = ["age"]
+    fill = 0.0              # the value of an empty field
+    transform = "log1p"     # log1p (negatives to 0 first, as Criteo's) or none
+    values = "float"        # float, or integer (anything else is rejected)
+
+    [categorical]           # one embedding table each
+    columns = ["user", "genres"]
+    values = "auto"         # auto: decimal integers as themselves, any other text hashed
+                            # to 64 bits; hex: hexadecimal numbers (Criteo's)
+    encoding = "vocab"      # vocab (ids by descending frequency) or hash
+    min_frequency = 1       # vocab: rarer values share the out-of-vocabulary id
+    max_vocab = 0           # vocab: at most this many values; 0: all
+    buckets = 40000000      # hash: ids per feature
+
+    [categorical.per_feature.genres]   # any key above, for one column; and for a bag:
+    separator = "|"         # the field is a list: a variable-length bag of ids
+    max_length = 8          # longer lists are rejected; 0: no cap
+    pooling = "mean"        # how the bag's embeddings combine: sum or mean
+
+``[dense.per_feature.NAME]`` overrides the dense defaults the same way. Every error names
+the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dlrm.data.schema import DENSE_NAMES, LABEL, SPARSE_NAMES, Features
+from dlrm.fsutil import read_toml
+
+SCHEMAS = Path(__file__).resolve().parent.parent.parent / "configs" / "schemas"
+FORMATS = ("csv", "tsv")
+
+
+class SchemaError(ValueError):
+    """A schema file that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Dense:
+    name: str
+    fill: float = 0.0
+    transform: str = "log1p"
+    values: str = "float"
+
+
+@dataclass(frozen=True)
+class Categorical:
+    name: str
+    values: str = "auto"
+    encoding: str = "vocab"
+    min_frequency: int = 1
+    max_vocab: int = 0
+    buckets: int = 40_000_000
+    separator: str = ""
+    max_length: int = 0
+    pooling: str = "sum"
+
+    @property
+    def multi(self) -> bool:
+        """Whether the field holds a list (a bag of ids)."""
+        return bool(self.separator)
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A declared layout (see the module doc)."""
+
+    name: str
+    format: str
+    delimiter: str
+    header: bool
+    columns: tuple[str, ...]  # empty with a header: the header names them
+    label: str
+    rule: str
+    dense: tuple[Dense, ...]
+    categorical: tuple[Categorical, ...]
+    ignore: tuple[str, ...]
+
+    def features(self) -> Features:
+        return Features(self.label, tuple(d.name for d in self.dense),
+                        tuple(c.name for c in self.categorical),
+                        tuple(c.pooling for c in self.categorical))
+
+    def used(self) -> list[str]:
+        """The columns read: the label, then the dense and categorical features."""
+        return [self.label, *(d.name for d in self.dense), *(c.name for c in self.categorical)]
+
+    def check_columns(self, names: list[str], where: str) -> None:
+        """Every declared column must be among ``names`` (a header), every name declared."""
+        missing = [c for c in self.used() if c not in names]
+        if missing:
+            raise SchemaError(f"{where}: no column {', '.join(missing)} (schema {self.name})")
+        undeclared = [c for c in names if c not in self.used() and c not in self.ignore]
+        if undeclared:
+            raise SchemaError(f"{where}: columns {', '.join(undeclared)} are neither features "
+                              f"nor in `ignore` of schema {self.name}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_OPS = (">=", "<=", "==", "!=", ">", "<")
+
+
+def parse_rule(rule: str) -> tuple[str, float] | None:
+    """``">= 4"`` → (">=", 4.0); ``""`` → None. ValueError for anything else."""
+    if not rule.strip():
+        return None
+    for op in _OPS:
+        if rule.strip().startswith(op):
+            return op, float(rule.strip()[len(op):])
+    raise ValueError(f"expected one of {', '.join(_OPS)} and a number, got {rule!r}")
+
+
+def _take(table: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
+    value = table.pop(key, default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SchemaError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _names(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = table.pop(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise SchemaError(f"{where}.{key}: expected a list of column names, got {value!r}")
+    return tuple(value)
+
+
+def _no_more(table: dict[str, Any], where: str) -> None:
+    if table:
+        raise SchemaError(f"{where}: unknown key {', '.join(sorted(table))}")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], where: str) -> None:
+    if value not in allowed:
+        raise SchemaError(f"{where}: must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _features(doc: dict[str, Any], section: str, cls: type, where: str) -> tuple[Any, ...]:
+    """The features of ``[dense]`` or ``[categorical]``: defaults, then per-feature keys."""
+    table = dict(doc.pop(section, {}))
+    here = f"{where}: {section}"
+    columns = _names(table, "columns", here)
+    per_feature = table.pop("per_feature", {})
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "name"}
+    defaults = {}
+    for key, f in fields.items():
+        kind = {"float": float, "int": int, "str": str}[str(f.type)]
+        defaults[key] = _take(table, key, kind, f.default, here)
+    _no_more(table, here)
+    if not isinstance(per_feature, dict):
+        raise SchemaError(f"{here}.per_feature: expected a table per column")
+    out = []
+    for name in columns:
+        values = dict(defaults)
+        own = dict(per_feature.pop(name, {}))
+        for key, f in fields.items():
+            kind = {"float": float, "int": int, "str": str}[str(f.type)]
+            values[key] = _take(own, key, kind, values[key], f"{here}.per_feature.{name}")
+        _no_more(own, f"{here}.per_feature.{name}")
+        out.append(cls(name, **values))
+    if per_feature:
+        raise SchemaError(f"{here}.per_feature: {', '.join(per_feature)} not in "
+                          f"{section}.columns")
+    return tuple(out)
+
+
+def load_schema(path: str | Path) -> Schema:
+    """Reads and checks a schema file; a name without a path is looked up in
+    ``configs/schemas/`` (``avazu`` → ``configs/schemas/avazu.toml``).
+
+    Raises:
+        SchemaError: naming the file and the key at fault.
+    """
+    path = Path(path)
+    if not path.is_file() and not path.suffix and (SCHEMAS / f"{path}.toml").is_file():
+        path = SCHEMAS / f"{path}.toml"
+    doc = read_toml(path, SchemaError, "schema")
+    where = str(path)
+    inp = dict(doc.pop("input", {}))
+    fmt = _take(inp, "format", str, "", f"{where}: input")
+    _one_of(fmt, FORMATS, f"{where}: input.format")
+    delimiter = _take(inp, "delimiter", str, "\t" if fmt == "tsv" else ",", f"{where}: input")
+    if len(delimiter) != 1:
+        raise SchemaError(f"{where}: input.delimiter: must be one character, got {delimiter!r}")
+    header = _take(inp, "header", bool, False, f"{where}: input")
+    columns = _names(inp, "columns", f"{where}: input")
+    _no_more(inp, f"{where}: input")
+    if not header and not columns:
+        raise SchemaError(f"{where}: input.columns: required without a header")
+
+    label = dict(doc.pop("label", {}))
+    label_column = _take(label, "column", str, "", f"{where}: label")
+    rule = _take(label, "rule", str, "", f"{where}: label")
+    _no_more(label, f"{where}: label")
+    if not label_column:
+        raise SchemaError(f"{where}: label.column: required")
+    try:
+        parse_rule(rule)
+    except ValueError as e:
+        raise SchemaError(f"{where}: label.rule: {e}") from None
+    ignore = _names(doc, "ignore", where)
+    dense = _features(doc, "dense", Dense, where)
+    categorical = _features(doc, "categorical", Categorical, where)
+    _no_more(doc, where)
+
+    for d in dense:
+        k = f"{where}: dense.{d.name}"
+        _one_of(d.transform, ("log1p", "none"), f"{k}.transform")
+        _one_of(d.values, ("float", "integer"), f"{k}.values")
+    for c in categorical:
+        k = f"{where}: categorical.{c.name}"
+        _one_of(c.values, ("auto", "hex"), f"{k}.values")
+        _one_of(c.encoding, ("vocab", "hash"), f"{k}.encoding")
+        _one_of(c.pooling, ("sum", "mean"), f"{k}.pooling")
+        for key in ("min_frequency", "max_vocab", "max_length"):
+            if getattr(c, key) < 0:
+                raise SchemaError(f"{k}.{key}: must be >= 0, got {getattr(c, key)}")
+        if c.encoding == "hash" and c.buckets < 2:
+            raise SchemaError(f"{k}.buckets: must be >= 2, got {c.buckets}")
+        if len(c.separator) > 1 or c.separator == delimiter:
+            raise SchemaError(f"{k}.separator: must be one character other than the "
+                              f"delimiter, got {c.separator!r}")
+    if not categorical:
+        raise SchemaError(f"{where}: categorical.columns: at least one is needed")
+    schema = Schema(path.stem, fmt, delimiter, header, columns, label_column, rule, dense,
+                    categorical, ignore)
+    used = schema.used()
+    twice = sorted({c for c in used + list(ignore) if (used + list(ignore)).count(c) > 1})
+    if twice:
+        raise SchemaError(f"{where}: {', '.join(twice)} declared more than once")
+    if columns:
+        schema.check_columns(list(columns), f"{where}: input.columns")
+    return schema
+
+
+def is_criteo(schema: Schema) -> bool:
+    """Whether ``schema`` is Criteo's layout, which the byte-level fast path reads: TSV
+    without a header, the 40 columns in order, a 0/1 label, integer dense features with
+    log1p and fill 0, hex categorical features, one encoding for all."""
+    first = schema.categorical[0]
+    return (schema.format == "tsv" and schema.delimiter == "\t" and not schema.header
+            and schema.columns == (LABEL, *DENSE_NAMES, *SPARSE_NAMES) and not schema.ignore
+            and schema.label == LABEL and not schema.rule
+            and schema.dense == tuple(Dense(n, 0.0, "log1p", "integer") for n in DENSE_NAMES)
+            and schema.categorical == tuple(dataclasses.replace(first, name=n)
+                                            for n in SPARSE_NAMES)
+            and first.values == "hex" and not first.multi and first.pooling == "sum")

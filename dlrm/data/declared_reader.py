@@ -1,0 +1,90 @@
+"""Rows of a declared schema (CSV or TSV text) parsed into blocks.
+
+Fields are split by pyarrow's CSV reader (quoted fields in CSV) as raw bytes; each
+column goes through the codec its declaration names. A row with a wrong number of
+fields, a label or number that does not parse, or a bag longer than its cap is rejected
+by reason with its line; the good rows around it are kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from dlrm.data.blocks import Block, RowProblems, read_blocks, split_fields
+from dlrm.data.chunks import Options, Task
+from dlrm.data.codecs import (
+    bag_values,
+    category_values,
+    column_bytes,
+    label_column,
+    number_column,
+    transform,
+)
+from dlrm.data.declared import Schema, parse_rule
+from dlrm.data.rejects import Reject
+
+_COMPARE = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne,
+            ">": operator.gt, "<": operator.lt}
+
+
+def declared_blocks(task: Task, opts: Options, schema: Schema,
+                    progress: Callable[[int], None] = lambda n: None) -> Iterator[Block]:
+    """Parsed blocks of a chunk of ``schema``'s text (its ``columns`` filled in)."""
+    return read_blocks(task, opts, functools.partial(parse, schema=schema),
+                       functools.partial(empty, schema=schema), progress, header=schema.header)
+
+
+def empty(rejects: list[Reject], lines: int, schema: Schema) -> Block:
+    """A block of no rows (only rejects)."""
+    none = np.zeros(0, np.uint64)
+    hex_ = [(none, np.zeros(0, np.int32 if c.multi else bool)) for c in schema.categorical]
+    return Block(np.zeros(0, np.int8), [np.zeros(0, np.float32) for _ in schema.dense], hex_,
+                 rejects, lines)
+
+
+def _label(column, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 labels, valid): the field is exactly 0 or 1, or the rule holds of its number."""
+    parsed = parse_rule(rule)
+    if parsed is None:
+        return label_column(*column_bytes(column))
+    op, threshold = parsed
+    values, ok = number_column(column, np.nan, integer=False)
+    ok &= ~np.isnan(values)  # an empty label is no label
+    return _COMPARE[op](values, threshold).astype(np.int8), ok
+
+
+def parse(buf: bytes, line_of: np.ndarray, schema: Schema) -> Block:
+    """Splits, checks and converts the fields of ``buf`` (whole lines) by ``schema``."""
+    table, lines, rejects = split_fields(buf, line_of, list(schema.columns), schema.delimiter,
+                                         quoted=schema.format == "csv")
+    problems = RowProblems(table.num_rows)
+    label, ok = _label(table.column(schema.label), schema.rule)
+    problems.mark(ok, "bad_label")
+    dense = []
+    for d in schema.dense:
+        values, ok = number_column(table.column(d.name), d.fill, d.values == "integer")
+        problems.mark(ok, "bad_dense")
+        dense.append(transform(values, d.transform))
+    hex_ = []
+    for c in schema.categorical:
+        if c.multi:
+            values, lengths, ok, short = bag_values(table.column(c.name), c.separator, c.values,
+                                                    c.max_length)
+            problems.mark(ok, "bad_categorical")
+            problems.mark(short, "list_too_long")
+            hex_.append((values, lengths))
+        else:
+            values, present, ok = category_values(*column_bytes(table.column(c.name)), c.values)
+            problems.mark(ok, "bad_categorical")
+            hex_.append((values, present))
+    good = problems.good()
+    if good is not None:
+        rejects += problems.rejects(table, lines, schema.delimiter)
+        label, dense = label[good], [x[good] for x in dense]
+        hex_ = [(v[np.repeat(good, m)], m[good]) if c.multi else (v[good], m[good])
+                for c, (v, m) in zip(schema.categorical, hex_, strict=True)]
+    return Block(label, dense, hex_, rejects, 0)

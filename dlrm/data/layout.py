@@ -1,0 +1,77 @@
+"""What the preprocessing workers know of a dataset's layout: its columns, which
+categorical ones hold bags, each one's encoding, and how to read a chunk into blocks.
+
+Criteo's layout reads through the byte-level fast path (``criteo_tsv``) and stages its
+parsed rows between the vocab encoding's two passes; a declared schema reads through
+``declared_reader`` and parses its text again in the second pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from dlrm.data.blocks import Block
+from dlrm.data.chunks import Options, Task
+from dlrm.data.declared import Schema
+from dlrm.data.schema import DENSE_NAMES, LABEL, SPARSE_NAMES
+from dlrm.data.vocab import Encoding
+
+BAGS = pa.list_(pa.int64())
+
+
+@dataclass(frozen=True)
+class Layout:
+    label: str
+    dense: tuple[str, ...]
+    sparse: tuple[str, ...]
+    multi: tuple[bool, ...]  # per categorical feature: a bag per row
+    encodings: tuple[Encoding, ...]  # per categorical feature
+    schema: Schema | None = None  # None: Criteo's fast path
+
+    @classmethod
+    def criteo(cls, encoding: Encoding) -> Layout:
+        n = len(SPARSE_NAMES)
+        return cls(LABEL, tuple(DENSE_NAMES), tuple(SPARSE_NAMES), (False,) * n,
+                   (encoding,) * n)
+
+    @classmethod
+    def declared(cls, schema: Schema) -> Layout:
+        features = schema.features()
+        encodings = tuple(Encoding(c.encoding, c.min_frequency, c.max_vocab, c.buckets)
+                          for c in schema.categorical)
+        return cls(features.label, features.dense, features.sparse,
+                   tuple(c.multi for c in schema.categorical), encodings, schema)
+
+    @property
+    def vocab(self) -> bool:
+        """Whether any feature needs the counting pass."""
+        return any(e.type == "vocab" for e in self.encodings)
+
+    @property
+    def stages(self) -> bool:
+        """Whether the counting pass keeps its parsed rows for the second (Criteo only)."""
+        return self.schema is None and self.vocab
+
+    def blocks(self, task: Task, opts: Options,
+               progress: Callable[[int], None]) -> Iterator[Block]:
+        if self.schema is None:
+            from dlrm.data.criteo_tsv import criteo_blocks
+
+            return criteo_blocks(task, opts, progress)
+        from dlrm.data.declared_reader import declared_blocks
+
+        return declared_blocks(task, opts, self.schema, progress)
+
+    def output_schema(self) -> pa.Schema:
+        return pa.schema([(self.label, pa.int8())] + [(c, pa.float32()) for c in self.dense]
+                         + [(c, BAGS if m else pa.int64())
+                            for c, m in zip(self.sparse, self.multi, strict=True)])
+
+    def encoding_json(self) -> dict:
+        """The manifest's ``encoding``: Criteo's one for all, else one per feature."""
+        if self.schema is None:
+            return self.encodings[0].to_json()
+        return {c: e.to_json() for c, e in zip(self.sparse, self.encodings, strict=True)}

@@ -1,0 +1,231 @@
+"""Declared schemas: the schema file, and logs that are not Criteo's preprocessed,
+trained and evaluated through the real commands (MovieLens and Avazu layouts, written
+here with a planted signal, quoted fields, bad rows and a gzip file)."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import REPO, dlrm, quiet, torchrun
+
+from dlrm.data.declared import SchemaError, is_criteo, load_schema
+from dlrm.data.preprocess import Options, PreprocessError, preprocess
+from dlrm.data.synth import synth
+
+GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Drama",
+          "Fantasy", "Horror", "Musical", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+ML_HEADER = "user_id,movie_id,rating,timestamp,title,genres,gender,age,occupation,zip"
+
+
+def _movielens_rows(rows: int, seed: int) -> list[list]:
+    """Ratings from user, movie and genre effects: a rating of 4+ is well predictable."""
+    rng = np.random.default_rng(seed)
+    world = np.random.default_rng(1234)
+    user_bias, movie_bias = world.normal(0, 1, 150), world.normal(0, 1, 200)
+    genres = [world.choice(len(GENRES), world.integers(1, 4), replace=False) for _ in range(200)]
+    out = []
+    for i in range(rows):
+        u, m = int(rng.integers(150)), int(rng.integers(200))
+        score = 3.3 + user_bias[u] + movie_bias[m] + rng.normal(0, 0.6)
+        out.append([u + 1, m + 1, int(np.clip(np.round(score), 1, 5)), 978300000 + i,
+                    f"Movie {m}, The ({1950 + m % 50})", "|".join(GENRES[g] for g in genres[m]),
+                    "MF"[u % 2], [1, 18, 25, 35, 45, 50, 56][u % 7], u % 21,
+                    f"{10000 + u * 37}" if u % 3 else f"{10000 + u}-1234"])
+    return out
+
+
+def _write_csv(path, header: str, rows: list[list], extra_lines: list[str] = ()) -> None:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", newline="") as f:
+        f.write(header + "\n")
+        writer = csv.writer(f)
+        writer.writerows(rows)
+        for line in extra_lines:
+            f.write(line + "\n")
+
+
+@pytest.fixture(scope="module")
+def movielens(tmp_path_factory):
+    root = tmp_path_factory.mktemp("movielens")
+    raw = [root / "ml_0.csv", root / "ml_1.csv.gz", root / "ml_2.csv"]
+    for d, path in enumerate(raw):
+        bad = [] if d != 1 else [
+            "1,2,x,3,Bad label,Drama,M,1,1,10000",  # the rating is no number
+            "1,2,5,3,Too many fields,Drama,M,1,1,10000,extra",
+            "1,2,5,3,Long list," + "|".join(GENRES[:7]) + ",M,1,1,10000",  # 7 > max_length 6
+        ]
+        _write_csv(path, ML_HEADER, _movielens_rows(3000, d), bad)
+    manifest = preprocess(raw, root / "data", workers=2, log=quiet,
+                          schema=load_schema("movielens"))
+    return root, raw, manifest
+
+
+def test_movielens_layout_preprocesses_with_bags_rules_and_rejects(movielens):
+    root, raw, manifest = movielens
+    schema = manifest["schema"]
+    assert schema["label"] == "rating" and schema["dense"] == []
+    assert schema["sparse"] == ["user_id", "movie_id", "genres", "gender", "age", "occupation",
+                                "zip"]
+    assert schema["pooling"][2] == "mean" and schema["bags"] == ["genres"]
+    assert manifest["rows_accepted"] == 9000
+    assert manifest["rejected_by_reason"] == {"bad_label": 1, "list_too_long": 1,
+                                              "wrong_field_count": 1}
+    # The header is line 1: the first bad row follows 3000 good ones.
+    rejects = (root / "data" / "rejects" / "ml_1.tsv").read_text().splitlines()
+    assert [r.split("\t")[:2] for r in rejects] == [
+        ["3002", "bad_label"], ["3003", "wrong_field_count"], ["3004", "list_too_long"]]
+    assert manifest["cardinalities"][:2] == [152, 202]  # ids seen + missing + OOV
+    assert manifest["cardinalities"][2] == len(GENRES) + 2
+
+    source = _movielens_rows(3000, 0)
+    table = pq.read_table(root / "data" / manifest["sources"][0]["files"][0]["path"])
+    labels = [int(r[2] >= 4) for r in source]
+    assert table.column("rating").to_pylist() == labels
+    bags = table.column("genres").to_pylist()
+    assert [len(b) for b in bags] == [len(r[5].split("|")) for r in source]
+    vocab = np.load(root / "data" / "vocab.npz")
+    same_movie = [i for i, r in enumerate(source) if r[1] == source[0][1]]
+    assert all(table.column("movie_id")[i].as_py() == table.column("movie_id")[0].as_py()
+               for i in same_movie)  # a value always gets the same id
+    assert vocab["user_id"].size == 150 and vocab["user_id"].max() <= 150  # integers as such
+    assert (vocab["zip"] > np.uint64(1 << 63)).any()  # "10001-1234" is hashed
+
+
+def test_small_chunks_give_the_same_dataset(movielens, tmp_path):
+    """Cut into many byte ranges (only the first holds the header), on 2 workers."""
+    root, raw, manifest = movielens
+    small = preprocess(raw, tmp_path / "data", log=quiet, schema=load_schema("movielens"),
+                       options=Options(workers=2, chunk_bytes=20_000, block_bytes=8192))
+    assert small["rows_accepted"] == manifest["rows_accepted"]
+    assert small["rejected_by_reason"] == manifest["rejected_by_reason"]
+    assert small["cardinalities"] == manifest["cardinalities"]
+    assert len(small["sources"][0]["files"]) > 1
+
+    def rows(m, base):
+        return pa.concat_tables([pq.read_table(base / f["path"]) for s in m["sources"]
+                                 for f in s["files"]])
+
+    assert rows(small, tmp_path / "data").equals(rows(manifest, root / "data"))
+    assert ((tmp_path / "data" / "rejects" / "ml_1.tsv").read_text()
+            == (root / "data" / "rejects" / "ml_1.tsv").read_text())
+
+
+def test_movielens_trains_on_two_ranks_and_evaluates_the_same(movielens, tmp_path):
+    root, _, _ = movielens
+    run = tmp_path / "run"
+    out = torchrun(["-m", "dlrm", "train", "--config", "configs/movielens.toml",
+                    f"--data.path={root / 'data'}", "--run-dir", str(run),
+                    "--data.batch_size=128", "--train.log_every=20"]).stdout
+    (done,) = [json.loads(x) for x in out.splitlines() if '"event": "done"' in x]
+    assert done["test_auc"] > 0.85, done  # user and movie effects, learnt through the tables
+    checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
+    report = tmp_path / "eval.json"
+    dlrm("evaluate", "--checkpoint", str(checkpoint), "--data", str(root / "data"),
+         "--out", str(report))
+    assert json.loads(report.read_text())["metrics"]["auc"] == pytest.approx(
+        done["test_auc"], abs=1e-6)
+
+
+AVAZU_HEADER = ("id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,"
+                "app_domain,app_category,device_id,device_ip,device_model,device_type,"
+                "device_conn_type,C14,C15,C16,C17,C18,C19,C20,C21")
+
+
+def _avazu_rows(rows: int, seed: int) -> list[list]:
+    """Clicks from the site and the device model; the other columns are noise."""
+    rng = np.random.default_rng(seed)
+    sites = [f"{h:08x}" for h in np.random.default_rng(7).integers(0, 2**32, 60)]
+    models = [f"{h:08x}" for h in np.random.default_rng(8).integers(0, 2**32, 40)]
+    site_ctr = np.random.default_rng(9).uniform(0.02, 0.6, 60)
+    out = []
+    for i in range(rows):
+        s, m = int(rng.integers(60)), int(rng.integers(40))
+        click = int(rng.random() < site_ctr[s] * (1.5 if m % 2 else 0.5))
+        out.append([10**18 + seed * rows + i, click, 14102100 + i % 24, 1005, int(rng.integers(2)),
+                    sites[s], "f3845767", "28905ebd", "ecad2386", "7801e8d9", "07d7df22",
+                    "a99f214a", f"{int(rng.integers(2**32)):08x}", models[m], 1,
+                    int(rng.integers(3)), 15706 + int(rng.integers(5)), 320, 50, 1722, 0, 35,
+                    -1 if rng.random() < 0.5 else 100084, 79])
+    return out
+
+
+def test_avazu_layout_with_hash_encoding_from_the_command_line(tmp_path):
+    raw = [tmp_path / f"day_{d}.csv" for d in range(3)]
+    for d, path in enumerate(raw):
+        _write_csv(path, AVAZU_HEADER, _avazu_rows(2500, d))
+    data = tmp_path / "data"
+    dlrm("preprocess", "--schema", "avazu", "--input", *map(str, raw), "--out", str(data),
+         "--encoding", "hash", "--buckets", "5000")
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert len(manifest["schema"]["sparse"]) == 21 and "hour" not in manifest["schema"]["sparse"]
+    assert manifest["cardinalities"] == [5000] * 21 and manifest["rows_accepted"] == 7500
+    assert set(manifest["encoding"]) == set(manifest["schema"]["sparse"])
+    out = dlrm("train", "--config", "configs/avazu.toml", f"--data.path={data}",
+               "--run-dir", str(tmp_path / "run"), "--data.batch_size=128",
+               "--train.epochs=2").stdout
+    (done,) = [json.loads(x) for x in out.splitlines() if '"event": "done"' in x]
+    assert done["test_auc"] > 0.7, done
+
+
+def test_headers_must_agree_and_hold_the_declared_columns(tmp_path):
+    good, other = tmp_path / "a.csv", tmp_path / "b.csv"
+    _write_csv(good, ML_HEADER, _movielens_rows(10, 0))
+    _write_csv(other, ML_HEADER.replace("zip", "zipcode"), _movielens_rows(10, 1))
+    with pytest.raises(PreprocessError, match="b.csv: header"):
+        preprocess([good, other], tmp_path / "out", log=quiet, schema=load_schema("movielens"))
+    with pytest.raises(PreprocessError, match="no column zip"):
+        preprocess([other], tmp_path / "out2", log=quiet, schema=load_schema("movielens"))
+
+
+def test_criteo_schema_file_is_the_fast_path_and_the_default(tmp_path):
+    assert is_criteo(load_schema("criteo")) and not is_criteo(load_schema("movielens"))
+    synth(tmp_path / "raw", days=2, rows_per_day=500, seed=3)
+    inputs = [tmp_path / "raw" / f"day_{d}" for d in range(2)]
+    default = preprocess(inputs, tmp_path / "a", workers=1, log=quiet)
+    declared = preprocess(inputs, tmp_path / "b", workers=1, log=quiet,
+                          schema=load_schema(REPO / "configs" / "schemas" / "criteo.toml"))
+    for m in (default, declared):
+        m.pop("seconds")
+    assert default == declared
+    for f in default["sources"][0]["files"]:
+        a, b = tmp_path / "a" / f["path"], tmp_path / "b" / f["path"]
+        assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[input]\nformat = "xml"\n', "input.format"),
+    ('[input]\nformat = "csv"\nheader = false\n', "input.columns"),
+    ('[input]\nformat = "csv"\nheader = true\n[label]\ncolumn = "y"\nrule = "about 4"\n'
+     '[categorical]\ncolumns = ["a"]\n', "label.rule"),
+    ('[input]\nformat = "csv"\nheader = true\n[label]\ncolumn = "y"\n'
+     '[categorical]\ncolumns = ["a"]\nencoding = "magic"\n', "categorical.a.encoding"),
+    ('[input]\nformat = "csv"\nheader = true\n[label]\ncolumn = "y"\n'
+     '[categorical]\ncolumns = ["a"]\n[categorical.per_feature.b]\nseparator = "|"\n',
+     "categorical.per_feature"),
+    ('[input]\nformat = "csv"\nheader = true\ncolour = 1\n', "input: unknown key colour"),
+    ('[input]\nformat = "csv"\nheader = true\n[label]\ncolumn = "y"\n'
+     '[categorical]\ncolumns = ["a"]\nmin_frequency = "2"\n', "categorical.min_frequency"),
+    ('[input]\nformat = "tsv"\ncolumns = ["y", "a", "b"]\n[label]\ncolumn = "y"\n'
+     '[categorical]\ncolumns = ["a"]\n', "neither features nor in `ignore`"),
+])
+def test_schema_errors_name_the_file_and_key(tmp_path, text, key):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(SchemaError) as e:
+        load_schema(path)
+    assert str(path) in str(e.value) and key in str(e.value)
+
+
+def test_cli_names_a_bad_schema_and_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dlrm", "preprocess", "--schema", "nonesuch",
+                           "--input", "x", "--out", str(tmp_path / "o")], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "schema file not found: nonesuch" in proc.stderr

@@ -7,7 +7,7 @@ It writes one Avazu-layout CSV (header, 24 columns: hex-string ids, numeric-look
 categorical columns; about 160 bytes a row), then times, each in its own subprocess:
 - the floor: `pyarrow.csv.read_csv` of the whole file with its default type inference and
   threads (every core), nothing else;
-- `dlrm preprocess --schema avazu --encoding hash` (one pass: parse, check, hash, ids,
+- `dlrm preprocess --schema avazu --encoding hash --chunk-mb 16` (one pass: parse, check, hash, ids,
   Parquet shards, manifest);
 - `dlrm preprocess --schema avazu` (vocab: a counting pass, then the encoding pass).
 Each is timed as wall seconds from process start to exit (imports and worker start-up
@@ -81,6 +81,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--chunk-mb", type=float, default=16,
+                    help="chunks small enough that every worker has some of the one file")
     ap.add_argument("--keep", default=None, help="work directory to keep (default: a temp one)")
     args = ap.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench_declared_"))
@@ -100,7 +102,8 @@ def main() -> None:
         extra = ["--encoding", "hash", "--buckets", "1000000"] if encoding == "hash" else []
         results[f"dlrm preprocess --schema avazu ({encoding})"] = timed(
             [sys.executable, "-m", "dlrm", "preprocess", "--schema", "avazu", "--input",
-             str(data), "--out", str(out), "--workers", str(args.workers), *extra])
+             str(data), "--out", str(out), "--workers", str(args.workers),
+             "--chunk-mb", str(args.chunk_mb), *extra])
     for name, seconds in results.items():
         print(f"{name:45s} {seconds:7.2f} s  {args.rows / seconds:12,.0f} rows/s  "
               f"ratio to floor {floor / seconds:.2f}")

@@ -92,7 +92,8 @@ def split_fields(buf: bytes, line_of: np.ndarray, columns: list[str], delimiter:
                  ) -> tuple[pa.Table, np.ndarray, list[Reject]]:
     """The fields of ``buf`` (whole lines) as binary columns; lines with the wrong number
     of fields become rejects. Returns the table, the line number of each of its rows and
-    the rejects. ``convert``: the columns to keep (default all)."""
+    the rejects. ``convert``: the columns to keep (default all; the others are checked
+    for their count only)."""
     wrong: list[int] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
@@ -136,14 +137,14 @@ class RowProblems:
         """The rows without a problem; None when every row is good."""
         return self.reason < 0 if (self.reason >= 0).any() else None
 
-    def rejects(self, table: pa.Table, lines: np.ndarray, delimiter: str) -> list[Reject]:
-        """The bad rows, their text the fields joined again by ``delimiter``."""
+    def rejects(self, buf: bytes, line_of: np.ndarray, lines: np.ndarray) -> list[Reject]:
+        """The bad rows with their text: the row of line ``lines[i]`` is the line of
+        ``buf`` whose number ``line_of`` gives."""
         bad = np.flatnonzero(self.reason >= 0)
         if not bad.size:
             return []
-        picked = table.take(bad)
-        cols = [picked.column(c).to_pylist() for c in picked.column_names]
-        sep = delimiter.encode()
+        texts = buf.split(b"\n")
+        where = np.searchsorted(line_of, lines[bad])
         return [Reject(int(lines[i]), REJECT_REASONS[int(self.reason[i])],
-                       sep.join(f or b"" for f in fields)[:REJECT_TEXT_BYTES])
-                for i, fields in zip(bad, zip(*cols, strict=True), strict=True)]
+                       texts[k].removesuffix(b"\r")[:REJECT_TEXT_BYTES])
+                for i, k in zip(bad, where, strict=True)]

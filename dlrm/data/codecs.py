@@ -187,43 +187,92 @@ def transform(values: np.ndarray, kind: str) -> np.ndarray:
 
 _FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
 _TOP = np.uint64(1 << 63)
+_WINDOW = 64  # fields up to this long are hashed from a window; longer ones byte by byte
 
 
-def _fnv1a(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """64-bit FNV-1a of each field's bytes, with the top bit set: a decimal integer's own
-    value (below 2**63) never equals a hashed string's. One numpy step per byte position
-    of the longest field."""
-    lengths = np.diff(offsets)
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every input bit flips about half the output bits."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _window(starts: np.ndarray, lengths: np.ndarray, data: np.ndarray,
+            width: int) -> np.ndarray:
+    """[n, width] bytes: each field's last ``width`` bytes, right-aligned, zeros before.
+    Fields all ``width`` long lying back to back give a view, no copy."""
+    n = lengths.size
+    if data.size == n * width and (n == 0 or (lengths.min() == width and starts[0] == 0)):
+        return data.reshape(n, width)
+    padded = np.concatenate([np.zeros(width, np.uint8), data])
+    win = padded[(starts + lengths)[:, None] + np.arange(width)]
+    win[np.arange(width) < width - np.minimum(lengths, width)[:, None]] = 0
+    return win
+
+
+def _fnv1a(starts: np.ndarray, lengths: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """64-bit FNV-1a of each field's bytes, one step per byte position."""
     h = np.full(lengths.size, _FNV_OFFSET, np.uint64)
-    starts = offsets[:-1]
     with np.errstate(over="ignore"):
         for i in range(int(lengths.max()) if lengths.size else 0):
-            rows = np.flatnonzero(lengths > i)
-            h[rows] = (h[rows] ^ data[starts[rows] + i].astype(np.uint64)) * _FNV_PRIME
-    return h | _TOP
+            at = np.flatnonzero(lengths > i)
+            h[at] = (h[at] ^ data[starts[at] + i].astype(np.uint64)) * _FNV_PRIME
+    return h
 
 
-def category_values(offsets: np.ndarray, data: np.ndarray, kind: str,
+def _text_hash(starts: np.ndarray, lengths: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each field: its length, then the 8-byte words it occupies, folded
+    through the mixer (the same for a value whatever else is in the column); fields
+    longer than ``_WINDOW`` bytes by FNV-1a."""
+    width = -(-min(int(lengths.max()), _WINDOW) // 8) * 8 if lengths.size else 0
+    if width == 0:
+        return np.zeros(lengths.size, np.uint64)
+    words = np.ascontiguousarray(_window(starts, lengths, data, width)).view("<u8")
+    count = words.shape[1]
+    first = count - (np.minimum(lengths, _WINDOW) + 7) // 8  # the field's first word
+    h = lengths.astype(np.uint64)
+    for k in range(count):
+        h = np.where(first <= k, _mix(h ^ words[:, k]), h)
+    long = np.flatnonzero(lengths > _WINDOW)
+    if long.size:
+        h[long] = _fnv1a(starts[long], lengths[long], data)
+    return h
+
+
+def category_values(column: pa.Array | pa.ChunkedArray, kind: str,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Categorical fields → (uint64 values, present, valid). ``hex``: Criteo's hex
-    numbers; ``auto``: a decimal integer stands for itself (a negative one for its
-    two's complement), any other text for its 64-bit hash. Empty is "missing"."""
+    """Categorical fields (a binary column) → (uint64 values, present, valid). ``hex``:
+    Criteo's hex numbers; ``auto``: a decimal integer of up to 18 digits stands for itself
+    (a negative one for its two's complement), any other text for a 64-bit hash with the
+    top bit set (so never an integer's own value, which is below 2**63). Empty is
+    "missing"."""
+    if isinstance(column, pa.Array):
+        column = pa.chunked_array([column])
+    offsets, data = column_bytes(column)
     if kind == "hex":
         return hex_column(offsets, data)
     lengths = np.diff(offsets)
     present = lengths > 0
-    ok, neg = _decimal(offsets, data)
-    number = ok & present
-    values = _fnv1a(offsets, data)
+    starts = offsets[:-1]
+    # Integers: no byte but digits, bar a leading minus; parsed by pyarrow's C++.
+    non_digit = np.append((data - np.uint8(ord("0"))) > 9, False).astype(np.int32)
+    count = np.add.reduceat(non_digit, starts) if starts.size else starts
+    count = np.where(present, count, 0)
+    lead = data[np.minimum(starts, data.size - 1)] if data.size else np.zeros_like(starts)
+    neg = (count == 1) & (lead == ord("-")) & (lengths > 1)
+    number = present & ((count == 0) | neg) & (lengths - neg <= 18)
+    values = np.zeros(lengths.size, np.uint64)
     if number.any():
-        starts = offsets[:-1]
-        acc = np.zeros(lengths.size, np.int64)
-        digits = lengths - neg
-        for i in range(int(digits[number].max())):
-            rows = np.flatnonzero(number & (digits > i))
-            acc[rows] = acc[rows] * 10 + (data[starts[rows] + neg[rows] + i] - ord("0"))
-        values[number] = np.where(neg[number], -acc[number], acc[number]).view(np.uint64)
-    values[~present] = 0
+        text = pc.cast(_array(column), pa.string())
+        parsed = pc.cast(pc.if_else(pa.array(number), text, None), pa.int64())
+        values[number] = parsed.fill_null(0).to_numpy()[number].view(np.uint64)
+    other = present & ~number
+    if other.sum() > lengths.size // 2:  # mostly text: hash the whole column at once
+        values = np.where(other, _text_hash(starts, lengths, data) | _TOP, values)
+    elif other.any():
+        rows = np.flatnonzero(other)
+        values[rows] = _text_hash(starts[rows], lengths[rows], data) | _TOP
     return values, present, np.ones(lengths.size, bool)
 
 
@@ -235,8 +284,7 @@ def bag_values(column: pa.ChunkedArray, separator: str, kind: str, max_length: i
     parts = pc.split_pattern(text, separator)
     per_row = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
     flat = pc.cast(pc.list_flatten(parts), pa.binary())
-    offsets, data = column_bytes(pa.chunked_array([flat]))
-    values, present, valid = category_values(offsets, data, kind)
+    values, present, valid = category_values(flat, kind)
     row = np.repeat(np.arange(per_row.size), per_row)
     lengths = np.bincount(row[present], minlength=per_row.size).astype(np.int32)
     ok = np.bincount(row[~valid], minlength=per_row.size) == 0

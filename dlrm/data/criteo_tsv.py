@@ -49,7 +49,7 @@ def parse(buf: bytes, line_of: np.ndarray) -> Block:
         hex_.append((values, present))
     good = problems.good()
     if good is not None:
-        rejects += problems.rejects(table, valid_lines, "\t")
+        rejects += problems.rejects(buf, line_of, valid_lines)
         label, dense = label[good], [x[good] for x in dense]
         hex_ = [(v[good], p[good]) for v, p in hex_]
     return Block(label, dense, hex_, rejects, 0)

@@ -60,7 +60,7 @@ def _label(column, rule: str) -> tuple[np.ndarray, np.ndarray]:
 def parse(buf: bytes, line_of: np.ndarray, schema: Schema) -> Block:
     """Splits, checks and converts the fields of ``buf`` (whole lines) by ``schema``."""
     table, lines, rejects = split_fields(buf, line_of, list(schema.columns), schema.delimiter,
-                                         quoted=schema.format == "csv")
+                                         quoted=schema.format == "csv", convert=schema.used())
     problems = RowProblems(table.num_rows)
     label, ok = _label(table.column(schema.label), schema.rule)
     problems.mark(ok, "bad_label")
@@ -78,12 +78,12 @@ def parse(buf: bytes, line_of: np.ndarray, schema: Schema) -> Block:
             problems.mark(short, "list_too_long")
             hex_.append((values, lengths))
         else:
-            values, present, ok = category_values(*column_bytes(table.column(c.name)), c.values)
+            values, present, ok = category_values(table.column(c.name), c.values)
             problems.mark(ok, "bad_categorical")
             hex_.append((values, present))
     good = problems.good()
     if good is not None:
-        rejects += problems.rejects(table, lines, schema.delimiter)
+        rejects += problems.rejects(buf, line_of, lines)
         label, dense = label[good], [x[good] for x in dense]
         hex_ = [(v[np.repeat(good, m)], m[good]) if c.multi else (v[good], m[good])
                 for c, (v, m) in zip(schema.categorical, hex_, strict=True)]

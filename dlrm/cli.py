@@ -16,10 +16,20 @@ def _error(command: str, e: Exception) -> int:
 
 
 def _synth(args: argparse.Namespace, rest: list[str]) -> int:
+    from dlrm.data.declared import SchemaError, is_criteo, load_schema
     from dlrm.data.synth import synth
+    from dlrm.data.synth_declared import synth_declared
 
-    report = synth(args.out, days=args.days, rows_per_day=args.rows_per_day, seed=args.seed,
-                   gzip=args.gzip)
+    try:
+        schema = load_schema(args.schema) if args.schema else None
+    except SchemaError as e:
+        return _error("synth", e)
+    if schema is None or is_criteo(schema):
+        report = synth(args.out, days=args.days, rows_per_day=args.rows_per_day,
+                       seed=args.seed, gzip=args.gzip)
+    else:
+        report = synth_declared(schema, args.out, days=args.days, rows_per_day=args.rows_per_day,
+                                seed=args.seed, max_vocab=args.max_vocab, gzip_files=args.gzip)
     print(json.dumps({"event": "synth", "out": args.out, **report["splits"]}))
     return 0
 
@@ -179,8 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dlrm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", help="write synthetic Criteo-format day files")
+    p = sub.add_parser("synth", help="write synthetic day files (Criteo's or a schema's "
+                       "layout) with a planted click model")
     p.add_argument("--out", required=True)
+    p.add_argument("--schema", default=None,
+                   help="schema file or name in configs/schemas/ (default: Criteo's layout)")
+    p.add_argument("--max-vocab", type=int, default=100_000,
+                   help="schema: the largest vocabulary of a categorical feature")
     p.add_argument("--days", type=int, default=3)
     p.add_argument("--rows-per-day", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,165 @@
+"""Synthetic logs for any declared schema, labels from a planted click model.
+
+Each categorical feature gets a vocabulary (sizes cycle through 10 … ``max_vocab``, so
+some features are high-cardinality) with Zipf-like frequencies: a long tail of ids seen a
+handful of times. The log-odds of a click are
+
+    bias + sum_f w_f[id_f]                    (a bag: the mean of its ids' weights)
+         + sum_j c_j * z_j                    (dense features, z standard normal)
+         + gamma * sum_(f,g) <u_f[id_f], v_g[id_g]>   (up to 3 interacting pairs, rank 4)
+
+with larger first-order weights on larger vocabularies, as real logs carry much of their
+signal in user, ad and device ids. A label declared by a rule (``rating >= 4``) is written
+as a number on the right side of the rule. ``truth.json`` holds the Bayes AUC of every
+day and of the held-out halves of the last (the default validation and test splits).
+Deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlrm.data.declared import Schema, parse_rule
+from dlrm.data.schema import holdout_halves
+from dlrm.fsutil import atomic_path, atomic_write_json
+from dlrm.metrics import auc
+
+SIZES = (10, 100, 1000, 10_000, 100_000, 1_000_000)
+ZIPF_EXPONENT = 1.05
+LATENT_DIM = 4
+BIAS = -1.0
+
+
+class PlantedModel:
+    """The click model of a schema: vocabularies, weights and interacting pairs."""
+
+    def __init__(self, schema: Schema, max_vocab: int, seed: int) -> None:
+        rng = np.random.default_rng([seed, 0])
+        self.schema = schema
+        n = len(schema.categorical)
+        self.sizes = [min(max_vocab, SIZES[(2 + 5 * f) % len(SIZES)]) for f in range(n)]
+        # More signal in larger vocabularies; the total the same however many features.
+        spread = np.sqrt(7 / max(n, 7))
+        scale = [0.2 * np.log10(s) * spread for s in self.sizes]
+        self.weights = [rng.normal(0, sc, size) for sc, size in zip(scale, self.sizes,
+                                                                     strict=True)]
+        ranks = [np.arange(1, size + 1, dtype=np.float64) ** -ZIPF_EXPONENT for size in self.sizes]
+        self.cdf = [np.cumsum(r) / r.sum() for r in ranks]
+        self.order = [rng.permutation(size) for size in self.sizes]  # frequent ≠ low id
+        self.pairs = [(f, f + 1) for f in range(0, min(n - 1, 9), 3)]  # at most 3
+        self.latent = {f: rng.normal(0, 0.5, (self.sizes[f], LATENT_DIM))
+                       for pair in self.pairs for f in pair}
+        self.dense_effect = rng.normal(0, 0.4, len(schema.dense))
+
+    def draw(self, f: int, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n ids of feature f (0-based), Zipf-distributed over a shuffled vocabulary."""
+        return self.order[f][np.searchsorted(self.cdf[f], rng.random(n))]
+
+
+def _render_ids(ids: np.ndarray, f: int, kind: str) -> list[str]:
+    """Ids as the text of a field: hex numbers, integers, or strings (by feature)."""
+    if kind == "hex":
+        return [f"{(int(i) * 2654435761 + f) & 0xFFFFFFFF:08x}" for i in ids]
+    if f % 2 == 0:
+        return [str(int(i) * 7 + 13) for i in ids]
+    return [f"v{f}_{int(i):x}" for i in ids]
+
+
+def _label_text(clicks: np.ndarray, rule: str, rng: np.random.Generator) -> list[str]:
+    parsed = parse_rule(rule)
+    if parsed is None:
+        return [str(int(c)) for c in clicks]
+    op, threshold = parsed
+    yes = {">=": threshold, ">": threshold + 1, "<=": threshold, "<": threshold - 1,
+           "==": threshold, "!=": threshold + 1}[op]
+    no = {">=": threshold - 1, ">": threshold, "<=": threshold + 1, "<": threshold,
+          "==": threshold + 1, "!=": threshold}[op]
+    spread = rng.integers(0, 2, clicks.size)  # a little variety on each side of the rule
+    step = 1 if op in (">=", ">", "!=") else -1
+    return [f"{(yes + step * s) if c else (no - step * s):g}"
+            for c, s in zip(clicks, spread, strict=True)]
+
+
+def _day(model: PlantedModel, rows: int, rng: np.random.Generator,
+         ) -> tuple[dict[str, list[str]], np.ndarray, np.ndarray]:
+    """One day's columns (as field text), labels and true click probabilities."""
+    schema = model.schema
+    logit = np.full(rows, BIAS)
+    columns: dict[str, list[str]] = {}
+    ids: dict[int, np.ndarray] = {}
+    for f, c in enumerate(schema.categorical):
+        if c.multi:
+            cap = c.max_length or 4
+            lengths = rng.integers(1, min(cap, 4) + 1, rows)
+            flat = model.draw(f, rng, int(lengths.sum()))
+            row = np.repeat(np.arange(rows), lengths)
+            logit += np.bincount(row, model.weights[f][flat], rows) / lengths
+            text = _render_ids(flat, f, c.values)
+            bounds = np.r_[0, np.cumsum(lengths)]
+            columns[c.name] = [c.separator.join(text[a:b])
+                               for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            ids[f] = flat[bounds[:-1]]  # a bag's first id interacts
+        else:
+            drawn = model.draw(f, rng, rows)
+            logit += model.weights[f][drawn]
+            columns[c.name] = _render_ids(drawn, f, c.values)
+            ids[f] = drawn
+    for f, g in model.pairs:
+        logit += 0.5 * np.einsum("nd,nd->n", model.latent[f][ids[f]], model.latent[g][ids[g]])
+    for j, d in enumerate(schema.dense):
+        z = rng.normal(0, 1, rows)
+        logit += model.dense_effect[j] * z
+        value = np.expm1(z + 1.5) if d.transform == "log1p" else z
+        missing = rng.random(rows) < 0.1
+        columns[d.name] = ["" if m else (str(int(round(v))) if d.values == "integer" else
+                                         f"{v:.4f}") for v, m in zip(value, missing, strict=True)]
+    prob = 1 / (1 + np.exp(-logit))
+    clicks = (rng.random(rows) < prob).astype(np.int8)
+    columns[schema.label] = _label_text(clicks, schema.rule, rng)
+    for k, name in enumerate(schema.ignore):  # row numbers, or text with the delimiter in it
+        columns[name] = ([f"note {i}, {k}" for i in range(rows)] if k % 2
+                         else [str(10**9 + i) for i in range(rows)])
+    return columns, clicks, prob
+
+
+def synth_declared(schema: Schema, out: str | Path, days: int = 3, rows_per_day: int = 10_000,
+                   seed: int = 0, max_vocab: int = 100_000, gzip_files: bool = False,
+                   ) -> dict[str, Any]:
+    """Writes ``day_0 … day_{days-1}`` (``.csv`` / ``.tsv``) of ``schema`` under ``out``,
+    with ``truth.json``; returns it."""
+    if schema.format not in ("csv", "tsv"):
+        raise ValueError(f"synth writes csv or tsv, not {schema.format}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = PlantedModel(schema, max_vocab, seed)
+    names = list(schema.columns) or [schema.label, *(d.name for d in schema.dense),
+                                     *(c.name for c in schema.categorical), *schema.ignore]
+    truth: dict[str, Any] = {"schema": schema.name, "seed": seed, "days": {}, "splits": {}}
+    suffix = f".{schema.format}" + (".gz" if gzip_files else "")
+    for day in range(days):
+        rng = np.random.default_rng([seed, 1, day])
+        columns, clicks, prob = _day(model, rows_per_day, rng)
+        path = out / f"day_{day}{suffix}"
+        with atomic_path(path) as tmp:
+            with (gzip.open(tmp, "wt", newline="") if gzip_files
+                  else open(tmp, "w", newline="")) as f:
+                writer = csv.writer(f, delimiter=schema.delimiter, lineterminator="\n",
+                                    quoting=csv.QUOTE_MINIMAL if schema.format == "csv"
+                                    else csv.QUOTE_NONE, escapechar=None)
+                if schema.header:
+                    writer.writerow(names)
+                writer.writerows(zip(*(columns[c] for c in names), strict=True))
+        truth["days"][f"day_{day}"] = {"rows": rows_per_day, "ctr": float(clicks.mean()),
+                                       "bayes_auc": auc(clicks, prob)}
+        if day == days - 1:
+            for split, (a, b) in zip(("val", "test"), holdout_halves(rows_per_day),
+                                     strict=True):
+                truth["splits"][split] = {"source": f"day_{day}", "rows": [a, b],
+                                          "bayes_auc": auc(clicks[a:b], prob[a:b])}
+    atomic_write_json(out / "truth.json", truth)
+    return truth

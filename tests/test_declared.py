@@ -264,3 +264,52 @@ def test_planted_data_of_a_schema_trains_to_near_its_bayes_auc(tmp_path, schema,
                     f"--data.batch_size={batch}"]).stdout
     (done,) = [json.loads(x) for x in log.splitlines() if '"event": "done"' in x]
     assert bayes - 0.05 < done["test_auc"] <= bayes + 0.01, (done["test_auc"], bayes)
+
+
+def test_a_parquet_export_gives_the_same_dataset_as_its_csv(tmp_path):
+    """The same ratings as CSV (text, |-joined genres) and as Parquet (typed columns, a
+    list column of genres, a null zip) preprocess to the same rows and ids."""
+    rows = _movielens_rows(2000, 5)
+    rows[7][9] = ""  # a missing zip
+    csv_path = tmp_path / "ratings.csv"
+    _write_csv(csv_path, ML_HEADER, rows)
+    names = ML_HEADER.split(",")
+    cols = {n: [r[i] for r in rows] for i, n in enumerate(names)}
+    cols["genres"] = [g.split("|") for g in cols["genres"]]
+    cols["zip"] = [z or None for z in cols["zip"]]
+    parquet_path = tmp_path / "ratings.parquet"
+    pq.write_table(pa.table(cols), parquet_path, row_group_size=700)
+    assert pa.types.is_list(pq.read_schema(parquet_path).field("genres").type)
+    text = (REPO / "configs" / "schemas" / "movielens.toml").read_text()
+    schema_path = tmp_path / "movielens_parquet.toml"
+    schema_path.write_text(text.replace('format = "csv"\nheader = true', 'format = "parquet"'))
+
+    a = preprocess([csv_path], tmp_path / "from_csv", log=quiet, schema=load_schema("movielens"))
+    b = preprocess([parquet_path], tmp_path / "from_parquet", log=quiet,
+                   schema=load_schema(schema_path))
+    assert a["cardinalities"] == b["cardinalities"] and b["rows_accepted"] == 2000
+
+    def table(m, base):
+        return pa.concat_tables([pq.read_table(base / f["path"]) for s in m["sources"]
+                                 for f in s["files"]])
+
+    assert table(a, tmp_path / "from_csv").equals(table(b, tmp_path / "from_parquet"))
+    assert table(b, tmp_path / "from_parquet").column("zip")[7].as_py() == 0  # missing
+
+
+def test_parquet_rows_that_break_the_schema_are_rejected_by_row(tmp_path):
+    path = tmp_path / "part.parquet"
+    pq.write_table(pa.table({"y": [1, 0, 7, 1], "a": ["x", "y", "z", "w"],
+                             "tags": [["p"], ["q", "r", "s"], [], None]}), path)
+    schema_path = tmp_path / "s.toml"
+    schema_path.write_text('[input]\nformat = "parquet"\n[label]\ncolumn = "y"\n'
+                           '[categorical]\ncolumns = ["a", "tags"]\n'
+                           '[categorical.per_feature.tags]\nseparator = "|"\nmax_length = 2\n')
+    manifest = preprocess([path], tmp_path / "out", log=quiet, schema=load_schema(schema_path))
+    assert manifest["rows_accepted"] == 2
+    assert manifest["rejected_by_reason"] == {"bad_label": 1, "list_too_long": 1}
+    rejects = (tmp_path / "out" / "rejects" / "part.tsv").read_text().splitlines()
+    assert [r.split("\t")[:2] for r in rejects] == [["2", "list_too_long"], ["3", "bad_label"]]
+    with pytest.raises(PreprocessError, match="no column b"):
+        schema_path.write_text(schema_path.read_text().replace('["a", "tags"]', '["b", "tags"]'))
+        preprocess([path], tmp_path / "out2", log=quiet, schema=load_schema(schema_path))

@@ -137,6 +137,18 @@ class RowProblems:
         """The rows without a problem; None when every row is good."""
         return self.reason < 0 if (self.reason >= 0).any() else None
 
+    def rejects_of_table(self, table: pa.Table, lines: np.ndarray) -> list[Reject]:
+        """The bad rows with their text: their fields (binary) joined by commas."""
+        bad = np.flatnonzero(self.reason >= 0)
+        if not bad.size:
+            return []
+        picked = table.take(bad)
+        cols = [[str(v).encode() if not isinstance(v, bytes) else v
+                 for v in picked.column(c).to_pylist()] for c in picked.column_names]
+        return [Reject(int(lines[i]), REJECT_REASONS[int(self.reason[i])],
+                       b",".join(fields)[:REJECT_TEXT_BYTES])
+                for i, fields in zip(bad, zip(*cols, strict=True), strict=True)]
+
     def rejects(self, buf: bytes, line_of: np.ndarray, lines: np.ndarray) -> list[Reject]:
         """The bad rows with their text: the row of line ``lines[i]`` is the line of
         ``buf`` whose number ``line_of`` gives."""

@@ -18,6 +18,10 @@ import numpy as np
 from dlrm.data.rejects import REJECT_TEXT_BYTES, Reject
 
 
+class PreprocessError(RuntimeError):
+    """A fatal condition (missing input, unusable output, full disk); names the path."""
+
+
 @dataclass(frozen=True)
 class Options:
     """How the work is cut; none of these change the dataset's content."""
@@ -31,7 +35,7 @@ class Options:
 def source_name(path: Path) -> str:
     """``/x/day_3.gz`` → ``day_3``; ``train.txt`` → ``train``."""
     name = path.name
-    for suffix in (".gz", ".tsv", ".txt", ".csv"):
+    for suffix in (".gz", ".tsv", ".txt", ".csv", ".parquet"):
         name = name.removesuffix(suffix)
     return name
 
@@ -60,11 +64,13 @@ class Task:
         return Path(self.path).stat().st_size if self.gzip else self.end - self.start
 
 
-def plan_tasks(paths: list[Path], chunk_bytes: int) -> list[Task]:
+def plan_tasks(paths: list[Path], chunk_bytes: int, whole: bool = False) -> list[Task]:
+    """The chunks of ``paths``: byte ranges of plain files; a gzip file whole, and every
+    file with ``whole`` (Parquet)."""
     tasks = []
     for p in paths:
         name, size = source_name(p), p.stat().st_size
-        if p.suffix == ".gz":
+        if whole or p.suffix == ".gz":
             tasks.append(Task(name, str(p), 0, 0, -1))
             continue
         n = max(1, -(-size // chunk_bytes))

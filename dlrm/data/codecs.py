@@ -278,12 +278,16 @@ def category_values(column: pa.Array | pa.ChunkedArray, kind: str,
 
 def bag_values(column: pa.ChunkedArray, separator: str, kind: str, max_length: int,
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """List fields (elements joined by ``separator``; empty elements dropped) → (uint64
-    values of all bags, each row's bag length, valid, not too long)."""
-    text = pc.cast(_array(column), pa.string())
-    parts = pc.split_pattern(text, separator)
-    per_row = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
-    flat = pc.cast(pc.list_flatten(parts), pa.binary())
+    """List fields (text whose elements are joined by ``separator``, or a list column of
+    a Parquet file; empty or null elements dropped) → (uint64 values of all bags, each
+    row's bag length, valid, not too long)."""
+    column = _array(column)
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        parts = column
+    else:
+        parts = pc.split_pattern(pc.cast(column, pa.string()), separator)
+    per_row = pc.fill_null(pc.list_value_length(parts), 0).to_numpy(zero_copy_only=False)
+    flat = pc.cast(pc.cast(pc.list_flatten(parts), pa.string()).fill_null(""), pa.binary())
     values, present, valid = category_values(flat, kind)
     row = np.repeat(np.arange(per_row.size), per_row)
     lengths = np.bincount(row[present], minlength=per_row.size).astype(np.int32)

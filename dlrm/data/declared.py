@@ -4,7 +4,8 @@ Schemas live in ``configs/schemas/`` (``criteo.toml`` is the default of ``dlrm
 preprocess``). A file has these tables; every key but the columns has a default::
 
     [input]
-    format = "csv"          # csv or tsv (gzip by the file's .gz extension)
+    format = "csv"          # csv, tsv (gzip by the file's .gz extension) or parquet
+                            # (columns by name; a list column is a bag)
     delimiter = ","         # default: "," for csv, tab for tsv
     header = true           # the first line names the columns; else list them:
     columns = ["a", "b"]    # every column of a line, in order
@@ -50,7 +51,7 @@ from dlrm.data.schema import DENSE_NAMES, LABEL, SPARSE_NAMES, Features
 from dlrm.fsutil import read_toml
 
 SCHEMAS = Path(__file__).resolve().parent.parent.parent / "configs" / "schemas"
-FORMATS = ("csv", "tsv")
+FORMATS = ("csv", "tsv", "parquet")
 
 
 class SchemaError(ValueError):
@@ -210,7 +211,7 @@ def load_schema(path: str | Path) -> Schema:
     header = _take(inp, "header", bool, False, f"{where}: input")
     columns = _names(inp, "columns", f"{where}: input")
     _no_more(inp, f"{where}: input")
-    if not header and not columns:
+    if fmt != "parquet" and not header and not columns:
         raise SchemaError(f"{where}: input.columns: required without a header")
 
     label = dict(doc.pop("label", {}))

@@ -11,11 +11,15 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from dlrm.data.blocks import Block, RowProblems, read_blocks, split_fields
-from dlrm.data.chunks import Options, Task
+from dlrm.data.chunks import Options, PreprocessError, Task
 from dlrm.data.codecs import (
     bag_values,
     category_values,
@@ -61,6 +65,52 @@ def parse(buf: bytes, line_of: np.ndarray, schema: Schema) -> Block:
     """Splits, checks and converts the fields of ``buf`` (whole lines) by ``schema``."""
     table, lines, rejects = split_fields(buf, line_of, list(schema.columns), schema.delimiter,
                                          quoted=schema.format == "csv", convert=schema.used())
+    block, problems = convert(table, schema)
+    block.rejects = rejects + problems.rejects(buf, line_of, lines)
+    return block
+
+
+def parquet_blocks(task: Task, opts: Options, schema: Schema,
+                   progress: Callable[[int], None] = lambda n: None) -> Iterator[Block]:
+    """Blocks of a Parquet file (a whole file is one chunk); a reject's line is its row
+    number in the file (from 1) and its text the row's fields joined by commas."""
+    path = Path(task.path)
+    try:
+        file = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise PreprocessError(f"{path}: not a readable Parquet file: {e}") from None
+    with file:
+        rows = 0
+        for batch in file.iter_batches(batch_size=1 << 16, columns=schema.used(),
+                                       use_threads=False):
+            table = pa.Table.from_batches([batch])
+            lines = np.arange(rows + 1, rows + table.num_rows + 1)
+            rows += table.num_rows
+            block, problems = convert(_as_text(table), schema)
+            block.rejects = problems.rejects_of_table(_as_text(table), lines)
+            block.lines = rows
+            yield block
+    progress(task.bytes)
+
+
+def _as_text(table: pa.Table) -> pa.Table:
+    """Typed Parquet columns as the codecs read them: binary text (booleans as 0 / 1),
+    list columns as they are."""
+    columns = []
+    for column in table.columns:
+        t = column.type
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            columns.append(column)
+            continue
+        if pa.types.is_boolean(t):
+            column = pc.cast(column, pa.int8())
+        columns.append(pc.cast(pc.cast(column, pa.string()), pa.binary()))
+    return pa.table(columns, names=table.column_names)
+
+
+def convert(table: pa.Table, schema: Schema) -> tuple[Block, RowProblems]:
+    """The good rows of ``table`` (binary fields, or list columns for bags) converted by
+    ``schema``, and the problems of the others (the caller makes their rejects)."""
     problems = RowProblems(table.num_rows)
     label, ok = _label(table.column(schema.label), schema.rule)
     problems.mark(ok, "bad_label")
@@ -83,8 +133,7 @@ def parse(buf: bytes, line_of: np.ndarray, schema: Schema) -> Block:
             hex_.append((values, present))
     good = problems.good()
     if good is not None:
-        rejects += problems.rejects(buf, line_of, lines)
         label, dense = label[good], [x[good] for x in dense]
         hex_ = [(v[np.repeat(good, m)], m[good]) if c.multi else (v[good], m[good])
                 for c, (v, m) in zip(schema.categorical, hex_, strict=True)]
-    return Block(label, dense, hex_, rejects, 0)
+    return Block(label, dense, hex_, [], 0), problems

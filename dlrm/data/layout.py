@@ -61,9 +61,10 @@ class Layout:
             from dlrm.data.criteo_tsv import criteo_blocks
 
             return criteo_blocks(task, opts, progress)
-        from dlrm.data.declared_reader import declared_blocks
+        from dlrm.data.declared_reader import declared_blocks, parquet_blocks
 
-        return declared_blocks(task, opts, self.schema, progress)
+        read = parquet_blocks if self.schema.format == "parquet" else declared_blocks
+        return read(task, opts, self.schema, progress)
 
     def output_schema(self) -> pa.Schema:
         return pa.schema([(self.label, pa.int8())] + [(c, pa.float32()) for c in self.dense]

@@ -53,9 +53,11 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from dlrm.data.chunks import Options, Task, plan_tasks, source_name
+from dlrm.data.chunks import Options, PreprocessError, Task, plan_tasks, source_name
 from dlrm.data.declared import SCHEMAS, Schema, SchemaError, is_criteo, load_schema
 from dlrm.data.layout import Layout
 from dlrm.data.passes import WORK, atomic_npz, count_chunk, write_chunk
@@ -69,10 +71,6 @@ __all__ = ["Encoding", "Options", "PreprocessError", "load_manifest", "preproces
 
 MANIFEST = "manifest.json"
 FORMAT = "dlrm-criteo-parquet/1"
-
-
-class PreprocessError(RuntimeError):
-    """A fatal condition (missing input, unusable output, full disk); names the path."""
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
@@ -146,7 +144,17 @@ def layout_of(schema: Schema, encoding: Encoding | None, paths: list[Path]) -> L
         first = schema.categorical[0]
         return Layout.criteo(Encoding(first.encoding, first.min_frequency, first.max_vocab,
                                       first.buckets))
-    if schema.header:
+    if schema.format == "parquet":
+        for p in paths:
+            try:
+                names = pq.read_schema(p).names
+            except (OSError, pa.ArrowException) as e:
+                raise PreprocessError(f"{p}: not a readable Parquet file: {e}") from None
+            try:
+                schema.check_columns(names, str(p))
+            except SchemaError as e:
+                raise PreprocessError(str(e)) from None
+    elif schema.header:
         headers = {p: _header(p, schema.delimiter) for p in paths}
         columns = headers[paths[0]]
         for p, names in headers.items():
@@ -224,7 +232,8 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
     for sub in ("counts", "staged", "rejects", "done"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     atomic_write_json(work / "plan.json", plan)
-    tasks = plan_tasks(paths, opts.chunk_bytes)
+    tasks = plan_tasks(paths, opts.chunk_bytes,
+                       whole=layout.schema is not None and layout.schema.format == "parquet")
     # Largest first: the pool's tail is then short.
     by_size = sorted(tasks, key=lambda t: -t.bytes)
     workers = min(opts.workers or os.cpu_count() or 1, len(tasks))

@@ -14,8 +14,8 @@ from torchrec.distributed.train_pipeline import EvalPipelineSparseDist
 
 from dlrm.data.loader import PAD_LABEL
 from dlrm.dist import broadcast_object
-from dlrm.metrics import binary_metrics
 from dlrm.metrics import curves as split_curves
+from dlrm.metrics import split_metrics
 
 
 @torch.no_grad()
@@ -71,20 +71,21 @@ def gather_predictions(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def gather_metrics(logits: torch.Tensor, labels: torch.Tensor, curves: bool = False,
-                   ) -> dict[str, Any]:
+                   kind: str = "binary") -> dict[str, Any]:
     """Exact metrics over the predictions of all ranks together (computed on rank 0,
-    the same on every rank); with ``curves``, also the ROC and calibration curves."""
+    the same on every rank); with ``curves``, also the ROC and calibration curves (of a
+    binary label)."""
     got = gather_predictions(logits, labels)
     result = None
     if got is not None:
         y, z = got
-        result = binary_metrics(y, z)
-        if curves:
+        result = split_metrics(kind, y, z)
+        if curves and kind == "binary":
             result["curves"] = split_curves(y, z)
     return broadcast_object(result)
 
 
 def evaluate(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device,
-             limit: int = 0, curves: bool = False) -> dict[str, Any]:
+             limit: int = 0, curves: bool = False, kind: str = "binary") -> dict[str, Any]:
     """The metrics of a split (see :func:`gather_metrics`), identical on every rank."""
-    return gather_metrics(*predict(model, batches, device, limit), curves=curves)
+    return gather_metrics(*predict(model, batches, device, limit), curves=curves, kind=kind)

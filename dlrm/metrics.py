@@ -1,4 +1,5 @@
-"""Exact binary-classification metrics over a whole split, in float64."""
+"""Exact metrics over a whole split, in float64: binary classification (a click) and
+regression (a number)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,31 @@ def binary_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
         "calibration": predicted / ctr if n and ctr > 0 else float("nan"),
         "rows": int(n),
     }
+
+
+def regression_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    """RMSE, MAE, the mean label and mean prediction, and the row count of one split."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    predictions = np.asarray(predictions, dtype=np.float64).ravel()
+    n = len(labels)
+    error = predictions - labels
+    nan = float("nan")
+    return {"rmse": float(np.sqrt(np.mean(error ** 2))) if n else nan,
+            "mae": float(np.mean(np.abs(error))) if n else nan,
+            "mean_label": float(np.mean(labels)) if n else nan,
+            "mean_prediction": float(np.mean(predictions)) if n else nan,
+            "rows": int(n)}
+
+
+# What each kind of label is judged by: its metrics, and the two the trainer summarises.
+HEADLINE = {"binary": ("auc", "logloss"), "regression": ("rmse", "mae")}
+
+
+def split_metrics(kind: str, labels: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+    """The metrics of a split whose label is ``kind`` (binary: ``outputs`` are logits)."""
+    if kind == "regression":
+        return regression_metrics(labels, outputs)
+    return binary_metrics(labels, outputs)
 
 
 def roc_points(labels: np.ndarray, scores: np.ndarray, points: int = 201,

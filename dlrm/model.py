@@ -139,7 +139,7 @@ def build_model(cfg: ModelConfig, features: Features, cardinalities: list[int],
                 dense_device: torch.device, sparse_device: torch.device | None = None,
                 ) -> DLRMTrain:
     """torchrec ``DLRM`` (dot interaction) or ``DLRM_DCN`` (DCN-v2 cross layers) wrapped in
-    ``DLRMTrain`` (BCE loss).
+    ``DLRMTrain`` (BCE loss on the logit; MSE on the output for a regression label).
 
     Args:
         cfg: the model section.
@@ -172,7 +172,10 @@ def build_model(cfg: ModelConfig, features: Features, cardinalities: list[int],
                                     dcn_low_rank_dim=cfg.dcn_low_rank_dim)
     else:
         model = LookupFirstDLRM(**common)
-    return DLRMTrain(model)
+    train = DLRMTrain(model)
+    if features.label_kind == "regression":  # the output is the number itself
+        train.loss_fn = torch.nn.MSELoss()
+    return train
 
 
 def autocast_dense(model: DLRMTrain, device: torch.device) -> None:

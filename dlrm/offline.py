@@ -25,7 +25,7 @@ from dlrm.data.schema import Features
 from dlrm.dist import init_distributed, resolve_device
 from dlrm.evaluate import gather_predictions, predict
 from dlrm.fsutil import atomic_path, atomic_write_json
-from dlrm.metrics import binary_metrics, curves, sigmoid
+from dlrm.metrics import curves, sigmoid, split_metrics
 from dlrm.model import check_tables_hold
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
@@ -82,6 +82,7 @@ class Offline:
         Checkpointer(self.checkpoint.parent).load(self.checkpoint, state)
         self.model.load_state_dict(state["model"])
         self.step = position["step"]
+        self.label_kind = features.label_kind
         self.batches = ParquetBatches(
             segments, bs, self.dist.rank, self.dist.world_size, pad=True, features=features,
             multi_hot_sizes=config.data.multi_hot_sizes,
@@ -95,15 +96,19 @@ class Offline:
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "test",
                         out: str | Path | None = None, batch_size: int = 0,
                         ) -> dict[str, Any] | None:
-    """Exact metrics and curves of ``split``; rank 0 returns them (and writes ``out``)."""
+    """Exact metrics (and for a binary label, curves) of ``split``; rank 0 returns them
+    (and writes ``out``)."""
     offline = Offline(checkpoint, data, split, batch_size)
     got = offline.predictions()
     if got is None:
         return None
     labels, logits = got
+    kind = offline.label_kind
     report = {"checkpoint": str(offline.checkpoint), "step": offline.step, "data": str(data),
               "split": split, "world_size": offline.dist.world_size,
-              "metrics": binary_metrics(labels, logits), "curves": curves(labels, logits)}
+              "metrics": split_metrics(kind, labels, logits)}
+    if kind == "binary":
+        report["curves"] = curves(labels, logits)
     if out is not None:
         atomic_write_json(Path(out), report)
     return report
@@ -111,16 +116,21 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "
 
 def score_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path,
                      split: str = "test", batch_size: int = 0) -> int | None:
-    """Writes Parquet ``row``, ``label``, ``prob`` for every row of ``split`` (rank 0,
-    atomically); returns the number of rows there, None on other ranks."""
+    """Writes Parquet ``row``, ``label``, ``prob`` (a regression label: ``label`` and
+    ``prediction``, numbers) for every row of ``split`` (rank 0, atomically); returns the
+    number of rows there, None on other ranks."""
     offline = Offline(checkpoint, data, split, batch_size)
     got = offline.predictions()
     if got is None:
         return None
     labels, logits = got
-    table = pa.table({"row": pa.array(np.arange(len(labels), dtype=np.int64)),
-                      "label": pa.array(labels.astype(np.int8)),
-                      "prob": pa.array(sigmoid(logits))})
+    rows = pa.array(np.arange(len(labels), dtype=np.int64))
+    if offline.label_kind == "regression":
+        table = pa.table({"row": rows, "label": pa.array(labels.astype(np.float32)),
+                          "prediction": pa.array(logits.astype(np.float32))})
+    else:
+        table = pa.table({"row": rows, "label": pa.array(labels.astype(np.int8)),
+                          "prob": pa.array(sigmoid(logits))})
     with atomic_path(Path(out)) as tmp:
         pq.write_table(table, tmp)
     return len(labels)

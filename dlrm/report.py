@@ -69,25 +69,29 @@ def report(run: str | Path) -> Path:
         _save(fig, out / "loss.png")
         figures.append(("Training loss", "loss.png"))
 
+    # A binary label's runs are judged by AUC, a regression label's by RMSE.
+    metric = "rmse" if any("eval/test/rmse" in r or "eval/val/rmse" in r for r in records) \
+        else "auc"
     fig, ax = plt.subplots(figsize=(6, 3.5))
     plotted = False
     for split in ("val", "test"):
-        s, a = _series(records, f"eval/{split}/auc")
+        s, a = _series(records, f"eval/{split}/{metric}")
         if s:
             ax.plot(s, a, marker="o", ms=3, label=split)
             plotted = True
     if plotted:
-        ax.set(xlabel="step", ylabel="AUC", title="Evaluation AUC")
+        name = metric.upper()
+        ax.set(xlabel="step", ylabel=name, title=f"Evaluation {name}")
         ax.grid(alpha=0.3)
         ax.legend()
-        _save(fig, out / "auc.png")
-        figures.append(("Evaluation AUC", "auc.png"))
+        _save(fig, out / f"{metric}.png")
+        figures.append((f"Evaluation {name}", f"{metric}.png"))
     else:
         plt.close(fig)
 
     last = _last_eval(run)
     rows = []
-    if last is not None:
+    if last is not None and last.get("curves"):
         m, curves, split = last["metrics"], last["curves"], last["split"]
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
         ax.plot(curves["roc"]["fpr"], curves["roc"]["tpr"], lw=1.5,
@@ -109,8 +113,9 @@ def report(run: str | Path) -> Path:
         _save(fig, out / "calibration.png")
         figures += [(f"ROC curve ({split})", "roc.png"),
                     (f"Calibration ({split})", "calibration.png")]
+    if last is not None:
         rows = [f"| {k} | {v:.6f} |" if isinstance(v, float) else f"| {k} | {v} |"
-                for k, v in m.items()]
+                for k, v in last["metrics"].items()]
 
     lines = [f"# Run report: {run.name}", ""]
     done = [r for r in records if "train/samples_per_sec" in r]

@@ -25,6 +25,7 @@ from dlrm.data.schema import Features
 from dlrm.dist import broadcast_object, init_distributed, resolve_device
 from dlrm.evaluate import evaluate
 from dlrm.fsutil import atomic_write_json, atomic_write_text
+from dlrm.metrics import HEADLINE
 from dlrm.model import autocast_dense, build_model, table_name, table_sizes
 from dlrm.optim import (
     CPU_EMBEDDING_OPTIMIZERS,
@@ -80,6 +81,9 @@ def preflight(config: Config) -> dict[str, Any]:
     manifest = check_data(config.data)
     features = Features.of(manifest)
     check_features(config, features)
+    if config.train.target_auc and features.label_kind != "binary":
+        raise ValueError(f"train.target_auc: the label of {config.data.path} is a "
+                         f"{features.label_kind} one, which has no AUC")
     table_sizes(config.model, features, manifest["cardinalities"])
     check_device(config)
     return manifest
@@ -295,7 +299,7 @@ class Trainer:
         summary = {"steps": self.step, "samples": samples,
                    "samples_per_sec": samples / train_seconds if train_seconds else 0.0}
         for split, m in results.items():
-            summary.update({f"{split}_auc": m["auc"], f"{split}_logloss": m["logloss"]})
+            summary.update({f"{split}_{k}": m[k] for k in HEADLINE[self.features.label_kind]})
         self.log.event("done", target_reached=reached, **summary)
         self.log.close()
         return results
@@ -332,12 +336,12 @@ class Trainer:
             e = self.config.eval
             limit = {"val": e.limit_val_batches, "test": e.limit_test_batches}[split]
             m = evaluate(model, self.eval_batches[split], self.dist.device,
-                         limit or e.limit_batches, curves=final)
+                         limit or e.limit_batches, curves=final, kind=self.features.label_kind)
             curves = m.pop("curves", None)
             results[split] = m
             self.log.metric(self.step, **{f"eval/{split}/{k}": v for k, v in m.items()})
             self.log.event("eval", step=self.step, split=split, **m)
-            if curves and self.dist.is_main:
+            if final and self.dist.is_main:
                 atomic_write_json(self.run_dir / "eval" / f"{split}.json",
                                   {"step": self.step, "split": split, "metrics": m,
                                    "curves": curves})

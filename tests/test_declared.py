@@ -313,3 +313,34 @@ def test_parquet_rows_that_break_the_schema_are_rejected_by_row(tmp_path):
     with pytest.raises(PreprocessError, match="no column b"):
         schema_path.write_text(schema_path.read_text().replace('["a", "tags"]', '["b", "tags"]'))
         preprocess([path], tmp_path / "out2", log=quiet, schema=load_schema(schema_path))
+
+
+def test_a_regression_label_trains_with_mse_and_reports_rmse(tmp_path):
+    """movielens_rating: the rating itself. Trained with MSE, evaluated by RMSE and MAE
+    (within 20% of the planted noise, the irreducible error), scored as the value."""
+    raw, data, run = tmp_path / "raw", tmp_path / "data", tmp_path / "run"
+    out = dlrm("synth", "--schema", "movielens_rating", "--out", str(raw), "--days", "3",
+               "--rows-per-day", "20000", "--max-vocab", "300").stdout
+    floor = json.loads(out)["test"]["irreducible_rmse"]
+    dlrm("preprocess", "--schema", "movielens_rating", "--input",
+         *map(str, sorted(raw.glob("day_*.csv"))), "--out", str(data))
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["schema"]["label_kind"] == "regression"
+    first = pq.read_table(data / manifest["sources"][0]["files"][0]["path"])
+    assert first.schema.field("rating").type == pa.float32()
+    log = torchrun(["-m", "dlrm", "train", "--config", "configs/movielens_rating.toml",
+                    f"--data.path={data}", "--run-dir", str(run)]).stdout
+    (done,) = [json.loads(x) for x in log.splitlines() if '"event": "done"' in x]
+    assert floor < done["test_rmse"] < 1.2 * floor and done["test_mae"] < done["test_rmse"]
+    assert "test_auc" not in done
+
+    checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
+    scores = tmp_path / "scores.parquet"
+    dlrm("score", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(scores))
+    table = pq.read_table(scores)
+    assert table.column_names == ["row", "label", "prediction"]
+    error = (table.column("prediction").to_numpy() - table.column("label").to_numpy())
+    assert np.sqrt(np.mean(error.astype(np.float64) ** 2)) == pytest.approx(
+        done["test_rmse"], rel=1e-5)
+    dlrm("report", str(run))
+    assert "rmse" in (run / "report" / "index.md").read_text()

@@ -118,3 +118,14 @@ def test_reliability_bins_cover_every_row(rng):
     assert cal["predicted"] == sorted(cal["predicted"])
     weighted = sum(o * n for o, n in zip(cal["observed"], cal["rows"], strict=True))
     assert weighted / 1003 == pytest.approx(labels.mean(), abs=1e-5)
+
+
+def test_regression_metrics_by_hand():
+    from dlrm.metrics import regression_metrics, split_metrics
+
+    m = regression_metrics(np.array([1.0, 2.0, 4.0]), np.array([2.0, 2.0, 1.0]))
+    assert m["rmse"] == pytest.approx(np.sqrt((1 + 0 + 9) / 3))
+    assert m["mae"] == pytest.approx(4 / 3)
+    assert (m["mean_label"], m["mean_prediction"], m["rows"]) == (pytest.approx(7 / 3), 5 / 3, 3)
+    assert split_metrics("regression", [1.0], [1.0])["rmse"] == 0.0
+    assert "auc" in split_metrics("binary", [0.0, 1.0], [0.1, 0.9])

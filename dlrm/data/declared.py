@@ -12,7 +12,9 @@ preprocess``). A file has these tables; every key but the columns has a default:
 
     [label]
     column = "click"
-    rule = ""               # "" : the field is 0 or 1; ">= 4": 1 where the number holds it
+    kind = "binary"         # binary (a click) or regression (a number, trained with MSE)
+    rule = ""               # binary: "" the field is 0 or 1; ">= 4": 1 where the number
+                            # holds it
 
     ignore = ["id"]         # columns read and dropped (top level, before any table)
 
@@ -94,6 +96,7 @@ class Schema:
     header: bool
     columns: tuple[str, ...]  # empty with a header: the header names them
     label: str
+    kind: str  # binary or regression
     rule: str
     dense: tuple[Dense, ...]
     categorical: tuple[Categorical, ...]
@@ -102,7 +105,7 @@ class Schema:
     def features(self) -> Features:
         return Features(self.label, tuple(d.name for d in self.dense),
                         tuple(c.name for c in self.categorical),
-                        tuple(c.pooling for c in self.categorical))
+                        tuple(c.pooling for c in self.categorical), self.kind)
 
     def used(self) -> list[str]:
         """The columns read: the label, then the dense and categorical features."""
@@ -216,14 +219,18 @@ def load_schema(path: str | Path) -> Schema:
 
     label = dict(doc.pop("label", {}))
     label_column = _take(label, "column", str, "", f"{where}: label")
+    kind = _take(label, "kind", str, "binary", f"{where}: label")
     rule = _take(label, "rule", str, "", f"{where}: label")
     _no_more(label, f"{where}: label")
     if not label_column:
         raise SchemaError(f"{where}: label.column: required")
+    _one_of(kind, ("binary", "regression"), f"{where}: label.kind")
     try:
         parse_rule(rule)
     except ValueError as e:
         raise SchemaError(f"{where}: label.rule: {e}") from None
+    if rule and kind == "regression":
+        raise SchemaError(f"{where}: label.rule: a regression label is the number itself")
     ignore = _names(doc, "ignore", where)
     dense = _features(doc, "dense", Dense, where)
     categorical = _features(doc, "categorical", Categorical, where)
@@ -248,7 +255,7 @@ def load_schema(path: str | Path) -> Schema:
                               f"delimiter, got {c.separator!r}")
     if not categorical:
         raise SchemaError(f"{where}: categorical.columns: at least one is needed")
-    schema = Schema(path.stem, fmt, delimiter, header, columns, label_column, rule, dense,
+    schema = Schema(path.stem, fmt, delimiter, header, columns, label_column, kind, rule, dense,
                     categorical, ignore)
     used = schema.used()
     twice = sorted({c for c in used + list(ignore) if (used + list(ignore)).count(c) > 1})
@@ -266,7 +273,7 @@ def is_criteo(schema: Schema) -> bool:
     first = schema.categorical[0]
     return (schema.format == "tsv" and schema.delimiter == "\t" and not schema.header
             and schema.columns == (LABEL, *DENSE_NAMES, *SPARSE_NAMES) and not schema.ignore
-            and schema.label == LABEL and not schema.rule
+            and schema.label == LABEL and schema.kind == "binary" and not schema.rule
             and schema.dense == tuple(Dense(n, 0.0, "log1p", "integer") for n in DENSE_NAMES)
             and schema.categorical == tuple(dataclasses.replace(first, name=n)
                                             for n in SPARSE_NAMES)

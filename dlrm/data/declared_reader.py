@@ -46,13 +46,18 @@ def empty(rejects: list[Reject], lines: int, schema: Schema) -> Block:
     """A block of no rows (only rejects)."""
     none = np.zeros(0, np.uint64)
     hex_ = [(none, np.zeros(0, np.int32 if c.multi else bool)) for c in schema.categorical]
-    return Block(np.zeros(0, np.int8), [np.zeros(0, np.float32) for _ in schema.dense], hex_,
-                 rejects, lines)
+    label = np.zeros(0, np.float32 if schema.kind == "regression" else np.int8)
+    return Block(label, [np.zeros(0, np.float32) for _ in schema.dense], hex_, rejects, lines)
 
 
-def _label(column, rule: str) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 labels, valid): the field is exactly 0 or 1, or the rule holds of its number."""
-    parsed = parse_rule(rule)
+def _label(column, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, valid): binary (int8) where the field is exactly 0 or 1, or the rule holds
+    of its number; regression (float32) the number itself."""
+    if schema.kind == "regression":
+        values, ok = number_column(column, np.nan, integer=False)
+        ok &= ~np.isnan(values)  # an empty label is no label
+        return values.astype(np.float32), ok
+    parsed = parse_rule(schema.rule)
     if parsed is None:
         return label_column(*column_bytes(column))
     op, threshold = parsed
@@ -112,7 +117,7 @@ def convert(table: pa.Table, schema: Schema) -> tuple[Block, RowProblems]:
     """The good rows of ``table`` (binary fields, or list columns for bags) converted by
     ``schema``, and the problems of the others (the caller makes their rejects)."""
     problems = RowProblems(table.num_rows)
-    label, ok = _label(table.column(schema.label), schema.rule)
+    label, ok = _label(table.column(schema.label), schema)
     problems.mark(ok, "bad_label")
     dense = []
     for d in schema.dense:

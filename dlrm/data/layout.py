@@ -46,6 +46,10 @@ class Layout:
                    tuple(c.multi for c in schema.categorical), encodings, schema)
 
     @property
+    def regression(self) -> bool:
+        return self.schema is not None and self.schema.kind == "regression"
+
+    @property
     def vocab(self) -> bool:
         """Whether any feature needs the counting pass."""
         return any(e.type == "vocab" for e in self.encodings)
@@ -67,7 +71,8 @@ class Layout:
         return read(task, opts, self.schema, progress)
 
     def output_schema(self) -> pa.Schema:
-        return pa.schema([(self.label, pa.int8())] + [(c, pa.float32()) for c in self.dense]
+        label = pa.float32() if self.regression else pa.int8()
+        return pa.schema([(self.label, label)] + [(c, pa.float32()) for c in self.dense]
                          + [(c, BAGS if m else pa.int64())
                             for c, m in zip(self.sparse, self.multi, strict=True)])
 

@@ -284,7 +284,8 @@ def _schema_json(layout: Layout) -> dict[str, Any]:
                 "sparse_ids": f"{MISSING_ID} = missing, {OOV_ID} = out of vocabulary, "
                               "2.. = vocabulary by descending frequency "
                               "(hash: 1 + value % (buckets-1))"}
-    return {**schema, "pooling": [c.pooling for c in layout.schema.categorical],
+    return {**schema, "label_kind": layout.schema.kind,
+            "pooling": [c.pooling for c in layout.schema.categorical],
             "bags": [c.name for c in layout.schema.categorical if c.multi],
             "sparse_ids": f"{MISSING_ID} = missing, {OOV_ID} = out of vocabulary, "
                           "2.. = vocabulary by descending frequency "

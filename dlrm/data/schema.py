@@ -39,6 +39,7 @@ class Features:
     dense: tuple[str, ...]
     sparse: tuple[str, ...]
     pooling: tuple[str, ...] = ()  # per categorical feature: sum or mean; empty: all sum
+    label_kind: str = "binary"  # or regression
 
     @classmethod
     def of(cls, manifest: dict[str, Any]) -> Features:
@@ -46,7 +47,7 @@ class Features:
         try:
             schema = manifest["schema"]
             return cls(str(schema["label"]), tuple(schema["dense"]), tuple(schema["sparse"]),
-                       tuple(schema.get("pooling", ())))
+                       tuple(schema.get("pooling", ())), schema.get("label_kind", "binary"))
         except (KeyError, TypeError) as e:
             raise ValueError(f"manifest: no feature schema ({e})") from None
 

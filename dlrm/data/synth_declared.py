@@ -10,9 +10,10 @@ handful of times. The log-odds of a click are
 
 with larger first-order weights on larger vocabularies, as real logs carry much of their
 signal in user, ad and device ids. A label declared by a rule (``rating >= 4``) is written
-as a number on the right side of the rule. ``truth.json`` holds the Bayes AUC of every
-day and of the held-out halves of the last (the default validation and test splits).
-Deterministic for a given seed.
+as a number on the right side of the rule. A regression label is ``3 + 0.8 * (log-odds -
+bias)`` plus normal noise of standard deviation ``NOISE``. ``truth.json`` holds the Bayes
+AUC (regression: the irreducible RMSE, the noise's) of every day and of the held-out
+halves of the last (the default validation and test splits). Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SIZES = (10, 100, 1000, 10_000, 100_000, 1_000_000)
 ZIPF_EXPONENT = 1.05
 LATENT_DIM = 4
 BIAS = -1.0
+NOISE = 0.6  # of a regression label
 
 
 class PlantedModel:
@@ -87,7 +89,8 @@ def _label_text(clicks: np.ndarray, rule: str, rng: np.random.Generator) -> list
 
 def _day(model: PlantedModel, rows: int, rng: np.random.Generator,
          ) -> tuple[dict[str, list[str]], np.ndarray, np.ndarray]:
-    """One day's columns (as field text), labels and true click probabilities."""
+    """One day's columns (as field text), labels and their truth: click probabilities, or
+    for a regression label, the labels' expected values."""
     schema = model.schema
     logit = np.full(rows, BIAS)
     columns: dict[str, list[str]] = {}
@@ -118,13 +121,27 @@ def _day(model: PlantedModel, rows: int, rng: np.random.Generator,
         missing = rng.random(rows) < 0.1
         columns[d.name] = ["" if m else (str(int(round(v))) if d.values == "integer" else
                                          f"{v:.4f}") for v, m in zip(value, missing, strict=True)]
-    prob = 1 / (1 + np.exp(-logit))
-    clicks = (rng.random(rows) < prob).astype(np.int8)
-    columns[schema.label] = _label_text(clicks, schema.rule, rng)
+    if schema.kind == "regression":
+        expected = 3 + 0.8 * (logit - BIAS)
+        labels = expected + rng.normal(0, NOISE, rows)
+        columns[schema.label] = [f"{v:.3f}" for v in labels]
+        truth = expected
+    else:
+        truth = 1 / (1 + np.exp(-logit))
+        labels = (rng.random(rows) < truth).astype(np.int8)
+        columns[schema.label] = _label_text(labels, schema.rule, rng)
     for k, name in enumerate(schema.ignore):  # row numbers, or text with the delimiter in it
         columns[name] = ([f"note {i}, {k}" for i in range(rows)] if k % 2
                          else [str(10**9 + i) for i in range(rows)])
-    return columns, clicks, prob
+    return columns, labels, truth
+
+
+def _score(kind: str, labels: np.ndarray, expected: np.ndarray) -> dict[str, float]:
+    """What the best possible model scores on these rows: the Bayes AUC of the true click
+    probabilities, or the RMSE of the expected values (the irreducible error)."""
+    if kind == "regression":
+        return {"irreducible_rmse": float(np.sqrt(np.mean((labels - expected) ** 2)))}
+    return {"ctr": float(labels.mean()), "bayes_auc": auc(labels, expected)}
 
 
 def synth_declared(schema: Schema, out: str | Path, days: int = 3, rows_per_day: int = 10_000,
@@ -143,7 +160,8 @@ def synth_declared(schema: Schema, out: str | Path, days: int = 3, rows_per_day:
     suffix = f".{schema.format}" + (".gz" if gzip_files else "")
     for day in range(days):
         rng = np.random.default_rng([seed, 1, day])
-        columns, clicks, prob = _day(model, rows_per_day, rng)
+        columns, labels, expected = _day(model, rows_per_day, rng)
+
         path = out / f"day_{day}{suffix}"
         with atomic_path(path) as tmp:
             with (gzip.open(tmp, "wt", newline="") if gzip_files
@@ -154,12 +172,12 @@ def synth_declared(schema: Schema, out: str | Path, days: int = 3, rows_per_day:
                 if schema.header:
                     writer.writerow(names)
                 writer.writerows(zip(*(columns[c] for c in names), strict=True))
-        truth["days"][f"day_{day}"] = {"rows": rows_per_day, "ctr": float(clicks.mean()),
-                                       "bayes_auc": auc(clicks, prob)}
+        truth["days"][f"day_{day}"] = {"rows": rows_per_day,
+                                       **_score(schema.kind, labels, expected)}
         if day == days - 1:
             for split, (a, b) in zip(("val", "test"), holdout_halves(rows_per_day),
                                      strict=True):
                 truth["splits"][split] = {"source": f"day_{day}", "rows": [a, b],
-                                          "bayes_auc": auc(clicks[a:b], prob[a:b])}
+                                          **_score(schema.kind, labels[a:b], expected[a:b])}
     atomic_write_json(out / "truth.json", truth)
     return truth

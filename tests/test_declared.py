@@ -344,3 +344,37 @@ def test_a_regression_label_trains_with_mse_and_reports_rmse(tmp_path):
         done["test_rmse"], rel=1e-5)
     dlrm("report", str(run))
     assert "rmse" in (run / "report" / "index.md").read_text()
+
+
+def test_standardize_uses_the_training_sources_mean_and_std(tmp_path):
+    """A standardized dense feature is stored raw; the manifest holds the mean and std of
+    the training sources (all but the last) and the loader applies them."""
+    from dlrm.data.loader import ParquetBatches, resolve_split
+    from dlrm.data.schema import Features
+
+    rng = np.random.default_rng(0)
+    raw = []
+    for d in range(3):
+        path = tmp_path / f"day_{d}.csv"
+        x = rng.normal(10 + d, 2 + d, 500).round(3)
+        rows = [[int(v > 10), f"{v}" if i % 50 else "", f"u{i % 7}"] for i, v in enumerate(x)]
+        _write_csv(path, "y,x,u", rows)
+        raw.append((path, [float(r[1]) if r[1] else -1.0 for r in rows]))
+    schema_path = tmp_path / "s.toml"
+    schema_path.write_text('[input]\nformat = "csv"\nheader = true\n[label]\ncolumn = "y"\n'
+                           '[dense]\ncolumns = ["x"]\nfill = -1.0\ntransform = "standardize"\n'
+                           '[categorical]\ncolumns = ["u"]\n')
+    manifest = preprocess([p for p, _ in raw], tmp_path / "data", log=quiet,
+                          schema=load_schema(schema_path))
+    train = np.array(raw[0][1] + raw[1][1])  # the missing ones count with their fill
+    stats = manifest["schema"]["standardize"]["x"]
+    assert stats["sources"] == ["day_0", "day_1"] and stats["rows"] == 1000
+    assert stats["mean"] == pytest.approx(train.mean(), rel=1e-6)
+    assert stats["std"] == pytest.approx(train.std(), rel=1e-5)
+    stored = pq.read_table(tmp_path / "data" / manifest["sources"][2]["files"][0]["path"])
+    np.testing.assert_allclose(stored.column("x").to_numpy(), raw[2][1], rtol=1e-6)
+    features = Features.of(manifest)
+    segments = resolve_split(tmp_path / "data", manifest, ["day_2"])
+    batch = next(iter(ParquetBatches(segments, 100, 0, 1, features=features, prefetch=0)))
+    want = (np.array(raw[2][1][:100]) - train.mean()) / train.std()
+    np.testing.assert_allclose(batch.dense_features[:, 0].numpy(), want, rtol=1e-4, atol=1e-5)

@@ -179,7 +179,8 @@ def number_column(column: pa.ChunkedArray, fill: float, integer: bool,
 
 def transform(values: np.ndarray, kind: str) -> np.ndarray:
     """A dense feature's transform, to float32: ``log1p`` of the value with negatives
-    taken as 0 (Criteo's), or ``none``."""
+    taken as 0 (Criteo's); ``none``; or ``standardize``, which the loader applies (from
+    the training rows' mean and std, known only once every chunk is read)."""
     if kind == "log1p":
         return np.log1p(np.maximum(values, 0.0)).astype(np.float32)
     return values.astype(np.float32)

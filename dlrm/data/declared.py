@@ -21,7 +21,10 @@ preprocess``). A file has these tables; every key but the columns has a default:
     [dense]                 # numeric features
     columns = ["age"]
     fill = 0.0              # the value of an empty field
-    transform = "log1p"     # log1p (negatives to 0 first, as Criteo's) or none
+    transform = "log1p"     # log1p (negatives to 0 first, as Criteo's), none, or
+                            # standardize: (x - mean) / std, both of the training sources
+                            # (every source but the last; one source: all its rows), kept
+                            # in the manifest and applied by the loader
     values = "float"        # float, or integer (anything else is rejected)
 
     [categorical]           # one embedding table each
@@ -238,7 +241,7 @@ def load_schema(path: str | Path) -> Schema:
 
     for d in dense:
         k = f"{where}: dense.{d.name}"
-        _one_of(d.transform, ("log1p", "none"), f"{k}.transform")
+        _one_of(d.transform, ("log1p", "none", "standardize"), f"{k}.transform")
         _one_of(d.values, ("float", "integer"), f"{k}.values")
     for c in categorical:
         k = f"{where}: categorical.{c.name}"

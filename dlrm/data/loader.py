@@ -594,6 +594,9 @@ class ParquetBatches:
         labels = table.column(self.features.label).to_numpy().astype(np.float32)
         dense = np.stack([_filled(table.column(c), 0).to_numpy() for c in self.features.dense],
                          axis=1) if self.features.dense else np.zeros((len(labels), 0))
+        for name, mean, std in self.features.standardize:  # the manifest's training stats
+            j = self.features.dense.index(name)
+            dense[:, j] = (dense[:, j] - mean) / std
         sparse: list[Any] = []
         for name, is_list in zip(self.features.sparse, self._list_features, strict=True):
             column = table.column(name)

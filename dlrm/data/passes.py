@@ -121,7 +121,10 @@ def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, layout: L
     else:
         blocks = with_rejects(layout.blocks(task, opts, report),
                               work / "rejects" / f"{task.key}.tsv", summary)
+    sums = np.zeros((len(layout.dense), 3))  # per dense feature: rows, sum, sum of squares
     for block in blocks:
+        for j, x in enumerate(block.dense):
+            sums[j] += (x.size, x.sum(dtype=np.float64), np.square(x, dtype=np.float64).sum())
         batch = encode(block, encoder, layout)
         start = 0
         while start < batch.num_rows:
@@ -143,7 +146,7 @@ def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, layout: L
     atomic_write_json(work / "done" / f"{task.key}.json", {
         "task": asdict(task), "rows_accepted": accepted, "rows_rejected": rejected,
         "rejected_by_reason": summary["rejected_by_reason"], "files": files,
-        "lines": summary["lines"],
+        "lines": summary["lines"], "dense_sums": sums.tolist(),
     })
     staged.unlink(missing_ok=True)
 

@@ -53,6 +53,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -275,6 +276,26 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
     return manifest
 
 
+def _standardize(layout: Layout, sums: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Mean and std of each standardized dense feature over the training sources (every
+    source but the last; a single source: all of it), from the chunks' sums."""
+    wanted = [j for j, d in enumerate(layout.schema.dense) if d.transform == "standardize"] \
+        if layout.schema is not None else []
+    if not wanted:
+        return {}
+    names = list(sums)
+    train = names[:-1] or names
+    total = sum(sums[n] for n in train)
+    out = {}
+    for j in wanted:
+        rows, first, second = total[j]
+        mean = first / rows if rows else 0.0
+        std = float(np.sqrt(max(second / rows - mean * mean, 0.0))) if rows else 0.0
+        out[layout.dense[j]] = {"mean": mean, "std": std or 1.0, "rows": int(rows),
+                                "sources": train}
+    return out
+
+
 def _schema_json(layout: Layout) -> dict[str, Any]:
     """The manifest's ``schema``: the features everything downstream reads (``Features``);
     for a declared schema also each bag feature's pooling and the declaration itself."""
@@ -298,16 +319,20 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
     """Per-source rejects with file-wide line numbers, then the manifest, then cleanup."""
     work = out / WORK
     sources = []
+    sums: dict[str, np.ndarray] = {}  # per source: each dense feature's rows, sum, squares
     (out / "rejects").mkdir(exist_ok=True)
     for p in paths:
         name = source_name(p)
         chunks = [t for t in tasks if t.source == name]
         reasons: Counter[str] = Counter()
         files, offset = [], 0
+        sums[name] = np.zeros((len(layout.dense), 3))
         with atomic_path(out / "rejects" / f"{name}.tsv") as tmp, open(tmp, "wb") as merged:
             for t in sorted(chunks, key=lambda t: t.index):
                 done = json.loads((work / "done" / f"{t.key}.json").read_text())
                 reasons.update(done["rejected_by_reason"])
+                if "dense_sums" in done:  # an older version's record has none
+                    sums[name] += np.asarray(done["dense_sums"]).reshape(-1, 3)
                 files += done["files"]
                 with open(work / "rejects" / f"{t.key}.tsv", "rb") as part:
                     for line in part:
@@ -325,7 +350,8 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
         reasons.update(s["rejected_by_reason"])
     manifest = {
         "format": FORMAT,
-        "schema": _schema_json(layout),
+        "schema": _schema_json(layout) | (
+            {"standardize": standardize} if (standardize := _standardize(layout, sums)) else {}),
         "encoding": layout.encoding_json(),
         "cardinalities": cardinalities,
         "sources": sources,

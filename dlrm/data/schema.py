@@ -40,14 +40,19 @@ class Features:
     sparse: tuple[str, ...]
     pooling: tuple[str, ...] = ()  # per categorical feature: sum or mean; empty: all sum
     label_kind: str = "binary"  # or regression
+    # (dense feature, mean, std) of each feature the loader standardizes
+    standardize: tuple[tuple[str, float, float], ...] = ()
 
     @classmethod
     def of(cls, manifest: dict[str, Any]) -> Features:
         """The features a manifest records; ValueError naming what is missing."""
         try:
             schema = manifest["schema"]
+            scale = tuple((name, float(s["mean"]), float(s["std"]))
+                          for name, s in schema.get("standardize", {}).items())
             return cls(str(schema["label"]), tuple(schema["dense"]), tuple(schema["sparse"]),
-                       tuple(schema.get("pooling", ())), schema.get("label_kind", "binary"))
+                       tuple(schema.get("pooling", ())), schema.get("label_kind", "binary"),
+                       scale)
         except (KeyError, TypeError) as e:
             raise ValueError(f"manifest: no feature schema ({e})") from None
 

@@ -378,3 +378,15 @@ def test_standardize_uses_the_training_sources_mean_and_std(tmp_path):
     batch = next(iter(ParquetBatches(segments, 100, 0, 1, features=features, prefetch=0)))
     want = (np.array(raw[2][1][:100]) - train.mean()) / train.std()
     np.testing.assert_allclose(batch.dense_features[:, 0].numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_windows_export_with_a_bom_and_crlf_lines(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + ML_HEADER.encode() + b"\r\n"
+                     b'1,2,5,3,"A, B",Drama|War,M,1,1,10001\r\n2,3,1,4,C,Drama,F,18,2,10002\r\n')
+    manifest = preprocess([path], tmp_path / "out", log=quiet, schema=load_schema("movielens"))
+    assert manifest["rows_accepted"] == 2 and manifest["rows_rejected"] == 0
+    vocab = np.load(tmp_path / "out" / "vocab.npz")
+    assert sorted(vocab["zip"].tolist()) == [10001, 10002]  # integers: no "\r" left on them
+    table = pq.read_table(tmp_path / "out" / manifest["sources"][0]["files"][0]["path"])
+    assert table.column("genres").to_pylist() == [[2, 3], [2]]

@@ -128,7 +128,7 @@ def _header(path: Path, delimiter: str) -> list[str]:
             line = f.readline(1 << 20)
     except (OSError, EOFError) as e:
         raise PreprocessError(f"{path}: cannot read its header line: {e}") from None
-    text = line.decode("utf-8", "replace").rstrip("\r\n")
+    text = line.decode("utf-8-sig", "replace").rstrip("\r\n")  # a BOM is no name
     return next(csv.reader([text], delimiter=delimiter)) if text else []
 
 

@@ -46,6 +46,13 @@ class Layout:
                    tuple(c.multi for c in schema.categorical), encodings, schema)
 
     @property
+    def standardized(self) -> list[int]:
+        """The dense features whose mean and std the manifest records."""
+        if self.schema is None:
+            return []
+        return [j for j, d in enumerate(self.schema.dense) if d.transform == "standardize"]
+
+    @property
     def regression(self) -> bool:
         return self.schema is not None and self.schema.kind == "regression"
 

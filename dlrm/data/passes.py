@@ -123,7 +123,8 @@ def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, layout: L
                               work / "rejects" / f"{task.key}.tsv", summary)
     sums = np.zeros((len(layout.dense), 3))  # per dense feature: rows, sum, sum of squares
     for block in blocks:
-        for j, x in enumerate(block.dense):
+        for j in layout.standardized:
+            x = block.dense[j]
             sums[j] += (x.size, x.sum(dtype=np.float64), np.square(x, dtype=np.float64).sum())
         batch = encode(block, encoder, layout)
         start = 0

@@ -279,8 +279,7 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
 def _standardize(layout: Layout, sums: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     """Mean and std of each standardized dense feature over the training sources (every
     source but the last; a single source: all of it), from the chunks' sums."""
-    wanted = [j for j, d in enumerate(layout.schema.dense) if d.transform == "standardize"] \
-        if layout.schema is not None else []
+    wanted = layout.standardized
     if not wanted:
         return {}
     names = list(sums)

@@ -16,6 +16,7 @@ lint: install
 # Benchmarks print their figures (minutes; run on a quiet machine).
 bench: install
 	.venv/bin/python scripts/bench_preprocess.py
+	.venv/bin/python scripts/bench_declared.py
 	.venv/bin/python scripts/bench_loader.py
 	.venv/bin/python scripts/bench_train.py
 	.venv/bin/python scripts/bench_auc.py

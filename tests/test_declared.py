@@ -390,3 +390,14 @@ def test_a_windows_export_with_a_bom_and_crlf_lines(tmp_path):
     assert sorted(vocab["zip"].tolist()) == [10001, 10002]  # integers: no "\r" left on them
     table = pq.read_table(tmp_path / "out" / manifest["sources"][0]["files"][0]["path"])
     assert table.column("genres").to_pylist() == [[2, 3], [2]]
+
+
+def test_rerunning_a_declared_schema_over_its_dataset_does_nothing(movielens, tmp_path):
+    """The schema recorded in the run's plan and the manifest compares equal to the one
+    read again (a rerun is no "other dataset", an unfinished run resumes)."""
+    root, raw, manifest = movielens
+    schema = load_schema("movielens")
+    assert json.loads(json.dumps(schema.to_json())) == schema.to_json()
+    logged = []
+    again = preprocess(raw, root / "data", workers=2, log=logged.append, schema=schema)
+    assert again == manifest and "nothing to do" in logged[0]

@@ -48,6 +48,7 @@ the file and the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,9 @@ class Schema:
                               f"nor in `ignore` of schema {self.name}")
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """As JSON holds it (lists, not tuples), so that it compares equal to the copy in
+        a run's plan or a dataset's manifest."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 _OPS = (">=", "<=", "==", "!=", ">", "<")

@@ -179,19 +179,20 @@ SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "ta
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def _check_type(key: str, value: Any, annotation: Any) -> Any:
-    """Returns ``value`` as the field's type, or raises naming ``key``."""
+def check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Returns ``value`` as the type ``annotation`` (an int is a float, a bool is no int),
+    or raises ConfigError naming ``key``."""
     origin = typing.get_origin(annotation)
     if origin is dict:
         _, item = typing.get_args(annotation)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {value!r}")
-        return {k: _check_type(f"{key}.{k}", v, item) for k, v in value.items()}
+        return {k: check_type(f"{key}.{k}", v, item) for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
-        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        return [check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
@@ -216,7 +217,7 @@ def _set(config: Config, key: str, value: Any, where: str) -> None:
             f"{where}: unknown key '{key}' (known in [{section_name}]: {', '.join(types)})"
         )
     try:
-        setattr(section, name, _check_type(key, value, types[name]))
+        setattr(section, name, check_type(key, value, types[name]))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 

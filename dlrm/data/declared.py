@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dlrm.config import ConfigError, check_type
 from dlrm.data.schema import DENSE_NAMES, LABEL, SPARSE_NAMES, Features
 from dlrm.fsutil import read_toml
 
@@ -117,10 +118,11 @@ class Schema:
 
     def check_columns(self, names: list[str], where: str) -> None:
         """Every declared column must be among ``names`` (a header), every name declared."""
-        missing = [c for c in self.used() if c not in names]
+        used = self.used()
+        missing = [c for c in used if c not in names]
         if missing:
             raise SchemaError(f"{where}: no column {', '.join(missing)} (schema {self.name})")
-        undeclared = [c for c in names if c not in self.used() and c not in self.ignore]
+        undeclared = [c for c in names if c not in used and c not in self.ignore]
         if undeclared:
             raise SchemaError(f"{where}: columns {', '.join(undeclared)} are neither features "
                               f"nor in `ignore` of schema {self.name}")
@@ -145,12 +147,12 @@ def parse_rule(rule: str) -> tuple[str, float] | None:
 
 
 def _take(table: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
-    value = table.pop(key, default)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise SchemaError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
-    return value
+    """``table``'s ``key`` (removed from it), else ``default``, checked as the config's
+    values are."""
+    try:
+        return check_type(f"{where}.{key}", table.pop(key, default), kind)
+    except ConfigError as e:
+        raise SchemaError(str(e)) from None
 
 
 def _names(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
@@ -176,11 +178,11 @@ def _features(doc: dict[str, Any], section: str, cls: type, where: str) -> tuple
     here = f"{where}: {section}"
     columns = _names(table, "columns", here)
     per_feature = table.pop("per_feature", {})
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "name"}
-    defaults = {}
-    for key, f in fields.items():
-        kind = {"float": float, "int": int, "str": str}[str(f.type)]
-        defaults[key] = _take(table, key, kind, f.default, here)
+    kinds = {"float": float, "int": int, "str": str}
+    fields = {f.name: (kinds[str(f.type)], f.default)
+              for f in dataclasses.fields(cls) if f.name != "name"}
+    defaults = {key: _take(table, key, kind, default, here)
+                for key, (kind, default) in fields.items()}
     _no_more(table, here)
     if not isinstance(per_feature, dict):
         raise SchemaError(f"{here}.per_feature: expected a table per column")
@@ -188,8 +190,7 @@ def _features(doc: dict[str, Any], section: str, cls: type, where: str) -> tuple
     for name in columns:
         values = dict(defaults)
         own = dict(per_feature.pop(name, {}))
-        for key, f in fields.items():
-            kind = {"float": float, "int": int, "str": str}[str(f.type)]
+        for key, (kind, _) in fields.items():
             values[key] = _take(own, key, kind, values[key], f"{here}.per_feature.{name}")
         _no_more(own, f"{here}.per_feature.{name}")
         out.append(cls(name, **values))

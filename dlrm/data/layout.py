@@ -15,7 +15,9 @@ import pyarrow as pa
 
 from dlrm.data.blocks import Block
 from dlrm.data.chunks import Options, Task
+from dlrm.data.criteo_tsv import criteo_blocks
 from dlrm.data.declared import Schema
+from dlrm.data.declared_reader import declared_blocks, parquet_blocks
 from dlrm.data.schema import DENSE_NAMES, LABEL, SPARSE_NAMES
 from dlrm.data.vocab import Encoding
 
@@ -69,11 +71,7 @@ class Layout:
     def blocks(self, task: Task, opts: Options,
                progress: Callable[[int], None]) -> Iterator[Block]:
         if self.schema is None:
-            from dlrm.data.criteo_tsv import criteo_blocks
-
             return criteo_blocks(task, opts, progress)
-        from dlrm.data.declared_reader import declared_blocks, parquet_blocks
-
         read = parquet_blocks if self.schema.format == "parquet" else declared_blocks
         return read(task, opts, self.schema, progress)
 

@@ -40,15 +40,18 @@ def _counted(block: Block, layout: Layout) -> Iterator[tuple[int, np.ndarray]]:
 
 
 def count_chunk(task: Task, opts: Options, work: str, layout: Layout, progress: Any) -> None:
-    """Pass 1 for one chunk: its rejects, its staged rows (Criteo), its summary, and last
-    (the mark that the chunk's pass 1 is complete) its per-feature value counts."""
+    """Pass 1 for one chunk: where its rows are staged (Criteo), its rejects, staged rows
+    and summary; then, last (the mark that the chunk's pass 1 is complete), its
+    per-feature value counts. Unstaged, pass 2 reads the chunk again and finds its
+    rejects itself."""
     work_dir = Path(work)
     staged, summary_path = staged_paths(work_dir, task)
     parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in layout.sparse]
     summary: dict[str, Any] = {}
     report = Progress(progress)
-    blocks = with_rejects(layout.blocks(task, opts, report),
-                          work_dir / "rejects" / f"{task.key}.tsv", summary)
+    blocks = layout.blocks(task, opts, report)
+    if layout.stages:
+        blocks = with_rejects(blocks, work_dir / "rejects" / f"{task.key}.tsv", summary)
     with contextlib.ExitStack() as stack:
         writer = None
         if layout.stages:
@@ -62,7 +65,8 @@ def count_chunk(task: Task, opts: Options, work: str, layout: Layout, progress: 
                 parts[f].append(np.unique(values, return_counts=True))
                 if len(parts[f]) >= 16:  # keep memory at the chunk's distinct values
                     parts[f] = [compact(parts[f])]
-    atomic_write_json(summary_path, summary)
+    if layout.stages:
+        atomic_write_json(summary_path, summary)
     arrays = {}
     for c, p, enc in zip(layout.sparse, parts, layout.encodings, strict=True):
         if enc.type == "vocab":

@@ -295,22 +295,21 @@ def _standardize(layout: Layout, sums: dict[str, np.ndarray]) -> dict[str, dict[
     return out
 
 
+_SPARSE_IDS = (f"{MISSING_ID} = missing, {OOV_ID} = out of vocabulary, 2.. = vocabulary by "
+               "descending frequency (hash: 1 + value % (buckets-1))")
+
+
 def _schema_json(layout: Layout) -> dict[str, Any]:
     """The manifest's ``schema``: the features everything downstream reads (``Features``);
     for a declared schema also each bag feature's pooling and the declaration itself."""
     schema = {"label": layout.label, "dense": list(layout.dense), "sparse": list(layout.sparse)}
     if layout.schema is None:
         return {**schema, "dense_transform": "missing -> 0, negative -> 0, log1p; float32",
-                "sparse_ids": f"{MISSING_ID} = missing, {OOV_ID} = out of vocabulary, "
-                              "2.. = vocabulary by descending frequency "
-                              "(hash: 1 + value % (buckets-1))"}
+                "sparse_ids": _SPARSE_IDS}
     return {**schema, "label_kind": layout.schema.kind,
             "pooling": [c.pooling for c in layout.schema.categorical],
             "bags": [c.name for c in layout.schema.categorical if c.multi],
-            "sparse_ids": f"{MISSING_ID} = missing, {OOV_ID} = out of vocabulary, "
-                          "2.. = vocabulary by descending frequency "
-                          "(hash: 1 + value % (buckets-1))",
-            "declared": layout.schema.to_json()}
+            "sparse_ids": _SPARSE_IDS, "declared": layout.schema.to_json()}
 
 
 def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,

@@ -19,9 +19,10 @@ import torch
 
 from dlrm.checkpoint import Checkpointer, read_marker
 from dlrm.config import Config, load_config
-from dlrm.data.loader import ParquetBatches, resolve_split
+from dlrm.data.loader import ParquetBatches
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import Features
+from dlrm.data.splits import resolve_split
 from dlrm.dist import init_distributed, resolve_device
 from dlrm.evaluate import gather_predictions, predict
 from dlrm.fsutil import atomic_path, atomic_write_json

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import signal
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torchrec.datasets.utils import Batch
@@ -19,9 +17,10 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from dlrm.checkpoint import Checkpointer
 from dlrm.config import Config, DataConfig, check_features, to_toml
-from dlrm.data.loader import ParquetBatches, default_split_specs, resolve_split
+from dlrm.data.loader import ParquetBatches
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import Features
+from dlrm.data.splits import default_split_specs, resolve_split
 from dlrm.dist import broadcast_object, init_distributed, resolve_device
 from dlrm.evaluate import evaluate
 from dlrm.fsutil import atomic_write_json, atomic_write_text
@@ -34,6 +33,7 @@ from dlrm.optim import (
     build_optimizer,
     init_dense_state,
 )
+from dlrm.preemption import PreemptionFlag
 from dlrm.runlog import RunLog
 from dlrm.sharding import shard_model
 
@@ -248,7 +248,7 @@ class Trainer:
         window_steps, window_start = 0, time.perf_counter()
         samples, train_seconds = 0, 0.0
         reached = False  # train.target_auc
-        with _TermFlag() as term:
+        with PreemptionFlag() as term:
             while self.epoch < cfg.epochs and not reached:
                 steps = self._steps_per_epoch() - self.batch
                 self.log.progress(steps, desc=f"epoch {self.epoch}")
@@ -363,55 +363,6 @@ def _set_rng_state(state: dict[str, str]) -> None:
     torch.set_rng_state(tensor(state["cpu"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensor(state["cuda"]))
-
-
-class _TermFlag:
-    """SIGTERM (preemption) noted by a handler, then agreed on by all ranks at a step
-    boundary, so that every rank stops at the same step.
-
-    The agreement is a one-element all-reduce in host memory over a gloo group of its
-    own, which no rank waits for: the one started after step ``n`` is read after step
-    ``n + 1``, while the next one starts. Nothing of it touches the training device, so
-    on a GPU the host never waits for the device here and can run ahead of it; the flag
-    is read and written through numpy views of two alternating buffers, not tensor reads.
-    (A blocking all-reduce every step made the ranks meet once more per step, about
-    10 ms a step in a paired measurement on a 2-vCPU host.)
-    """
-
-    def __init__(self) -> None:
-        self.group = dist.new_group(backend="gloo")
-        self.views = [np.zeros(1, dtype=np.float32) for _ in range(2)]
-        self.buffers = [torch.from_numpy(v) for v in self.views]  # the same memory
-        self.next = 0  # the buffer of the next all-reduce
-        self.raised = False
-        self.pending: dist.Work | None = None
-
-    def __enter__(self) -> _TermFlag:
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
-        if self.pending is not None and exc[0] is None:
-            self.pending.wait()  # no collective left in flight behind the training
-        self.pending = None
-        if exc[0] is None:  # after a failure a peer may be gone: leave the group to exit
-            dist.destroy_process_group(self.group)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.raised = True
-
-    def agreed(self) -> bool:
-        """Whether any rank had been signalled when the previous step ended."""
-        stop = False
-        if self.pending is not None:
-            self.pending.wait()
-            stop = bool(self.views[1 - self.next][0])
-        self.views[self.next][0] = 1.0 if self.raised else 0.0
-        self.pending = dist.all_reduce(self.buffers[self.next], op=dist.ReduceOp.MAX,
-                                       group=self.group, async_op=True)
-        self.next = 1 - self.next
-        return stop
 
 
 def train(config: Config, run_dir: str | Path | None = None

@@ -77,8 +77,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from dlrm.config import load_config
-    from dlrm.data.loader import ParquetBatches, resolve_split
+    from dlrm.data.loader import ParquetBatches
     from dlrm.data.preprocess import load_manifest
+    from dlrm.data.splits import resolve_split
     from dlrm.train import split_specs
 
     with tempfile.TemporaryDirectory(prefix="bench_loader-") as tmp:

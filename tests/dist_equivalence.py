@@ -30,9 +30,10 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.config import ModelConfig, OptimConfig, ShardingConfig
-from dlrm.data.loader import ParquetBatches, resolve_split
+from dlrm.data.loader import ParquetBatches
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import CRITEO, SPARSE_NAMES
+from dlrm.data.splits import resolve_split
 from dlrm.dist import init_distributed
 from dlrm.model import build_model, table_name
 from dlrm.optim import apply_embedding_optimizer, build_optimizer

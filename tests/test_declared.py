@@ -349,8 +349,9 @@ def test_a_regression_label_trains_with_mse_and_reports_rmse(tmp_path):
 def test_standardize_uses_the_training_sources_mean_and_std(tmp_path):
     """A standardized dense feature is stored raw; the manifest holds the mean and std of
     the training sources (all but the last) and the loader applies them."""
-    from dlrm.data.loader import ParquetBatches, resolve_split
+    from dlrm.data.loader import ParquetBatches
     from dlrm.data.schema import Features
+    from dlrm.data.splits import resolve_split
 
     rng = np.random.default_rng(0)
     raw = []

@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import REPO, dlrm
 
-from dlrm.data.loader import ParquetBatches, resolve_split
+from dlrm.data.loader import ParquetBatches
 from dlrm.data.preprocess import FORMAT, MANIFEST
 from dlrm.data.schema import Features
+from dlrm.data.splits import resolve_split
 
 CARDS = {"user": 60, "item": 40, "genres": 12}
 FEATURES = Features("click", ("age", "price"), tuple(CARDS))

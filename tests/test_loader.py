@@ -21,15 +21,8 @@ from helpers import REPO, quiet, tsv_row, write_lines
 from torchrec.datasets.utils import Batch
 
 from dlrm.config import ConfigError, ModelConfig, load_config
-from dlrm.data.loader import (
-    PAD_LABEL,
-    MultiHot,
-    ParquetBatches,
-    Segment,
-    default_split_specs,
-    make_batch,
-    resolve_split,
-)
+from dlrm.data.loader import PAD_LABEL, ParquetBatches, make_batch
+from dlrm.data.multi_hot import MultiHot
 from dlrm.data.preprocess import preprocess
 from dlrm.data.schema import (
     CRITEO,
@@ -41,6 +34,7 @@ from dlrm.data.schema import (
     SPARSE_NAMES,
     holdout_halves,
 )
+from dlrm.data.splits import Segment, default_split_specs, resolve_split
 from dlrm.model import build_model
 
 # ------------------------------------------------------------------ hand-checked dataset
@@ -482,7 +476,8 @@ def report():  # registered first, so it runs after the loader's own exit hook
     alive = [t for t in threading.enumerate() if t.name == "ParquetBatches-prefetch"]
     print("alive at exit:", len(alive))
 atexit.register(report)
-from dlrm.data.loader import ParquetBatches, Segment
+from dlrm.data.loader import ParquetBatches
+from dlrm.data.splits import Segment
 segments = [Segment(p, a, b) for p, a, b in {[(str(g.path), g.start, g.stop) for g in grouped]!r}]
 held = iter(ParquetBatches(segments, 8, 0, 1, prefetch=2))
 next(held)

@@ -25,16 +25,10 @@ On top of that, :class:`ParquetBatches` can
 
 from __future__ import annotations
 
-import atexit
 import functools
 import math
-import queue
-import re
-import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -46,152 +40,12 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dlrm.data.multi_hot import MultiHot
+from dlrm.data.prefetch import Prefetcher
 from dlrm.data.schema import CRITEO, MISSING_ID, Features
+from dlrm.data.splits import Segment, take_rows
 
 PAD_LABEL = -1.0
-_SPEC = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<a>[0-9./]*):(?P<b>[0-9./]*)\])?$")
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Rows ``[start, stop)`` of one Parquet file."""
-
-    path: Path
-    start: int
-    stop: int
-
-
-def default_split_specs(manifest: dict[str, Any]) -> dict[str, list[str]]:
-    """The default splits, by row order, no row in two of them.
-
-    Day files (torchrec_dlrm's convention): train on all sources but the last; the last
-    one's first half validates, its second half tests ([0:0.5] and [0.5:1] are exactly
-    ``schema.holdout_halves``). A single source (Criteo Kaggle's ``train.txt``: 7 days in
-    time order): its first 6/7 train, the 7th "day" is halved into val and test, as the
-    DLRM paper splits it. (torchrec_dlrm's Kaggle path lets val and test overlap train.)
-    """
-    names = [s["name"] for s in manifest["sources"]]
-    if len(names) == 1:
-        (one,) = names
-        return {"train": [f"{one}[0:6/7]"], "val": [f"{one}[6/7:13/14]"],
-                "test": [f"{one}[13/14:1]"]}
-    return {"train": names[:-1], "val": [f"{names[-1]}[0:0.5]"], "test": [f"{names[-1]}[0.5:1]"]}
-
-
-def resolve_split(dataset: str | Path, manifest: dict[str, Any], specs: list[str]) -> list[Segment]:
-    """Turns specs (``name`` or ``name[a:b]``; a, b fractions of its rows such as 0.5 or
-    6/7, exact, so that adjacent ranges never share a row) into segments."""
-    by_name = {s["name"]: s for s in manifest["sources"]}
-    segments: list[Segment] = []
-    for spec in specs:
-        m = _SPEC.match(spec)
-        if not m or m["name"] not in by_name:
-            raise ValueError(
-                f"split source {spec!r}: expected NAME or NAME[a:b] with NAME one of "
-                f"{sorted(by_name)}"
-            )
-        source = by_name[m["name"]]
-        n = source["rows_accepted"]
-        try:
-            a = Fraction(m["a"] or "0")
-            b = Fraction(m["b"] or "1")
-        except (ValueError, ZeroDivisionError):
-            a = b = Fraction(-1)
-        if not 0 <= a <= b <= 1:
-            raise ValueError(f"split source {spec!r}: need fractions 0 <= a <= b <= 1")
-        lo, hi = math.floor(a * n), math.floor(b * n)  # exact: [0.5:1] starts at n // 2
-        offset = 0
-        for f in source["files"]:
-            s, e = max(lo - offset, 0), min(hi - offset, f["rows"])
-            if s < e:
-                segments.append(Segment(Path(dataset) / f["path"], s, e))
-            offset += f["rows"]
-    return segments
-
-
-def _take(segments: list[Segment], start: int, stop: int) -> list[Segment]:
-    """The sub-segments covering global rows [start, stop) of a segment list."""
-    out, offset = [], 0
-    for seg in segments:
-        n = seg.stop - seg.start
-        s, e = max(start - offset, 0), min(stop - offset, n)
-        if s < e:
-            out.append(Segment(seg.path, seg.start + s, seg.start + e))
-        offset += n
-    return out
-
-
-# ------------------------------------------------------------------ multi-hot expansion
-
-_DRAW_ROWS = 1 << 20  # table rows drawn per call: caps the int64 temporary, same stream
-
-
-@functools.lru_cache(maxsize=2)
-def _multi_hot_tables(sizes: tuple[int, ...], cardinalities: tuple[int, ...],
-                      seed: int) -> tuple[np.ndarray | None, ...]:
-    rng = np.random.RandomState(seed)  # the reference: np.random.seed(0), np.random.randint
-    tables: list[np.ndarray | None] = []
-    for size, card in zip(sizes, cardinalities, strict=True):
-        if size == 1:  # the reference draws (card, 0) ids here: nothing, the stream is unmoved
-            tables.append(None)  # the identity: ids pass through
-            continue
-        table = np.empty((card, size), np.int32 if card <= 2**31 else np.int64)
-        table[:, 0] = np.arange(card)
-        for start in range(0, card, _DRAW_ROWS):
-            stop = min(start + _DRAW_ROWS, card)
-            table[start:stop, 1:] = rng.randint(0, card, size=(stop - start, size - 1))
-        tables.append(table)
-    return tuple(tables)
-
-
-class MultiHot:
-    """MLPerf DLRMv2's synthetic multi-hot expansion of one-hot ids.
-
-    Follows torchrec_dlrm's ``Multihot`` with ``dist_type="uniform"`` (facebookresearch/dlrm,
-    ``torchrec_dlrm/multi_hot.py``): the MLPerf Training DLRMv2 reference, which also wrote
-    the multi-hot Criteo 1TB dataset with it (``materialize_synthetic_multihot_dataset.py``).
-    Feature f, with C_f ids and bag size s_f, gets a lookup table ``[C_f, s_f]``: column 0 is
-    the id itself, the other s_f - 1 columns are ids drawn once, uniformly from [0, C_f), by
-    ``np.random.RandomState(seed).randint(0, C_f, (C_f, s_f - 1))``, feature after feature:
-    the reference's ``np.random.seed(0)`` and ``np.random.randint`` calls. With ``seed=0``
-    the tables are the reference's, so an id becomes the same bag as in MLPerf. (The extra
-    ids are drawn independently for every id; they are not per-feature offsets
-    ``(i + o_k) % C_f``, which the reference does not use.)
-
-    Missing values (id 0) are expanded like every other id, as in the reference (torchrec's
-    Criteo preprocessing maps them to id 0 too and the reference does not single them out):
-    every bag of feature f has exactly s_f ids, first the original id.
-
-    Memory: Σ C_f × (s_f - 1) int32 per process (no table where s_f = 1), built once per
-    process and shared by every loader. With MLPerf's sizes on Criteo 1TB (40M-row tables)
-    that is ~23 GB, which is why MLPerf materialises the bags offline; on hash-capped
-    or small vocabularies it is small.
-    """
-
-    def __init__(self, sizes: Sequence[int], cardinalities: Sequence[int], seed: int = 0,
-                 names: Sequence[str] = CRITEO.sparse) -> None:
-        n = len(names)
-        if len(sizes) != n or not all(s >= 1 for s in sizes):
-            raise ValueError(f"multi_hot_sizes: need {n} ints >= 1, got {list(sizes)}")
-        if len(cardinalities) != n or not all(c >= 1 for c in cardinalities):
-            raise ValueError(f"cardinalities: need {n} ints >= 1, got {cardinalities}")
-        self.names = list(names)
-        self.sizes = [int(s) for s in sizes]
-        self.cardinalities = [int(c) for c in cardinalities]
-        self.seed = seed
-        self.tables = _multi_hot_tables(tuple(self.sizes), tuple(self.cardinalities), seed)
-
-    def expand(self, feature: int, ids: np.ndarray) -> np.ndarray:
-        """The bags of ``ids`` (feature index ``feature``), concatenated: [len(ids) × s_f]."""
-        table = self.tables[feature]
-        if table is None:
-            return ids
-        if ids.size and (ids.min() < 0 or ids.max() >= len(table)):
-            raise ValueError(f"{self.names[feature]}: ids must lie in [0, {len(table)}), the "
-                             f"feature's cardinality; got [{ids.min()}, {ids.max()}]")
-        return table[ids].reshape(-1).astype(np.int64)
-
-
 # ------------------------------------------------------------------ rows and batches
 
 _BAGS = pa.list_(pa.int64())  # the type list columns are read as
@@ -331,114 +185,6 @@ def _list_features(segments: list[Segment], features: Features) -> list[bool]:
     return kinds
 
 
-# ------------------------------------------------------------------ background prefetch
-
-_END = object()
-
-
-@dataclass
-class _Failure:
-    error: BaseException
-
-
-def _produce_into(produce: Callable[[], Iterator[Batch]], out: queue.Queue,
-                  stop: threading.Event) -> None:
-    """The prefetch thread: puts batches, then _END or the error; quits when ``stop`` is set.
-
-    It holds no reference to the consumer's iterator, so dropping that iterator is what
-    stops it (see :class:`_Prefetcher`).
-    """
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    items = None
-    try:
-        items = produce()
-        for item in items:
-            if not put(item):
-                return
-        put(_END)
-    except BaseException as e:  # handed over, raised in the consumer
-        put(_Failure(e))
-    finally:
-        if items is not None:
-            items.close()  # closes the open Parquet file when stopped early
-
-
-class _Prefetcher(Iterator[Batch]):
-    """Iterator over batches made by a background thread, at most ``depth`` ahead.
-
-    The producer's exception is raised here, in the consumer. Stopping early (``close()``,
-    or dropping the iterator as ``itertools.islice`` or a ``break`` does) stops the thread
-    at its next batch.
-    """
-
-    def __init__(self, produce: Callable[[], Iterator[Batch]], depth: int) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._done = False
-        self.thread = threading.Thread(target=_produce_into, name="ParquetBatches-prefetch",
-                                       args=(produce, self._queue, self._stop), daemon=True)
-        self.thread.start()
-        _LIVE.add(self)
-
-    def __next__(self) -> Batch:
-        if self._done:
-            raise StopIteration
-        while True:
-            try:
-                item = self._queue.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not self.thread.is_alive() and self._queue.empty():
-                    self._done = True
-                    raise RuntimeError("the prefetch thread ended without a result") from None
-        if item is _END or isinstance(item, _Failure):
-            self._done = True
-            self.thread.join()
-            if isinstance(item, _Failure):
-                raise item.error
-            raise StopIteration
-        return item
-
-    def close(self, timeout: float | None = None) -> None:
-        """Stops the producer and waits (at most ``timeout`` seconds) for it to end."""
-        self._shutdown()
-        self.thread.join(timeout)
-
-    def _shutdown(self) -> None:
-        self._done = True
-        self._stop.set()
-        while True:  # free the batches made ahead
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-
-    def __del__(self) -> None:
-        if hasattr(self, "_stop"):
-            self._shutdown()  # no join: the thread ends by itself at its next batch
-
-
-_LIVE: weakref.WeakSet[_Prefetcher] = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_prefetchers() -> None:
-    """Ends every prefetch thread before the interpreter finalizes. A daemon thread still
-    running then is cut off where it stands, and if that is inside pyarrow's C++ code the
-    process aborts ("terminate called without an active exception") after a clean run."""
-    for prefetcher in list(_LIVE):
-        prefetcher.close(timeout=30)
-
-
 # ------------------------------------------------------------------ the loader
 
 
@@ -510,7 +256,7 @@ class ParquetBatches:
             self.num_batches = (total // world_size) // batch_size
         self.rows = hi - lo if pad else self.num_batches * batch_size
         # Only the rows yielded are read: shuffling reorders them, never swaps some out.
-        self.segments = _take(segments, lo, lo + self.rows)
+        self.segments = take_rows(segments, lo, lo + self.rows)
         self.features = features
         self._list_features = _list_features(segments, features)
         self.multi_hot: MultiHot | None = None
@@ -541,7 +287,7 @@ class ParquetBatches:
         """The batches of ``epoch`` from batch number ``skip`` on (to resume mid-epoch:
         the same batches an uninterrupted run would have gone on with)."""
         produce = functools.partial(self._produce, epoch, skip)
-        return _Prefetcher(produce, self.prefetch) if self.prefetch else produce()
+        return Prefetcher(produce, self.prefetch) if self.prefetch else produce()
 
     def _produce(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         """The batches of one epoch (run by the prefetch thread, if any)."""

@@ -257,9 +257,10 @@ def category_values(column: pa.Array | pa.ChunkedArray, kind: str,
     present = lengths > 0
     starts = offsets[:-1]
     # Integers: no byte but digits, bar a leading minus (``_decimal``'s rule); parsed by
-    # pyarrow's C++. Counted per field here: in text columns most bytes are no digits, and
-    # ``_decimal``'s search for each such byte's field is then 7x slower (it is faster on
-    # integer columns, where such bytes are few).
+    # pyarrow's C++. Counted per field here, not by ``_decimal``, which looks up the field
+    # of every non-digit byte: on 6 hex-id columns of 120k rows that took 63-85 ms against
+    # 37-48 ms, while on Criteo's 13 integer columns (few such bytes) it is the faster,
+    # 3.3 ms against 22 ms for 69k rows.
     non_digit = np.append((data - np.uint8(ord("0"))) > 9, False).astype(np.int32)
     count = np.add.reduceat(non_digit, starts) if starts.size else starts
     count = np.where(present, count, 0)

@@ -22,7 +22,7 @@ from dlrm.config import Config, load_config
 from dlrm.data.loader import ParquetBatches
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import Features
-from dlrm.data.splits import resolve_split
+from dlrm.data.splits import ALL, resolve_split
 from dlrm.dist import init_distributed, resolve_device
 from dlrm.evaluate import gather_predictions, predict
 from dlrm.fsutil import atomic_path, atomic_write_json
@@ -43,9 +43,9 @@ def run_config(checkpoint: Path) -> Config:
 
 def split_specs_for(config: Config, manifest: dict[str, Any], split: str) -> list[str]:
     """The sources of ``split`` in the dataset: the run's choice (or the default
-    convention), or every source whole for ``all``."""
+    convention), or every row for ``all``."""
     if split == "all":
-        return [s["name"] for s in manifest["sources"]]
+        return [ALL]
     from dlrm.train import split_specs
 
     return split_specs(config.data, manifest)[split]

@@ -32,6 +32,7 @@ class Block:
     hex: Hex
     rejects: list[Reject]
     lines: int  # lines of the chunk consumed up to the end of this block
+    time: np.ndarray | None = None  # int64 seconds, where the schema has a time column
 
 
 Parse = Callable[[bytes, np.ndarray], Block]  # (whole lines, line numbers) → block

@@ -41,6 +41,13 @@ preprocess``). A file has these tables; every key but the columns has a default:
     max_length = 8          # longer lists are rejected; 0: no cap
     pooling = "mean"        # how the bag's embeddings combine: sum or mean
 
+    [time]                  # optional: the column that orders the rows in time
+    column = "hour"
+    format = "%y%m%d%H"     # unix (seconds), unix_ms, or a strptime format (UTC); a
+                            # Parquet timestamp or date column is read as such
+    period = "day"          # hour, day, week or month: the dataset's sources are its
+                            # periods, each in time order (see dlrm.data.periods)
+
 ``[dense.per_feature.NAME]`` overrides the dense defaults the same way. Every error names
 the file and the key.
 """
@@ -54,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from dlrm.config import ConfigError, check_type
+from dlrm.data.periods import PERIODS
 from dlrm.data.schema import DENSE_NAMES, LABEL, SPARSE_NAMES, Features
 from dlrm.fsutil import read_toml
 
@@ -92,6 +100,13 @@ class Categorical:
 
 
 @dataclass(frozen=True)
+class Time:
+    column: str
+    format: str = "unix"
+    period: str = "day"
+
+
+@dataclass(frozen=True)
 class Schema:
     """A declared layout (see the module doc)."""
 
@@ -106,6 +121,7 @@ class Schema:
     dense: tuple[Dense, ...]
     categorical: tuple[Categorical, ...]
     ignore: tuple[str, ...]
+    time: Time | None = None
 
     def features(self) -> Features:
         return Features(self.label, tuple(d.name for d in self.dense),
@@ -113,8 +129,9 @@ class Schema:
                         tuple(c.pooling for c in self.categorical), self.kind)
 
     def used(self) -> list[str]:
-        """The columns read: the label, then the dense and categorical features."""
-        return [self.label, *(d.name for d in self.dense), *(c.name for c in self.categorical)]
+        """The columns read: the label, the dense and categorical features, the time."""
+        return [self.label, *(d.name for d in self.dense), *(c.name for c in self.categorical),
+                *([self.time.column] if self.time else [])]
 
     def check_columns(self, names: list[str], where: str) -> None:
         """Every declared column must be among ``names`` (a header), every name declared."""
@@ -129,8 +146,12 @@ class Schema:
 
     def to_json(self) -> dict[str, Any]:
         """As JSON holds it (lists, not tuples), so that it compares equal to the copy in
-        a run's plan or a dataset's manifest."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        a run's plan or a dataset's manifest; no ``time`` key without one, as before
+        time columns existed."""
+        out = json.loads(json.dumps(dataclasses.asdict(self)))
+        if self.time is None:
+            del out["time"]
+        return out
 
 
 _OPS = (">=", "<=", "==", "!=", ">", "<")
@@ -200,6 +221,27 @@ def _features(doc: dict[str, Any], section: str, cls: type, where: str) -> tuple
     return tuple(out)
 
 
+def _time(doc: dict[str, Any], where: str) -> Time | None:
+    if "time" not in doc:
+        return None
+    table = doc.pop("time")
+    here = f"{where}: time"
+    if not isinstance(table, dict):
+        raise SchemaError(f"{here}: expected a table")
+    table = dict(table)
+    column = _take(table, "column", str, "", here)
+    fmt = _take(table, "format", str, Time.format, here)
+    period = _take(table, "period", str, Time.period, here)
+    _no_more(table, here)
+    if not column:
+        raise SchemaError(f"{here}.column: required")
+    _one_of(period, PERIODS, f"{here}.period")
+    if not fmt.strip():
+        raise SchemaError(f"{here}.format: unix, unix_ms or a strptime format such as "
+                          "%Y-%m-%d %H:%M:%S")
+    return Time(column, fmt, period)
+
+
 def load_schema(path: str | Path) -> Schema:
     """Reads and checks a schema file; a name without a path is looked up in
     ``configs/schemas/`` (``avazu`` → ``configs/schemas/avazu.toml``).
@@ -239,6 +281,7 @@ def load_schema(path: str | Path) -> Schema:
     if rule and kind == "regression":
         raise SchemaError(f"{where}: label.rule: a regression label is the number itself")
     ignore = _names(doc, "ignore", where)
+    time = _time(doc, where)
     dense = _features(doc, "dense", Dense, where)
     categorical = _features(doc, "categorical", Categorical, where)
     _no_more(doc, where)
@@ -263,7 +306,7 @@ def load_schema(path: str | Path) -> Schema:
     if not categorical:
         raise SchemaError(f"{where}: categorical.columns: at least one is needed")
     schema = Schema(path.stem, fmt, delimiter, header, columns, label_column, kind, rule, dense,
-                    categorical, ignore)
+                    categorical, ignore, time)
     used = schema.used()
     twice = sorted({c for c in used + list(ignore) if (used + list(ignore)).count(c) > 1})
     if twice:
@@ -284,4 +327,5 @@ def is_criteo(schema: Schema) -> bool:
             and schema.dense == tuple(Dense(n, 0.0, "log1p", "integer") for n in DENSE_NAMES)
             and schema.categorical == tuple(dataclasses.replace(first, name=n)
                                             for n in SPARSE_NAMES)
-            and first.values == "hex" and not first.multi and first.pooling == "sum")
+            and first.values == "hex" and not first.multi and first.pooling == "sum"
+            and schema.time is None)

@@ -29,6 +29,7 @@ from dlrm.data.codecs import (
     transform,
 )
 from dlrm.data.declared import Schema, parse_rule
+from dlrm.data.periods import parse_times
 from dlrm.data.rejects import Reject
 
 _COMPARE = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne,
@@ -47,7 +48,8 @@ def empty(rejects: list[Reject], lines: int, schema: Schema) -> Block:
     none = np.zeros(0, np.uint64)
     hex_ = [(none, np.zeros(0, np.int32 if c.multi else bool)) for c in schema.categorical]
     label = np.zeros(0, np.float32 if schema.kind == "regression" else np.int8)
-    return Block(label, [np.zeros(0, np.float32) for _ in schema.dense], hex_, rejects, lines)
+    return Block(label, [np.zeros(0, np.float32) for _ in schema.dense], hex_, rejects, lines,
+                 np.zeros(0, np.int64) if schema.time else None)
 
 
 def _label(column, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
@@ -100,11 +102,12 @@ def parquet_blocks(task: Task, opts: Options, schema: Schema,
 
 def _as_text(table: pa.Table) -> pa.Table:
     """Typed Parquet columns as the codecs read them: binary text (booleans as 0 / 1),
-    list columns as they are."""
+    list, timestamp and date columns as they are."""
     columns = []
     for column in table.columns:
         t = column.type
-        if pa.types.is_list(t) or pa.types.is_large_list(t):
+        if (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_timestamp(t)
+                or pa.types.is_date(t)):
             columns.append(column)
             continue
         if pa.types.is_boolean(t):
@@ -136,9 +139,14 @@ def convert(table: pa.Table, schema: Schema) -> tuple[Block, RowProblems]:
             values, present, ok = category_values(table.column(c.name), c.values)
             problems.mark(ok, "bad_categorical")
             hex_.append((values, present))
+    time = None
+    if schema.time:
+        time, ok = parse_times(table.column(schema.time.column), schema.time.format)
+        problems.mark(ok, "bad_time")
     good = problems.good()
     if good is not None:
         label, dense = label[good], [x[good] for x in dense]
         hex_ = [(v[np.repeat(good, m)], m[good]) if c.multi else (v[good], m[good])
                 for c, (v, m) in zip(schema.categorical, hex_, strict=True)]
-    return Block(label, dense, hex_, [], 0), problems
+        time = None if time is None else time[good]
+    return Block(label, dense, hex_, [], 0, time), problems

@@ -16,7 +16,7 @@ import pyarrow as pa
 from dlrm.data.blocks import Block
 from dlrm.data.chunks import Options, Task
 from dlrm.data.criteo_tsv import criteo_blocks
-from dlrm.data.declared import Schema
+from dlrm.data.declared import Schema, Time
 from dlrm.data.declared_reader import declared_blocks, parquet_blocks
 from dlrm.data.schema import DENSE_NAMES, LABEL, SPARSE_NAMES
 from dlrm.data.vocab import Encoding
@@ -55,6 +55,11 @@ class Layout:
         return [j for j, d in enumerate(self.schema.dense) if d.transform == "standardize"]
 
     @property
+    def time(self) -> Time | None:
+        """The time column, by which the rows are laid out in periods."""
+        return None if self.schema is None else self.schema.time
+
+    @property
     def regression(self) -> bool:
         return self.schema is not None and self.schema.kind == "regression"
 
@@ -77,9 +82,10 @@ class Layout:
 
     def output_schema(self) -> pa.Schema:
         label = pa.float32() if self.regression else pa.int8()
+        time = [(self.time.column, pa.timestamp("s"))] if self.time else []
         return pa.schema([(self.label, label)] + [(c, pa.float32()) for c in self.dense]
                          + [(c, BAGS if m else pa.int64())
-                            for c, m in zip(self.sparse, self.multi, strict=True)])
+                            for c, m in zip(self.sparse, self.multi, strict=True)] + time)
 
     def encoding_json(self) -> dict:
         """The manifest's ``encoding``: Criteo's one for all, else one per feature."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -17,19 +16,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dlrm.data.blocks import Block
 from dlrm.data.chunks import Options, Task
 from dlrm.data.layout import Layout
 from dlrm.data.rejects import with_rejects
+from dlrm.data.shards import PeriodShards, Shards, remove_stale
 from dlrm.data.staging import IPC_OPTIONS, STAGED_SCHEMA, read_staged, stage_batch, staged_paths
 from dlrm.data.vocab import Encoder, compact
 from dlrm.fsutil import atomic_path, atomic_write_json
 
 WORK = "_work"  # in-progress state; removed once the manifest is written
-ROW_GROUP_ROWS = 1 << 16
-SHARD_ROWS = 1 << 20
 
 
 def _counted(block: Block, layout: Layout) -> Iterator[tuple[int, np.ndarray]]:
@@ -85,37 +82,26 @@ def encode(block: Block, encoder: Encoder, layout: Layout) -> pa.Table:
                                                    pa.array(encoder.ids(f, values))))
         else:
             arrays.append(pa.array(encoder.ids(f, values, mask)))
+    if layout.time is not None:
+        arrays.append(pa.array(block.time, pa.timestamp("s")))
     return pa.Table.from_arrays(arrays, schema=layout.output_schema())
 
 
 def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, layout: Layout,
                 progress: Any) -> None:
-    """The encoding pass for one chunk: its shards, then (unless its rows were staged)
-    its rejects, then its done record, last. Criteo's vocab encoding reads the rows that
-    its first pass staged, and drops them once the chunk is done."""
+    """The encoding pass for one chunk: its shards (by source, or by time period), then
+    (unless its rows were staged) its rejects, then its done record, last. Criteo's vocab
+    encoding reads the rows that its first pass staged, and drops them once the chunk is
+    done."""
     out_dir, work = Path(out), Path(out) / WORK
-    shard_dir = out_dir / "data" / task.source
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for stale in shard_dir.glob(f"part-{task.index:05d}-*"):  # an interrupted earlier try
-        stale.unlink()
-    output_schema = layout.output_schema()
-    files: list[dict[str, Any]] = []
-    writer: pq.ParquetWriter | None = None
-    shard_rows = 0
-
-    def shard_path(k: int) -> Path:
-        return shard_dir / f"part-{task.index:05d}-{k:03d}.parquet"
-
-    def close_shard() -> None:
-        nonlocal writer, shard_rows
-        if writer is None:
-            return
-        writer.close()
-        final = shard_path(len(files))
-        os.replace(final.with_name(final.name + ".tmp"), final)
-        files.append({"path": str(final.relative_to(out_dir)), "rows": shard_rows})
-        writer, shard_rows = None, 0
-
+    if layout.time is None:
+        shard_dir = out_dir / "data" / task.source
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        prefix = f"part-{task.index:05d}"
+        remove_stale(shard_dir, prefix)
+        shards: Shards | PeriodShards = Shards(out_dir, shard_dir, prefix, layout)
+    else:
+        shards = PeriodShards(out_dir, f"{task.source}-{task.index:05d}", layout)
     summary: dict[str, Any] = {}
     staged, summary_path = staged_paths(work, task)
     report = Progress(progress)
@@ -125,33 +111,25 @@ def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, layout: L
     else:
         blocks = with_rejects(layout.blocks(task, opts, report),
                               work / "rejects" / f"{task.key}.tsv", summary)
-    sums = np.zeros((len(layout.dense), 3))  # per dense feature: rows, sum, sum of squares
     for block in blocks:
-        for j in layout.standardized:
-            x = block.dense[j]
-            sums[j] += (x.size, x.sum(dtype=np.float64), np.square(x, dtype=np.float64).sum())
         batch = encode(block, encoder, layout)
-        start = 0
-        while start < batch.num_rows:
-            if writer is None:
-                tmp = shard_path(len(files))
-                writer = pq.ParquetWriter(tmp.with_name(tmp.name + ".tmp"), output_schema)
-            take = min(SHARD_ROWS - shard_rows, batch.num_rows - start)
-            writer.write_table(batch.slice(start, take), row_group_size=ROW_GROUP_ROWS)
-            shard_rows += take
-            start += take
-            if shard_rows == SHARD_ROWS:
-                close_shard()
-    close_shard()
+        if layout.time is None:
+            shards.write(batch)
+        else:
+            shards.write(batch, block.time)
+    shards.close()
     if layout.stages:  # the bar counts input bytes, here the chunk's
         report(task.bytes)
     report.flush()
+    files = shards.files
+    sums = ({"dense_sums": shards.sums.tolist()} if layout.time is None
+            else {"dense_sums_by_period": shards.sums_by_period()})
     accepted = sum(f["rows"] for f in files)
     rejected = sum(summary["rejected_by_reason"].values())
     atomic_write_json(work / "done" / f"{task.key}.json", {
         "task": asdict(task), "rows_accepted": accepted, "rows_rejected": rejected,
         "rejected_by_reason": summary["rejected_by_reason"], "files": files,
-        "lines": summary["lines"], "dense_sums": sums.tolist(),
+        "lines": summary["lines"], **sums,
     })
     staged.unlink(missing_ok=True)
 

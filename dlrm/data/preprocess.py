@@ -64,6 +64,7 @@ from dlrm.data.layout import Layout
 from dlrm.data.passes import WORK, atomic_npz, count_chunk, write_chunk
 from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.data.staging import staged_paths
+from dlrm.data.timeline import assemble_periods
 from dlrm.data.vocab import Encoder, Encoding, merge_vocab, save_tables
 from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.heap import keep_freed_memory
@@ -268,7 +269,7 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
     if bar is not None:
         bar.close()
 
-    manifest = _finish(paths, tasks, out, layout, cardinalities, t0)
+    manifest = _finish(paths, tasks, out, layout, cardinalities, t0, log)
     read = manifest["rows_accepted"] + manifest["rows_rejected"]
     log(f"preprocess: {read} rows read, {manifest['rows_accepted']} accepted, "
         f"{manifest['rows_rejected']} rejected {manifest['rejected_by_reason']} "
@@ -278,7 +279,8 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
 
 def _standardize(layout: Layout, sums: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     """Mean and std of each standardized dense feature over the training sources (every
-    source but the last; a single source: all of it), from the chunks' sums."""
+    source, or with a time column every period, but the last; a single one: all of it),
+    from the chunks' sums."""
     wanted = layout.standardized
     if not wanted:
         return {}
@@ -301,7 +303,8 @@ _SPARSE_IDS = (f"{MISSING_ID} = missing, {OOV_ID} = out of vocabulary, 2.. = voc
 
 def _schema_json(layout: Layout) -> dict[str, Any]:
     """The manifest's ``schema``: the features everything downstream reads (``Features``);
-    for a declared schema also each bag feature's pooling and the declaration itself."""
+    for a declared schema also each bag feature's pooling, its time column and the
+    declaration itself."""
     schema = {"label": layout.label, "dense": list(layout.dense), "sparse": list(layout.sparse)}
     if layout.schema is None:
         return {**schema, "dense_transform": "missing -> 0, negative -> 0, log1p; float32",
@@ -309,15 +312,19 @@ def _schema_json(layout: Layout) -> dict[str, Any]:
     return {**schema, "label_kind": layout.schema.kind,
             "pooling": [c.pooling for c in layout.schema.categorical],
             "bags": [c.name for c in layout.schema.categorical if c.multi],
+            **({"time": {"column": layout.time.column, "period": layout.time.period,
+                         "values": "timestamp, UTC, whole seconds"}} if layout.time else {}),
             "sparse_ids": _SPARSE_IDS, "declared": layout.schema.to_json()}
 
 
 def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
-            cardinalities: list[int], t0: float) -> dict[str, Any]:
-    """Per-source rejects with file-wide line numbers, then the manifest, then cleanup."""
+            cardinalities: list[int], t0: float, log: Callable[[str], Any]) -> dict[str, Any]:
+    """Per-source rejects with file-wide line numbers, the periods of a time column,
+    then the manifest, then cleanup."""
     work = out / WORK
     sources = []
     sums: dict[str, np.ndarray] = {}  # per source: each dense feature's rows, sum, squares
+    dones = []  # every chunk's record, in input order
     (out / "rejects").mkdir(exist_ok=True)
     for p in paths:
         name = source_name(p)
@@ -328,6 +335,7 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
         with atomic_path(out / "rejects" / f"{name}.tsv") as tmp, open(tmp, "wb") as merged:
             for t in sorted(chunks, key=lambda t: t.index):
                 done = json.loads((work / "done" / f"{t.key}.json").read_text())
+                dones.append(done)
                 reasons.update(done["rejected_by_reason"])
                 if "dense_sums" in done:  # an older version's record has none
                     sums[name] += np.asarray(done["dense_sums"]).reshape(-1, 3)
@@ -341,8 +349,12 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
         sources.append({
             "name": name, **_fingerprint(p), "rows_read": accepted + rejected,
             "rows_accepted": accepted, "rows_rejected": rejected,
-            "rejected_by_reason": dict(sorted(reasons.items())), "files": files,
+            "rejected_by_reason": dict(sorted(reasons.items())),
+            **({} if layout.time else {"files": files}),
         })
+    periods = None
+    if layout.time:  # the rows are laid out by period, which the splits then name
+        periods, sums = assemble_periods(dones, out, work, layout, log)
     reasons = Counter()
     for s in sources:
         reasons.update(s["rejected_by_reason"])
@@ -353,6 +365,7 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
         "encoding": layout.encoding_json(),
         "cardinalities": cardinalities,
         "sources": sources,
+        **({"periods": periods} if periods is not None else {}),
         "rows_accepted": sum(s["rows_accepted"] for s in sources),
         "rows_rejected": sum(s["rows_rejected"] for s in sources),
         "rejected_by_reason": dict(sorted(reasons.items())),

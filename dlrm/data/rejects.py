@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 REJECT_REASONS = ("line_too_long", "truncated_gzip", "empty_line", "invalid_utf8",
                   "wrong_field_count", "bad_label", "bad_dense", "bad_categorical",
-                  "list_too_long")
+                  "list_too_long", "bad_time")
 REJECT_TEXT_BYTES = 1000  # rejects keep at most this much of a bad line
 
 

@@ -1,4 +1,9 @@
-"""Splits of a dataset: sources or exact row fractions of them, as row ranges of its files."""
+"""Splits of a dataset: sources or exact row fractions of them, as row ranges of its files.
+
+A split names the dataset's *units*: its sources (input files), or where the schema has a
+time column its periods (``2014-10-21``), each in time order. ``*`` is the whole dataset in
+that order, so ``*[0.9:1]`` is its last tenth: with a time column, its latest rows.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+ALL = "*"
 _SPEC = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<a>[0-9./]*):(?P<b>[0-9./]*)\])?$")
 
 
@@ -21,16 +27,22 @@ class Segment:
     stop: int
 
 
+def split_units(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The units splits name, in order: the periods of a time column, else the sources."""
+    return manifest["periods"] if "periods" in manifest else manifest["sources"]
+
+
 def default_split_specs(manifest: dict[str, Any]) -> dict[str, list[str]]:
     """The default splits, by row order, no row in two of them.
 
-    Day files (torchrec_dlrm's convention): train on all sources but the last; the last
-    one's first half validates, its second half tests ([0:0.5] and [0.5:1] are exactly
-    ``schema.holdout_halves``). A single source (Criteo Kaggle's ``train.txt``: 7 days in
-    time order): its first 6/7 train, the 7th "day" is halved into val and test, as the
-    DLRM paper splits it. (torchrec_dlrm's Kaggle path lets val and test overlap train.)
+    Day files (torchrec_dlrm's convention), or the periods of a time column: train on all
+    but the last; the last one's first half validates, its second half tests ([0:0.5]
+    and [0.5:1] are exactly ``schema.holdout_halves``). A single one (Criteo Kaggle's
+    ``train.txt``: 7 days in time order): its first 6/7 train, the 7th "day" is halved
+    into val and test, as the DLRM paper splits it. (torchrec_dlrm's Kaggle path lets val
+    and test overlap train.)
     """
-    names = [s["name"] for s in manifest["sources"]]
+    names = [s["name"] for s in split_units(manifest)]
     if len(names) == 1:
         (one,) = names
         return {"train": [f"{one}[0:6/7]"], "val": [f"{one}[6/7:13/14]"],
@@ -40,15 +52,22 @@ def default_split_specs(manifest: dict[str, Any]) -> dict[str, list[str]]:
 
 def resolve_split(dataset: str | Path, manifest: dict[str, Any], specs: list[str]) -> list[Segment]:
     """Turns specs (``name`` or ``name[a:b]``; a, b fractions of its rows such as 0.5 or
-    6/7, exact, so that adjacent ranges never share a row) into segments."""
-    by_name = {s["name"]: s for s in manifest["sources"]}
+    6/7, exact, so that adjacent ranges never share a row; ``*`` for all units in
+    order) into segments."""
+    units = split_units(manifest)
+    by_name = {s["name"]: s for s in units}
+    by_name[ALL] = {"rows_accepted": sum(s["rows_accepted"] for s in units),
+                    "files": [f for s in units for f in s["files"]]}
     segments: list[Segment] = []
     for spec in specs:
         m = _SPEC.match(spec)
         if not m or m["name"] not in by_name:
+            names = [s["name"] for s in units]
+            shown = names if len(names) <= 12 else [*names[:5], "...", *names[-5:]]
             raise ValueError(
-                f"split source {spec!r}: expected NAME or NAME[a:b] with NAME one of "
-                f"{sorted(by_name)}"
+                f"split source {spec!r}: expected NAME or NAME[a:b] with NAME * (all) or "
+                f"one of the dataset's {'periods' if 'periods' in manifest else 'sources'} "
+                f"{shown}"
             )
         source = by_name[m["name"]]
         n = source["rows_accepted"]

@@ -11,7 +11,9 @@ handful of times. The log-odds of a click are
 with larger first-order weights on larger vocabularies, as real logs carry much of their
 signal in user, ad and device ids. A label declared by a rule (``rating >= 4``) is written
 as a number on the right side of the rule. A regression label is ``3 + 0.8 * (log-odds -
-bias)`` plus normal noise of standard deviation ``NOISE``. ``truth.json`` holds the Bayes
+bias)`` plus normal noise of standard deviation ``NOISE``. A time column's day ``d`` holds
+the ``d``-th period from 2014-10-21 (in the schema's period and format), in time order.
+``truth.json`` holds the Bayes
 AUC (regression: the irreducible RMSE, the noise's) of every day and of the held-out
 halves of the last (the default validation and test splits). Deterministic for a seed.
 """
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from dlrm.data.declared import Schema, parse_rule
+from dlrm.data.periods import format_times, period_keys, period_start
 from dlrm.data.schema import holdout_halves
 from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.metrics import auc
@@ -35,6 +38,7 @@ ZIPF_EXPONENT = 1.05
 LATENT_DIM = 4
 BIAS = -1.0
 NOISE = 0.6  # of a regression label
+FIRST_DAY = 1_413_849_600  # 2014-10-21 00:00 UTC, where a time column's periods begin
 
 
 class PlantedModel:
@@ -87,7 +91,15 @@ def _label_text(clicks: np.ndarray, rule: str, rng: np.random.Generator) -> list
             for c, s in zip(clicks, spread, strict=True)]
 
 
-def _day(model: PlantedModel, rows: int, rng: np.random.Generator,
+def _times(schema: Schema, day: int, rows: int, rng: np.random.Generator) -> list[str]:
+    """Times in the ``day``-th period, in order, as the time column's text."""
+    period = schema.time.period
+    key = int(period_keys(np.array([FIRST_DAY]), period)[0]) + day
+    start, stop = period_start(key, period), period_start(key + 1, period)
+    return format_times(np.sort(rng.integers(start, stop, rows)), schema.time.format)
+
+
+def _day(model: PlantedModel, day: int, rows: int, rng: np.random.Generator,
          ) -> tuple[dict[str, list[str]], np.ndarray, np.ndarray]:
     """One day's columns (as field text), labels and their truth: click probabilities, or
     for a regression label, the labels' expected values."""
@@ -130,9 +142,11 @@ def _day(model: PlantedModel, rows: int, rng: np.random.Generator,
         truth = 1 / (1 + np.exp(-logit))
         labels = (rng.random(rows) < truth).astype(np.int8)
         columns[schema.label] = _label_text(labels, schema.rule, rng)
-    for k, name in enumerate(schema.ignore):  # row numbers, or text with the delimiter in it
-        columns[name] = ([f"note {i}, {k}" for i in range(rows)] if k % 2
+    for k, name in enumerate(schema.ignore):  # text with the delimiter in it, or row numbers
+        columns[name] = ([f"note {i}, {k}" for i in range(rows)] if k % 2 == 0
                          else [str(10**9 + i) for i in range(rows)])
+    if schema.time:
+        columns[schema.time.column] = _times(schema, day, rows, rng)
     return columns, labels, truth
 
 
@@ -154,13 +168,12 @@ def synth_declared(schema: Schema, out: str | Path, days: int = 3, rows_per_day:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = PlantedModel(schema, max_vocab, seed)
-    names = list(schema.columns) or [schema.label, *(d.name for d in schema.dense),
-                                     *(c.name for c in schema.categorical), *schema.ignore]
+    names = list(schema.columns) or [*schema.used(), *schema.ignore]
     truth: dict[str, Any] = {"schema": schema.name, "seed": seed, "days": {}, "splits": {}}
     suffix = f".{schema.format}" + (".gz" if gzip_files else "")
     for day in range(days):
         rng = np.random.default_rng([seed, 1, day])
-        columns, labels, expected = _day(model, rows_per_day, rng)
+        columns, labels, expected = _day(model, day, rows_per_day, rng)
 
         path = out / f"day_{day}{suffix}"
         with atomic_path(path) as tmp:

@@ -25,8 +25,9 @@ GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "
 ML_HEADER = "user_id,movie_id,rating,timestamp,title,genres,gender,age,occupation,zip"
 
 
-def _movielens_rows(rows: int, seed: int) -> list[list]:
-    """Ratings from user, movie and genre effects: a rating of 4+ is well predictable."""
+def _movielens_rows(rows: int, seed: int, start: int = 975_628_800) -> list[list]:
+    """Ratings from user, movie and genre effects: a rating of 4+ is well predictable. One
+    a minute from ``start`` (default 2000-12-01)."""
     rng = np.random.default_rng(seed)
     world = np.random.default_rng(1234)
     user_bias, movie_bias = world.normal(0, 1, 150), world.normal(0, 1, 200)
@@ -35,7 +36,7 @@ def _movielens_rows(rows: int, seed: int) -> list[list]:
     for i in range(rows):
         u, m = int(rng.integers(150)), int(rng.integers(200))
         score = 3.3 + user_bias[u] + movie_bias[m] + rng.normal(0, 0.6)
-        out.append([u + 1, m + 1, int(np.clip(np.round(score), 1, 5)), 978300000 + i,
+        out.append([u + 1, m + 1, int(np.clip(np.round(score), 1, 5)), start + 60 * i,
                     f"Movie {m}, The ({1950 + m % 50})", "|".join(GENRES[g] for g in genres[m]),
                     "MF"[u % 2], [1, 18, 25, 35, 45, 50, 56][u % 7], u % 21,
                     f"{10000 + u * 37}" if u % 3 else f"{10000 + u}-1234"])
@@ -62,7 +63,8 @@ def movielens(tmp_path_factory):
             "1,2,5,3,Too many fields,Drama,M,1,1,10000,extra",
             "1,2,5,3,Long list," + "|".join(GENRES[:7]) + ",M,1,1,10000",  # 7 > max_length 6
         ]
-        _write_csv(path, ML_HEADER, _movielens_rows(3000, d), bad)
+        # A month each (the schema's period), so that each file is one period.
+        _write_csv(path, ML_HEADER, _movielens_rows(3000, d, 975_628_800 + d * 32 * 86_400), bad)
     manifest = preprocess(raw, root / "data", workers=2, log=quiet,
                           schema=load_schema("movielens"))
     return root, raw, manifest
@@ -86,7 +88,8 @@ def test_movielens_layout_preprocesses_with_bags_rules_and_rejects(movielens):
     assert manifest["cardinalities"][2] == len(GENRES) + 2
 
     source = _movielens_rows(3000, 0)
-    table = pq.read_table(root / "data" / manifest["sources"][0]["files"][0]["path"])
+    assert [p["name"] for p in manifest["periods"]] == ["2000-12", "2001-01", "2001-02"]
+    table = pq.read_table(root / "data" / manifest["periods"][0]["files"][0]["path"])
     labels = [int(r[2] >= 4) for r in source]
     assert table.column("rating").to_pylist() == labels
     bags = table.column("genres").to_pylist()
@@ -107,11 +110,11 @@ def test_small_chunks_give_the_same_dataset(movielens, tmp_path):
     assert small["rows_accepted"] == manifest["rows_accepted"]
     assert small["rejected_by_reason"] == manifest["rejected_by_reason"]
     assert small["cardinalities"] == manifest["cardinalities"]
-    assert len(small["sources"][0]["files"]) > 1
+    assert len(small["periods"][0]["files"]) > 1
 
     def rows(m, base):
-        return pa.concat_tables([pq.read_table(base / f["path"]) for s in m["sources"]
-                                 for f in s["files"]])
+        return pa.concat_tables([pq.read_table(base / f["path"]) for p in m["periods"]
+                                 for f in p["files"]])
 
     assert rows(small, tmp_path / "data").equals(rows(manifest, root / "data"))
     assert ((tmp_path / "data" / "rejects" / "ml_1.tsv").read_text()
@@ -247,11 +250,22 @@ def test_a_value_gets_the_same_id_whatever_else_its_block_holds():
     assert len(set(values([b"a" * n for n in range(1, 100)]))) == 99
 
 
+def _synth_splits(manifest: dict) -> list[str]:
+    """Overrides that set the default split (the last period's halves, which synth's
+    truth scores) whatever the recipe's."""
+    *train, last = [p["name"] for p in manifest["periods"]]
+    return [f"--data.train_sources={json.dumps(train)}", f'--data.val_sources=["{last}[0:0.5]"]',
+            f'--data.test_sources=["{last}[0.5:1]"]']
+
+
 @pytest.mark.parametrize("schema, rows, batch", [("movielens", 20_000, 256),
                                                   ("avazu", 100_000, 512)])
 def test_planted_data_of_a_schema_trains_to_near_its_bayes_auc(tmp_path, schema, rows, batch):
     """dlrm synth --schema → preprocess → 2-rank training: the test AUC lies within 0.05
-    of the planted model's Bayes-optimal AUC on the same rows."""
+    of the planted model's Bayes-optimal AUC on the same rows. Each synthetic day is a
+    period of the schema's time column (MovieLens: a month), so the default split holds
+    out the last day's halves, the rows synth scores; MovieLens's recipe holds out its
+    latest ratings instead, so its splits are set to those here."""
     raw, data = tmp_path / "raw", tmp_path / "data"
     out = dlrm("synth", "--schema", schema, "--out", str(raw), "--days", "3",
                "--rows-per-day", str(rows), "--max-vocab", "300").stdout
@@ -259,9 +273,11 @@ def test_planted_data_of_a_schema_trains_to_near_its_bayes_auc(tmp_path, schema,
     days = sorted(raw.glob("day_*.csv"))
     assert len(days) == 3 and days[0].read_text().splitlines()[0].count(",") > 5  # a header
     dlrm("preprocess", "--schema", schema, "--input", *map(str, days), "--out", str(data))
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert [p["rows_accepted"] for p in manifest["periods"]] == [rows] * 3
     log = torchrun(["-m", "dlrm", "train", "--config", f"configs/{schema}.toml",
                     f"--data.path={data}", "--run-dir", str(tmp_path / "run"),
-                    f"--data.batch_size={batch}"]).stdout
+                    f"--data.batch_size={batch}", *_synth_splits(manifest)]).stdout
     (done,) = [json.loads(x) for x in log.splitlines() if '"event": "done"' in x]
     assert bayes - 0.05 < done["test_auc"] <= bayes + 0.01, (done["test_auc"], bayes)
 
@@ -290,8 +306,8 @@ def test_a_parquet_export_gives_the_same_dataset_as_its_csv(tmp_path):
     assert a["cardinalities"] == b["cardinalities"] and b["rows_accepted"] == 2000
 
     def table(m, base):
-        return pa.concat_tables([pq.read_table(base / f["path"]) for s in m["sources"]
-                                 for f in s["files"]])
+        return pa.concat_tables([pq.read_table(base / f["path"]) for p in m["periods"]
+                                 for f in p["files"]])
 
     assert table(a, tmp_path / "from_csv").equals(table(b, tmp_path / "from_parquet"))
     assert table(b, tmp_path / "from_parquet").column("zip")[7].as_py() == 0  # missing
@@ -326,10 +342,10 @@ def test_a_regression_label_trains_with_mse_and_reports_rmse(tmp_path):
          *map(str, sorted(raw.glob("day_*.csv"))), "--out", str(data))
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["schema"]["label_kind"] == "regression"
-    first = pq.read_table(data / manifest["sources"][0]["files"][0]["path"])
+    first = pq.read_table(data / manifest["periods"][0]["files"][0]["path"])
     assert first.schema.field("rating").type == pa.float32()
     log = torchrun(["-m", "dlrm", "train", "--config", "configs/movielens_rating.toml",
-                    f"--data.path={data}", "--run-dir", str(run)]).stdout
+                    f"--data.path={data}", "--run-dir", str(run), *_synth_splits(manifest)]).stdout
     (done,) = [json.loads(x) for x in log.splitlines() if '"event": "done"' in x]
     assert floor < done["test_rmse"] < 1.2 * floor and done["test_mae"] < done["test_rmse"]
     assert "test_auc" not in done
@@ -389,7 +405,7 @@ def test_a_windows_export_with_a_bom_and_crlf_lines(tmp_path):
     assert manifest["rows_accepted"] == 2 and manifest["rows_rejected"] == 0
     vocab = np.load(tmp_path / "out" / "vocab.npz")
     assert sorted(vocab["zip"].tolist()) == [10001, 10002]  # integers: no "\r" left on them
-    table = pq.read_table(tmp_path / "out" / manifest["sources"][0]["files"][0]["path"])
+    table = pq.read_table(tmp_path / "out" / manifest["periods"][0]["files"][0]["path"])
     assert table.column("genres").to_pylist() == [[2, 3], [2]]
 
 

@@ -1,4 +1,5 @@
-"""Criteo TSV / TSV.gz → Parquet shards + manifest.json: parallel, streaming, resumable.
+"""Click logs (Criteo TSV, or any declared schema) → Parquet shards + manifest.json:
+parallel, streaming, resumable.
 
 Work is cut into *chunks*: byte ranges of plain files (a chunk owns the lines that start
 inside its range), whole files for gzip (a stream cannot be entered in the middle).
@@ -25,9 +26,11 @@ uint64 → id, integers all the way (int64 in Parquet); ids follow ``schema.MISS
 as ``line<TAB>reason<TAB>text``; the good rows around them are kept.
 
 The pieces, one job each: ``chunks`` (cutting inputs, reading a chunk's lines),
-``criteo_tsv`` with ``codecs`` (parsing and converting columns), ``rejects``, ``staging``
-(rows kept between the two passes), ``vocab`` (ids), ``passes`` (what a worker does for
-one chunk in each pass); this module drives them and writes the manifest.
+``criteo_tsv`` / ``declared_reader`` with ``codecs`` (parsing and converting columns),
+``rejects``, ``staging`` (rows kept between the two passes), ``vocab`` (ids), ``passes``
+(what a worker does for one chunk in each pass), ``shards`` (writing them, by time period
+where the schema has a time column) and ``timeline`` (a time column's periods, sorted
+where they came out of order); this module drives them and writes the manifest.
 
 Resumable: a chunk's outputs are final once its done record is written (last, by atomic
 rename), and a rerun skips chunks that have one, so killing the process at any moment

@@ -116,10 +116,10 @@ class PeriodShards:
 
     def write(self, table: pa.Table, time: np.ndarray) -> None:
         keys = period_keys(time, self.period)
-        order = np.argsort(keys, kind="stable")
-        keys = keys[order]
+        if not np.all(keys[1:] >= keys[:-1]):  # a log in time order needs no reordering
+            order = np.argsort(keys, kind="stable")
+            keys, table = keys[order], table.take(order)
         bounds = np.flatnonzero(np.diff(keys)) + 1
-        table = table.take(order)
         for a, b in zip(np.r_[0, bounds], np.r_[bounds, keys.size], strict=True):
             key = int(keys[a])
             self.held.setdefault(key, []).append(table.slice(a, b - a))

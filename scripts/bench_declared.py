@@ -17,6 +17,7 @@ included) and reported as rows/s, with the ratio of each preprocess run to the f
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,8 @@ HEADER = ("id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,
 
 
 def write_avazu(path: Path, rows: int, seed: int = 0) -> None:
-    """Avazu-shaped rows: long-tailed hex ids (Zipf), small integer codes."""
+    """Avazu-shaped rows: long-tailed hex ids (Zipf), small integer codes, and the hour
+    (YYMMDDHH) rising through 10 days as the real log's does."""
     rng = np.random.default_rng(seed)
     block = 100_000
     with open(path, "w") as f:
@@ -47,7 +49,7 @@ def write_avazu(path: Path, rows: int, seed: int = 0) -> None:
 
             cols = [np.char.mod("%d", np.arange(start, start + n) * 7919 + 10**18),
                     np.char.mod("%d", rng.random(n) < 0.17),
-                    np.char.mod("%d", 14102100 + rng.integers(0, 240, n)),
+                    np.char.mod("%d", _hours(np.arange(start, start + n) * 240 // rows)),
                     np.char.mod("%d", 1005 + rng.integers(0, 3, n)),
                     np.char.mod("%d", rng.integers(0, 2, n))]
             cols += [hexes(v) for v in (4000, 7000, 25, 8000, 500, 30, 2_000_000, 6_000_000,
@@ -66,6 +68,11 @@ def write_avazu(path: Path, rows: int, seed: int = 0) -> None:
             for c in cols[1:]:
                 lines = np.char.add(np.char.add(lines, ","), c)
             f.write("\n".join(lines.tolist()) + "\n")
+
+
+def _hours(h: np.ndarray) -> np.ndarray:
+    """Hour ``h`` from 2014-10-21 00:00 as Avazu's YYMMDDHH."""
+    return 14102100 + (h // 24) * 100 + h % 24
 
 
 def timed(cmd: list[str]) -> float:
@@ -104,6 +111,10 @@ def main() -> None:
             [sys.executable, "-m", "dlrm", "preprocess", "--schema", "avazu", "--input",
              str(data), "--out", str(out), "--workers", str(args.workers),
              "--chunk-mb", str(args.chunk_mb), *extra])
+        manifest = json.loads((out / "manifest.json").read_text())
+        if manifest["rows_accepted"] != args.rows:  # a fast run that dropped rows is no result
+            sys.exit(f"{encoding}: {manifest['rows_accepted']} of {args.rows} rows accepted: "
+                     f"{manifest['rejected_by_reason']}")
     for name, seconds in results.items():
         print(f"{name:45s} {seconds:7.2f} s  {args.rows / seconds:12,.0f} rows/s  "
               f"ratio to floor {floor / seconds:.2f}")

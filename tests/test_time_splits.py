@@ -163,10 +163,11 @@ def test_bad_times_are_rejected_by_line_and_the_rest_kept(tmp_path):
     times = T0 + np.arange(50) * 3600
     _log(tmp_path / "log.csv", range(50), times, bad=[
         "1,2,,u1,50", "1,2,yesterday,u1,51", "1,2,1.5e9,u1,52", "1,2,1413849600,u1,53"])
-    manifest = preprocess([tmp_path / "log.csv"], tmp_path / "data", log=quiet,
-                          schema=_schema(tmp_path))
-    assert manifest["rejected_by_reason"] == {"bad_time": 3}
-    assert manifest["rows_accepted"] == 51
+    _log(tmp_path / "only_bad.csv", [], np.zeros(0, np.int64), bad=["1,2,never,u1,60"])
+    manifest = preprocess([tmp_path / "log.csv", tmp_path / "only_bad.csv"], tmp_path / "data",
+                          log=quiet, schema=_schema(tmp_path))
+    assert manifest["rejected_by_reason"] == {"bad_time": 4}
+    assert manifest["rows_accepted"] == 51 and manifest["sources"][1]["rows_accepted"] == 0
     rejects = (tmp_path / "data" / "rejects" / "log.tsv").read_text().splitlines()
     assert [r.split("\t")[:2] for r in rejects] == [["52", "bad_time"], ["53", "bad_time"],
                                                     ["54", "bad_time"]]

@@ -115,6 +115,8 @@ class PeriodShards:
             remove_stale(d, prefix)
 
     def write(self, table: pa.Table, time: np.ndarray) -> None:
+        if not time.size:
+            return
         keys = period_keys(time, self.period)
         if not np.all(keys[1:] >= keys[:-1]):  # a log in time order needs no reordering
             order = np.argsort(keys, kind="stable")

@@ -247,9 +247,14 @@ def category_values(column: pa.Array | pa.ChunkedArray, kind: str,
     Criteo's hex numbers; ``auto``: a decimal integer of up to 18 digits stands for itself
     (a negative one for its two's complement), any other text for a 64-bit hash with the
     top bit set (so never an integer's own value, which is below 2**63). Empty is
-    "missing"."""
+    "missing". A dictionary-encoded column is converted once per distinct field."""
     if isinstance(column, pa.Array):
         column = pa.chunked_array([column])
+    if pa.types.is_dictionary(column.type):
+        parts = [category_values(c.dictionary, kind) for c in column.chunks]
+        rows = [c.indices.to_numpy() for c in column.chunks]
+        return tuple(np.concatenate([p[k][i] for p, i in zip(parts, rows, strict=True)])
+                     if rows else np.zeros(0, (np.uint64, bool, bool)[k]) for k in range(3))
     offsets, data = column_bytes(column)
     if kind == "hex":
         return hex_column(offsets, data)

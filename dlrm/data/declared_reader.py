@@ -70,8 +70,9 @@ def _label(column, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
 
 def parse(buf: bytes, line_of: np.ndarray, schema: Schema) -> Block:
     """Splits, checks and converts the fields of ``buf`` (whole lines) by ``schema``."""
-    table, lines, rejects = split_fields(buf, line_of, list(schema.columns), schema.delimiter,
-                                         quoted=schema.format == "csv", convert=schema.used())
+    table, lines, rejects = split_fields(
+        buf, line_of, list(schema.columns), schema.delimiter, quoted=schema.format == "csv",
+        convert=schema.used(), dictionary=[c.name for c in schema.categorical if not c.multi])
     block, problems = convert(table, schema)
     block.rejects = rejects + problems.rejects(buf, line_of, lines)
     return block

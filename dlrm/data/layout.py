@@ -1,9 +1,9 @@
 """What the preprocessing workers know of a dataset's layout: its columns, which
 categorical ones hold bags, each one's encoding, and how to read a chunk into blocks.
 
-Criteo's layout reads through the byte-level fast path (``criteo_tsv``) and stages its
-parsed rows between the vocab encoding's two passes; a declared schema reads through
-``declared_reader`` and parses its text again in the second pass.
+Criteo's layout reads through the byte-level fast path (``criteo_tsv``), a declared schema
+through ``declared_reader``; either stages its parsed rows between the vocab encoding's
+two passes.
 """
 
 from __future__ import annotations
@@ -67,11 +67,6 @@ class Layout:
     def vocab(self) -> bool:
         """Whether any feature needs the counting pass."""
         return any(e.type == "vocab" for e in self.encodings)
-
-    @property
-    def stages(self) -> bool:
-        """Whether the counting pass keeps its parsed rows for the second (Criteo only)."""
-        return self.schema is None and self.vocab
 
     def blocks(self, task: Task, opts: Options,
                progress: Callable[[int], None]) -> Iterator[Block]:

@@ -1,13 +1,13 @@
 """The per-chunk work of the two passes, run in the worker processes.
 
 Pass 1 (vocab encoding only): a chunk's rejects, staged rows, summary and, last, its
-value counts. Pass 2: its Parquet shards, then its done record, last. Each output is
-written atomically, so a rerun redoes exactly the chunks whose last output is missing.
+value counts (by Arrow's hash table). Pass 2: its Parquet shards, then its done record,
+last. Each output is written atomically, so a rerun redoes exactly the chunks whose last
+output is missing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dlrm.data.blocks import Block
 from dlrm.data.chunks import Options, Task
 from dlrm.data.layout import Layout
 from dlrm.data.rejects import with_rejects
 from dlrm.data.shards import PeriodShards, Shards, remove_stale
-from dlrm.data.staging import IPC_OPTIONS, STAGED_SCHEMA, read_staged, stage_batch, staged_paths
+from dlrm.data.staging import IPC_OPTIONS, read_staged, stage_batch, staged_paths, staged_schema
 from dlrm.data.vocab import Encoder, compact
 from dlrm.fsutil import atomic_path, atomic_write_json
 
@@ -37,39 +38,37 @@ def _counted(block: Block, layout: Layout) -> Iterator[tuple[int, np.ndarray]]:
 
 
 def count_chunk(task: Task, opts: Options, work: str, layout: Layout, progress: Any) -> None:
-    """Pass 1 for one chunk: where its rows are staged (Criteo), its rejects, staged rows
-    and summary; then, last (the mark that the chunk's pass 1 is complete), its
-    per-feature value counts. Unstaged, pass 2 reads the chunk again and finds its
-    rejects itself."""
+    """Pass 1 for one chunk: its rejects, staged rows and summary; then, last (the mark
+    that the chunk's pass 1 is complete), its per-feature value counts."""
     work_dir = Path(work)
     staged, summary_path = staged_paths(work_dir, task)
     parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in layout.sparse]
     summary: dict[str, Any] = {}
     report = Progress(progress)
-    blocks = layout.blocks(task, opts, report)
-    if layout.stages:
-        blocks = with_rejects(blocks, work_dir / "rejects" / f"{task.key}.tsv", summary)
-    with contextlib.ExitStack() as stack:
-        writer = None
-        if layout.stages:
-            tmp = stack.enter_context(atomic_path(staged))
-            writer = stack.enter_context(
-                pa.ipc.new_file(str(tmp), STAGED_SCHEMA, options=IPC_OPTIONS))
+    blocks = with_rejects(layout.blocks(task, opts, report),
+                          work_dir / "rejects" / f"{task.key}.tsv", summary)
+    with atomic_path(staged) as tmp, pa.ipc.new_file(str(tmp), staged_schema(layout),
+                                                     options=IPC_OPTIONS) as writer:
         for block in blocks:
-            if writer is not None:
-                writer.write_batch(stage_batch(block))
+            writer.write_batch(stage_batch(block, layout))
             for f, values in _counted(block, layout):
-                parts[f].append(np.unique(values, return_counts=True))
+                parts[f].append(value_counts(values))
                 if len(parts[f]) >= 16:  # keep memory at the chunk's distinct values
                     parts[f] = [compact(parts[f])]
-    if layout.stages:
-        atomic_write_json(summary_path, summary)
+    atomic_write_json(summary_path, summary)
     arrays = {}
     for c, p, enc in zip(layout.sparse, parts, layout.encodings, strict=True):
         if enc.type == "vocab":
             arrays[f"{c}_values"], arrays[f"{c}_counts"] = compact(p)
     atomic_npz(work_dir / "counts" / f"{task.key}.npz", arrays)
     report.flush()
+
+
+def value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values, their counts), by Arrow's hash table: no sort."""
+    counted = pc.value_counts(pa.array(values))
+    return (counted.field("values").to_numpy(),
+            counted.field("counts").to_numpy().astype(np.int64))
 
 
 def encode(block: Block, encoder: Encoder, layout: Layout) -> pa.Table:
@@ -90,9 +89,8 @@ def encode(block: Block, encoder: Encoder, layout: Layout) -> pa.Table:
 def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, layout: Layout,
                 progress: Any) -> None:
     """The encoding pass for one chunk: its shards (by source, or by time period), then
-    (unless its rows were staged) its rejects, then its done record, last. Criteo's vocab
-    encoding reads the rows that its first pass staged, and drops them once the chunk is
-    done."""
+    (hash: reading the text here) its rejects, then its done record, last. The vocab
+    encoding reads the rows its first pass staged, and drops them once the chunk is done."""
     out_dir, work = Path(out), Path(out) / WORK
     if layout.time is None:
         shard_dir = out_dir / "data" / task.source
@@ -105,9 +103,9 @@ def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, layout: L
     summary: dict[str, Any] = {}
     staged, summary_path = staged_paths(work, task)
     report = Progress(progress)
-    if layout.stages:
+    if layout.vocab:  # pass 1 staged the rows
         summary = json.loads(summary_path.read_text())
-        blocks = read_staged(staged)
+        blocks = read_staged(staged, layout)
     else:
         blocks = with_rejects(layout.blocks(task, opts, report),
                               work / "rejects" / f"{task.key}.tsv", summary)
@@ -118,7 +116,7 @@ def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, layout: L
         else:
             shards.write(batch, block.time)
     shards.close()
-    if layout.stages:  # the bar counts input bytes, here the chunk's
+    if layout.vocab:  # the bar counts input bytes, here the chunk's
         report(task.bytes)
     report.flush()
     files = shards.files

@@ -253,11 +253,11 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
         updates = manager.Queue() if bar is not None else None
         tables, vocabs = None, {}
         if layout.vocab:
-            # A chunk is counted once its counts exist; Criteo's staged rows are needed
-            # until the chunk is written (an unfinished run of an older version had none).
+            # A chunk is counted once its counts exist; its staged rows are needed until
+            # the chunk is written (an unfinished run of an older version had none).
             todo = [t for t in by_size if not (
                 (work / "counts" / f"{t.key}.npz").exists()
-                and (not layout.stages or (work / "done" / f"{t.key}.json").exists()
+                and ((work / "done" / f"{t.key}.json").exists()
                      or staged_paths(work, t)[0].exists()))]
             _run(pool, count_chunk, todo, (opts, str(work), layout), bar, updates)
             vocabs = merge_vocab(tasks, work, layout.sparse, layout.encodings)

@@ -16,7 +16,7 @@ def _error(command: str, e: Exception) -> int:
 
 
 def _synth(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.data.declared import SchemaError, is_criteo, load_schema
+    from dlrm.data.declared import SchemaError, load_schema
     from dlrm.data.synth import synth
     from dlrm.data.synth_declared import synth_declared
 
@@ -24,12 +24,17 @@ def _synth(args: argparse.Namespace, rest: list[str]) -> int:
         schema = load_schema(args.schema) if args.schema else None
     except SchemaError as e:
         return _error("synth", e)
-    if schema is None or is_criteo(schema):
+    if schema is None:  # the demo's generator (Criteo's layout)
         report = synth(args.out, days=args.days, rows_per_day=args.rows_per_day,
                        seed=args.seed, gzip=args.gzip)
-    else:
-        report = synth_declared(schema, args.out, days=args.days, rows_per_day=args.rows_per_day,
-                                seed=args.seed, max_vocab=args.max_vocab, gzip_files=args.gzip)
+    else:  # the planted model of any schema, Criteo's named one included
+        try:
+            report = synth_declared(schema, args.out, days=args.days,
+                                    rows_per_day=args.rows_per_day, seed=args.seed,
+                                    max_vocab=args.max_vocab, gzip_files=args.gzip,
+                                    signal=args.signal, interactions=args.interactions)
+        except ValueError as e:
+            return _error("synth", e)
     print(json.dumps({"event": "synth", "out": args.out, **report["splits"]}))
     return 0
 
@@ -160,13 +165,30 @@ def _score(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _report(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.report import report
-
     try:
-        page = report(args.run_dir)
+        if len(args.run_dir) == 1 and args.out is None:
+            from dlrm.report import report
+
+            page = report(args.run_dir[0])
+        else:
+            from dlrm.compare import compare
+
+            page = compare(args.run_dir, args.out)
     except ValueError as e:
         return _error("report", e)
     print(json.dumps({"event": "report", "page": str(page)}))
+    return 0
+
+
+def _sweep(args: argparse.Namespace, rest: list[str]) -> int:
+    from dlrm.config import ConfigError
+    from dlrm.sweep import sweep
+
+    try:
+        sweep(args.config, args.space, args.trials, args.runs_dir, rest,
+              nproc_per_node=args.nproc_per_node, seed=args.seed)
+    except (ConfigError, ValueError) as e:
+        return _error("sweep", e)
     return 0
 
 
@@ -193,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="schema file or name in configs/schemas/ (default: Criteo's layout)")
     p.add_argument("--max-vocab", type=int, default=100_000,
                    help="schema: the largest vocabulary of a categorical feature")
+    p.add_argument("--signal", choices=["high", "low", "even"], default="high",
+                   help="schema: which vocabularies carry the click signal (high: the "
+                   "largest, as real logs' user, ad and device ids)")
+    p.add_argument("--interactions", type=float, default=0.5,
+                   help="schema: strength of the planted pairwise interactions")
     p.add_argument("--days", type=int, default=3)
     p.add_argument("--rows-per-day", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
@@ -257,11 +284,24 @@ def main(argv: list[str] | None = None) -> int:
                        help="per rank (default: the run's eval batch size)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("report", help="plots and a summary page of a run")
-    p.add_argument("run_dir")
+    p = sub.add_parser("report", help="plots and a summary page of a run, or of several "
+                       "runs overlaid")
+    p.add_argument("run_dir", nargs="+")
+    p.add_argument("--out", default=None, help="several runs: the page's directory "
+                   "(default: their common parent's report/)")
     p.set_defaults(func=_report)
 
+    p = sub.add_parser("sweep", help="Optuna search over config keys, a dlrm train run per "
+                       "trial; resumable (any other --section.key=value overrides the recipe)")
+    p.add_argument("--config", required=True, help="the recipe every trial starts from")
+    p.add_argument("--space", required=True, help="TOML: a table per key, low/high or choices")
+    p.add_argument("--trials", type=int, required=True, help="finished trials wanted")
+    p.add_argument("--runs-dir", required=True, help="the study, its runs and its report")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="ranks per trial (torchrun)")
+    p.add_argument("--seed", type=int, default=0, help="of Optuna's TPE sampler")
+    p.set_defaults(func=_sweep)
+
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("train", "plan"):
+    if rest and args.command not in ("train", "plan", "sweep"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args, rest)

@@ -126,6 +126,9 @@ class TrainConfig:
     """Seed of model initialisation."""
     log_every: int = 100
     """Steps between training log lines (loss, global samples/s)."""
+    tensorboard: bool = False
+    """Also write every metric (and the plan's memory per rank) as TensorBoard event
+    files in RUN/tb/ (`tensorboard --logdir RUN/tb`)."""
     eval_every: int = 0
     """Steps between validation runs within an epoch; 0: only at the end."""
     device: str = "auto"

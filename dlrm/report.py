@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from dlrm.fsutil import atomic_path, atomic_write_text  # noqa: E402
 
 
-def _read_metrics(run: Path) -> list[dict[str, Any]]:
+def read_metrics(run: Path) -> list[dict[str, Any]]:
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: not found (is {run} a run directory?)")
@@ -41,13 +41,13 @@ def _last_eval(run: Path) -> dict[str, Any] | None:
     return None
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
@@ -55,18 +55,18 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 def report(run: str | Path) -> Path:
     """Writes the plots and ``RUN/report/index.md``; returns the page's path."""
     run = Path(run)
-    records = _read_metrics(run)
+    records = read_metrics(run)
     out = run / "report"
     out.mkdir(exist_ok=True)
     figures: list[tuple[str, str]] = []
 
-    steps, loss = _series(records, "train/loss")
+    steps, loss = series(records, "train/loss")
     if steps:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(steps, loss, lw=1.2)
         ax.set(xlabel="step", ylabel="log loss (window mean)", title="Training loss")
         ax.grid(alpha=0.3)
-        _save(fig, out / "loss.png")
+        save_figure(fig, out / "loss.png")
         figures.append(("Training loss", "loss.png"))
 
     # A binary label's runs are judged by AUC, a regression label's by RMSE.
@@ -75,7 +75,7 @@ def report(run: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     plotted = False
     for split in ("val", "test"):
-        s, a = _series(records, f"eval/{split}/{metric}")
+        s, a = series(records, f"eval/{split}/{metric}")
         if s:
             ax.plot(s, a, marker="o", ms=3, label=split)
             plotted = True
@@ -84,7 +84,7 @@ def report(run: str | Path) -> Path:
         ax.set(xlabel="step", ylabel=name, title=f"Evaluation {name}")
         ax.grid(alpha=0.3)
         ax.legend()
-        _save(fig, out / f"{metric}.png")
+        save_figure(fig, out / f"{metric}.png")
         figures.append((f"Evaluation {name}", f"{metric}.png"))
     else:
         plt.close(fig)
@@ -100,7 +100,7 @@ def report(run: str | Path) -> Path:
         ax.set(xlabel="false positive rate", ylabel="true positive rate",
                title=f"ROC ({split}, step {last['step']})")
         ax.legend(loc="lower right")
-        _save(fig, out / "roc.png")
+        save_figure(fig, out / "roc.png")
         cal = curves["calibration"]
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
         top = max(max(cal["predicted"]), max(cal["observed"])) * 1.05
@@ -110,7 +110,7 @@ def report(run: str | Path) -> Path:
         ax.set(xlabel="mean predicted probability", ylabel="observed click rate",
                title=f"Calibration ({split}, {len(cal['rows'])} equal-count bins)")
         ax.legend(loc="upper left")
-        _save(fig, out / "calibration.png")
+        save_figure(fig, out / "calibration.png")
         figures += [(f"ROC curve ({split})", "roc.png"),
                     (f"Calibration ({split})", "calibration.png")]
     if last is not None:

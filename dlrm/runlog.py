@@ -1,4 +1,5 @@
-"""Run output: metrics.jsonl and one structured line per event, from rank 0 only."""
+"""Run output: metrics.jsonl (and TensorBoard event files under ``RUN/tb/`` when asked)
+and one structured line per event, from rank 0 only."""
 
 from __future__ import annotations
 
@@ -27,11 +28,21 @@ class RunLog:
 
     def __init__(self, run_dir: Path | None, enabled: bool, append: bool = False) -> None:
         self.enabled = enabled
+        self.run_dir = run_dir
         self.metrics = None
+        self.board: Any = None
         self.bar: tqdm | None = None
         if enabled and run_dir is not None:  # a resumed run appends to its metrics
             self.metrics = open(run_dir / "metrics.jsonl", "a" if append else "w",
                                 encoding="utf-8")
+
+    def tensorboard(self, step: int) -> None:
+        """Also writes every metric to TensorBoard event files in ``RUN/tb/``; a run
+        resumed at ``step`` hides what an earlier try logged from that step on."""
+        if self.metrics is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(self.run_dir / "tb"), purge_step=step or None)
 
     def progress(self, total: int, desc: str) -> None:
         """A progress bar over ``total`` steps, on a terminal only."""
@@ -64,8 +75,15 @@ class RunLog:
             record = {"step": step, **{k: _clean(v) for k, v in figures.items()}}
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
+        if self.board is not None:
+            for key, value in figures.items():
+                if isinstance(value, int | float) and not math.isnan(value):
+                    self.board.add_scalar(key, value, step)
+            self.board.flush()
 
     def close(self) -> None:
         self.close_progress()
         if self.metrics is not None:
             self.metrics.close()
+        if self.board is not None:
+            self.board.close()

@@ -173,6 +173,10 @@ class Trainer:
         self.step, self.epoch, self.batch = 0, 0, 0
         if resume_from is not None:
             self._restore(resume_from)
+        if config.train.tensorboard:
+            self.log.tensorboard(self.step)
+            self.log.metric(self.step, **{f"plan/rank{m['rank']}/{k}": m[k] for m in memory
+                                          for k in ("hbm_gib", "ddr_gib")})
         self.log.event("start", world_size=world, device=str(device),
                        train_rows=self.train_batches.rows_total,
                        steps_per_epoch=self._steps_per_epoch(), run_dir=str(self.run_dir),
@@ -312,7 +316,9 @@ class Trainer:
         seconds = time.perf_counter() - start
         figures = {"train/loss": loss.item() / (steps * self.dist.world_size),
                    "train/samples_per_sec": steps * global_batch / seconds,
-                   "train/lr": self.optimizer.param_groups[-1]["lr"]}  # of the last update
+                   # of the last update: the dense optimizer's, and the tables'
+                   "train/lr": self.optimizer.param_groups[-1]["lr"],
+                   "train/embedding_lr": self.optimizer.param_groups[0]["lr"]}
         self.log.metric(self.step, **figures)
         self.log.event("train", step=self.step, **figures)
         return seconds

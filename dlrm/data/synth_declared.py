@@ -9,7 +9,11 @@ handful of times. The log-odds of a click are
          + gamma * sum_(f,g) <u_f[id_f], v_g[id_g]>   (up to 3 interacting pairs, rank 4)
 
 with larger first-order weights on larger vocabularies, as real logs carry much of their
-signal in user, ad and device ids. A label declared by a rule (``rating >= 4``) is written
+signal in user, ad and device ids (``signal="high"``; ``"low"``: on the smaller
+vocabularies instead, ``"even"``: the same scale for all). ``interactions`` scales gamma
+(0.5 by default; 0: no pairwise term), so the same schema yields datasets of different
+shapes: where the signal sits, how long the rare-id tail is (``max_vocab``), how strong
+the interactions are, and the seed. A label declared by a rule (``rating >= 4``) is written
 as a number on the right side of the rule. A regression label is ``3 + 0.8 * (log-odds -
 bias)`` plus normal noise of standard deviation ``NOISE``. A time column's day ``d`` holds
 the ``d``-th period from 2014-10-21 (in the schema's period and format), in time order.
@@ -41,17 +45,27 @@ NOISE = 0.6  # of a regression label
 FIRST_DAY = 1_413_849_600  # 2014-10-21 00:00 UTC, where a time column's periods begin
 
 
+SIGNALS = ("high", "low", "even")
+
+
 class PlantedModel:
     """The click model of a schema: vocabularies, weights and interacting pairs."""
 
-    def __init__(self, schema: Schema, max_vocab: int, seed: int) -> None:
+    def __init__(self, schema: Schema, max_vocab: int, seed: int, signal: str = "high",
+                 interactions: float = 0.5) -> None:
+        if signal not in SIGNALS:
+            raise ValueError(f"signal must be one of {', '.join(SIGNALS)}, got {signal!r}")
         rng = np.random.default_rng([seed, 0])
-        self.schema = schema
+        self.schema, self.gamma = schema, interactions
         n = len(schema.categorical)
         self.sizes = [min(max_vocab, SIZES[(2 + 5 * f) % len(SIZES)]) for f in range(n)]
-        # More signal in larger vocabularies; the total the same however many features.
+        # More signal in larger vocabularies (or smaller, or the same); the total the same
+        # however many features.
         spread = np.sqrt(7 / max(n, 7))
-        scale = [0.2 * np.log10(s) * spread for s in self.sizes]
+        digits = [np.log10(s) for s in self.sizes]
+        weight = {"high": digits, "low": [7 - d for d in digits],
+                  "even": [3.5] * n}[signal]
+        self.scale = scale = [0.2 * w * spread for w in weight]  # of each feature's weights
         self.weights = [rng.normal(0, sc, size) for sc, size in zip(scale, self.sizes,
                                                                      strict=True)]
         ranks = [np.arange(1, size + 1, dtype=np.float64) ** -ZIPF_EXPONENT for size in self.sizes]
@@ -125,7 +139,8 @@ def _day(model: PlantedModel, day: int, rows: int, rng: np.random.Generator,
             columns[c.name] = _render_ids(drawn, f, c.values)
             ids[f] = drawn
     for f, g in model.pairs:
-        logit += 0.5 * np.einsum("nd,nd->n", model.latent[f][ids[f]], model.latent[g][ids[g]])
+        logit += model.gamma * np.einsum("nd,nd->n", model.latent[f][ids[f]],
+                                         model.latent[g][ids[g]])
     for j, d in enumerate(schema.dense):
         z = rng.normal(0, 1, rows)
         logit += model.dense_effect[j] * z
@@ -160,16 +175,18 @@ def _score(kind: str, labels: np.ndarray, expected: np.ndarray) -> dict[str, flo
 
 def synth_declared(schema: Schema, out: str | Path, days: int = 3, rows_per_day: int = 10_000,
                    seed: int = 0, max_vocab: int = 100_000, gzip_files: bool = False,
-                   ) -> dict[str, Any]:
+                   signal: str = "high", interactions: float = 0.5) -> dict[str, Any]:
     """Writes ``day_0 … day_{days-1}`` (``.csv`` / ``.tsv``) of ``schema`` under ``out``,
     with ``truth.json``; returns it."""
     if schema.format not in ("csv", "tsv"):
         raise ValueError(f"synth writes csv or tsv, not {schema.format}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = PlantedModel(schema, max_vocab, seed)
+    model = PlantedModel(schema, max_vocab, seed, signal, interactions)
     names = list(schema.columns) or [*schema.used(), *schema.ignore]
-    truth: dict[str, Any] = {"schema": schema.name, "seed": seed, "days": {}, "splits": {}}
+    truth: dict[str, Any] = {"schema": schema.name, "seed": seed, "max_vocab": max_vocab,
+                             "signal": signal, "interactions": interactions, "days": {},
+                             "splits": {}}
     suffix = f".{schema.format}" + (".gz" if gzip_files else "")
     for day in range(days):
         rng = np.random.default_rng([seed, 1, day])

@@ -118,6 +118,7 @@ def sweep(config: str, space_path: str, trials: int, runs_dir: str | Path,
         ConfigError: a bad space, a key the config does not have, or a directory that
             holds another sweep.
     """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own event lines only
     space = load_space(space_path)
     base = load_config(config, list(overrides))
     load_config(config, [*overrides, *(override(k, _first(s)) for k, s in space.items())])

@@ -2,7 +2,7 @@
 
 Run:  .venv/bin/python scripts/bench_shapes.py [--recipe configs/criteo_1tb.toml]
           [--shapes high low even] [--days 24] [--rows-per-day 50000] [--work DIR]
-          [--nproc 2] [--batch-size 512] [-- --optim.embedding_lr=0.05 ...]
+          [--nproc 2] [--batch-size 512] [--label L] [-- --optim.embedding_lr=0.05 ...]
 
 For each shape it writes (once; kept in ``--work``) a planted Criteo-layout dataset with
 ``dlrm synth --schema criteo`` and preprocesses it, then trains the recipe for one epoch
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,12 +71,14 @@ def main() -> None:
     ap.add_argument("--work", default="runs/shapes")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--label", default="", help="names the runs (run-RECIPE-LABEL)")
     args = ap.parse_args(argv)
     work = ROOT / args.work
     rows = []
     for shape in args.shapes:
         data, bayes = dataset(work, shape, args.days, args.rows_per_day)
-        run = work / shape / f"run-{Path(args.recipe).stem}"
+        run = work / shape / f"run-{Path(args.recipe).stem}{'-' + args.label if args.label else ''}"
+        shutil.rmtree(run, ignore_errors=True)  # a measurement starts afresh, never resumes
         out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc-per-node={args.nproc}", "-m", "dlrm", "train", "--config",
                     args.recipe, f"--data.path={data}", "--run-dir", str(run),

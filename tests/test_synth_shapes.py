@@ -59,3 +59,16 @@ def test_interactions_change_the_planted_labels(tmp_path):
 def test_unknown_signal_is_refused(tmp_path):
     with pytest.raises(ValueError, match="signal"):
         PlantedModel(load_schema("avazu"), 100, 0, "middle")
+
+
+def test_seen_oracle_bounds_what_training_can_reach(tmp_path):
+    """The oracle that knows the weights of the ids seen in training: below Bayes, and
+    closer to it the more training days there are (fewer test ids it has never seen)."""
+    gap = {}
+    for days in (2, 8):
+        out = dlrm("synth", "--schema", "avazu", "--out", str(tmp_path / str(days)), "--days",
+                   str(days), "--rows-per-day", "10000", "--max-vocab", "100000").stdout
+        test = json.loads(out)["test"]
+        assert 0.5 < test["seen_oracle_auc"] < test["bayes_auc"]
+        gap[days] = test["bayes_auc"] - test["seen_oracle_auc"]
+    assert gap[8] < gap[2] - 0.01

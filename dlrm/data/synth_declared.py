@@ -19,7 +19,10 @@ bias)`` plus normal noise of standard deviation ``NOISE``. A time column's day `
 the ``d``-th period from 2014-10-21 (in the schema's period and format), in time order.
 ``truth.json`` holds the Bayes
 AUC (regression: the irreducible RMSE, the noise's) of every day and of the held-out
-halves of the last (the default validation and test splits). Deterministic for a seed.
+halves of the last (the default validation and test splits), and for a binary label
+their ``seen_oracle_auc``: what a model that knew every weight of the ids seen in
+training, and nothing of the others, would reach (a bound on what any training on those
+days can reach; see ``_seen_oracle``). Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -114,9 +117,10 @@ def _times(schema: Schema, day: int, rows: int, rng: np.random.Generator) -> lis
 
 
 def _day(model: PlantedModel, day: int, rows: int, rng: np.random.Generator,
-         ) -> tuple[dict[str, list[str]], np.ndarray, np.ndarray]:
+         ) -> tuple[dict[str, list[str]], np.ndarray, np.ndarray, dict[str, Any]]:
     """One day's columns (as field text), labels and their truth: click probabilities, or
-    for a regression label, the labels' expected values."""
+    for a regression label, the labels' expected values; and what was drawn (each
+    single-valued feature's ids, each dense feature's z and which fields are written)."""
     schema = model.schema
     logit = np.full(rows, BIAS)
     columns: dict[str, list[str]] = {}
@@ -141,11 +145,15 @@ def _day(model: PlantedModel, day: int, rows: int, rng: np.random.Generator,
     for f, g in model.pairs:
         logit += model.gamma * np.einsum("nd,nd->n", model.latent[f][ids[f]],
                                          model.latent[g][ids[g]])
+    drawn: dict[str, Any] = {"ids": {f: ids[f] for f, c in enumerate(schema.categorical)
+                                     if not c.multi}, "z": [], "present": []}
     for j, d in enumerate(schema.dense):
         z = rng.normal(0, 1, rows)
         logit += model.dense_effect[j] * z
         value = np.expm1(z + 1.5) if d.transform == "log1p" else z
         missing = rng.random(rows) < 0.1
+        drawn["z"].append(z)
+        drawn["present"].append(~missing)
         columns[d.name] = ["" if m else (str(int(round(v))) if d.values == "integer" else
                                          f"{v:.4f}") for v, m in zip(value, missing, strict=True)]
     if schema.kind == "regression":
@@ -162,7 +170,28 @@ def _day(model: PlantedModel, day: int, rows: int, rng: np.random.Generator,
                          else [str(10**9 + i) for i in range(rows)])
     if schema.time:
         columns[schema.time.column] = _times(schema, day, rows, rng)
-    return columns, labels, truth
+    return columns, labels, truth, drawn
+
+
+def _seen_oracle(model: PlantedModel, drawn: dict[str, Any], seen: dict[int, np.ndarray],
+                 ) -> np.ndarray:
+    """The logit of an oracle that knows the planted weights and latent vectors of every
+    id the training days hold, and nothing of the others (their prior: 0), and the dense
+    values where a field is written (bags: known whole). Any model trained on those days
+    knows less, so its AUC bounds what training can reach; the rest of the gap to Bayes
+    is the data's, not the recipe's."""
+    rows = next(iter(drawn["ids"].values())).size if drawn["ids"] else drawn["z"][0].size
+    logit = np.full(rows, BIAS)
+    known = {f: seen[f][i] for f, i in drawn["ids"].items()}
+    for f, i in drawn["ids"].items():
+        logit += model.weights[f][i] * known[f]
+    for f, g in model.pairs:
+        if f in known and g in known:
+            logit += model.gamma * known[f] * known[g] * np.einsum(
+                "nd,nd->n", model.latent[f][drawn["ids"][f]], model.latent[g][drawn["ids"][g]])
+    for j, (z, present) in enumerate(zip(drawn["z"], drawn["present"], strict=True)):
+        logit += model.dense_effect[j] * z * present
+    return logit
 
 
 def _score(kind: str, labels: np.ndarray, expected: np.ndarray) -> dict[str, float]:
@@ -188,9 +217,13 @@ def synth_declared(schema: Schema, out: str | Path, days: int = 3, rows_per_day:
                              "signal": signal, "interactions": interactions, "days": {},
                              "splits": {}}
     suffix = f".{schema.format}" + (".gz" if gzip_files else "")
+    seen: dict[int, np.ndarray] = {}  # per feature: which ids the training days hold
     for day in range(days):
         rng = np.random.default_rng([seed, 1, day])
-        columns, labels, expected = _day(model, day, rows_per_day, rng)
+        columns, labels, expected, drawn = _day(model, day, rows_per_day, rng)
+        if day < days - 1:  # the default split's training days
+            for f, i in drawn["ids"].items():
+                seen.setdefault(f, np.zeros(model.sizes[f], bool))[i] = True
 
         path = out / f"day_{day}{suffix}"
         with atomic_path(path) as tmp:
@@ -205,9 +238,13 @@ def synth_declared(schema: Schema, out: str | Path, days: int = 3, rows_per_day:
         truth["days"][f"day_{day}"] = {"rows": rows_per_day,
                                        **_score(schema.kind, labels, expected)}
         if day == days - 1:
+            oracle = (_seen_oracle(model, drawn, seen)
+                      if schema.kind == "binary" and days > 1 else None)
             for split, (a, b) in zip(("val", "test"), holdout_halves(rows_per_day),
                                      strict=True):
                 truth["splits"][split] = {"source": f"day_{day}", "rows": [a, b],
                                           **_score(schema.kind, labels[a:b], expected[a:b])}
+                if oracle is not None:
+                    truth["splits"][split]["seen_oracle_auc"] = auc(labels[a:b], oracle[a:b])
     atomic_write_json(out / "truth.json", truth)
     return truth

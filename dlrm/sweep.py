@@ -41,7 +41,7 @@ from optuna.trial import TrialState
 
 from dlrm.compare import compare
 from dlrm.config import ConfigError, load_config
-from dlrm.data.preprocess import load_manifest
+from dlrm.data.preprocess import PreprocessError, load_manifest
 from dlrm.data.schema import Features
 from dlrm.fsutil import atomic_write_json, read_toml
 
@@ -122,7 +122,10 @@ def sweep(config: str, space_path: str, trials: int, runs_dir: str | Path,
     space = load_space(space_path)
     base = load_config(config, list(overrides))
     load_config(config, [*overrides, *(override(k, _first(s)) for k, s in space.items())])
-    kind = Features.of(load_manifest(base.data.path)).label_kind
+    try:
+        kind = Features.of(load_manifest(base.data.path)).label_kind
+    except PreprocessError as e:
+        raise ConfigError(f"data.path: {e}") from None
     metric, direction = ("rmse", "minimize") if kind == "regression" else ("auc", "maximize")
     root = Path(runs_dir)
     (root / "logs").mkdir(parents=True, exist_ok=True)

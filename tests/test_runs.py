@@ -161,3 +161,10 @@ def test_sweep_space_errors_name_the_key(small_dataset, tmp_path, text, key):
         sweep("configs/tiny.toml", str(tmp_path / "space.toml"), 1, tmp_path / "sweep",
               [f"--data.path={small_dataset}"])
     assert not (tmp_path / "sweep" / "trial-0000").exists()
+
+
+def test_sweep_names_a_missing_dataset(tmp_path):
+    (tmp_path / "space.toml").write_text(SPACE)
+    with pytest.raises(ConfigError, match="data.path: .*no_such_dir"):
+        sweep("configs/tiny.toml", str(tmp_path / "space.toml"), 1, tmp_path / "sweep",
+              [f"--data.path={tmp_path / 'no_such_dir'}"])

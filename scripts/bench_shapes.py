@@ -2,12 +2,17 @@
 
 Run:  .venv/bin/python scripts/bench_shapes.py [--recipe configs/criteo_1tb.toml]
           [--shapes high low even] [--days 24] [--rows-per-day 50000] [--work DIR]
-          [--nproc 2] [--batch-size 512] [--label L] [-- --optim.embedding_lr=0.05 ...]
+          [--nproc 2] [--batch-size 512] [--label L] [--schema criteo]
+          [-- --optim.embedding_lr=0.05 ...]
 
-For each shape it writes (once; kept in ``--work``) a planted Criteo-layout dataset with
-``dlrm synth --schema criteo`` and preprocesses it, then trains the recipe for one epoch
-on ``--nproc`` ranks with ``--batch-size`` per rank, tables sized by the dataset (not the
-recipe's 40M rows) and the overrides after ``--``, and
+Another layout: ``--schema avazu --recipe configs/avazu.toml --days 3 --rows-per-day
+100000 --work runs/shapes_avazu`` (a schema with a time column is held out on its last
+period's halves, the rows synth scores).
+
+For each shape it writes (once; kept in ``--work``) a planted dataset with
+``dlrm synth --schema SCHEMA`` (Criteo's by default) and preprocesses it, then trains
+the recipe for one epoch on ``--nproc`` ranks with ``--batch-size`` per rank, tables
+sized by the dataset (not the recipe's 40M rows) and the overrides after ``--``, and
 prints the test AUC, the planted model's Bayes AUC on the same rows and the gap. Shapes
 (``dlrm.data.synth_declared``):
 
@@ -43,20 +48,33 @@ def _run(cmd: list[str]) -> str:
     return proc.stdout
 
 
-def dataset(work: Path, shape: str, days: int, rows: int) -> tuple[Path, float]:
-    """The shape's preprocessed dataset and its test split's Bayes AUC."""
+def dataset(work: Path, schema: str, shape: str, days: int, rows: int,
+            ) -> tuple[Path, dict[str, float]]:
+    """The shape's preprocessed dataset and its test split's truth (Bayes and oracle)."""
     s = SHAPES[shape]
     raw, data = work / shape / "raw", work / shape / "data"
     truth = raw / "truth.json"
     if not truth.exists():
-        _run([sys.executable, "-m", "dlrm", "synth", "--schema", "criteo", "--out", str(raw),
+        _run([sys.executable, "-m", "dlrm", "synth", "--schema", schema, "--out", str(raw),
               "--days", str(days), "--rows-per-day", str(rows), "--seed", str(s["seed"]),
               "--max-vocab", str(s["max_vocab"]), "--signal", s["signal"],
               "--interactions", str(s["interactions"])])
     if not (data / "manifest.json").exists():
-        _run([sys.executable, "-m", "dlrm", "preprocess", "--input",
-              *(str(raw / f"day_{d}.tsv") for d in range(days)), "--out", str(data)])
-    return data, json.loads(truth.read_text())["splits"]["test"]["bayes_auc"]
+        suffix = ".tsv" if schema == "criteo" else ".csv"
+        _run([sys.executable, "-m", "dlrm", "preprocess", "--schema", schema, "--input",
+              *(str(raw / f"day_{d}{suffix}") for d in range(days)), "--out", str(data)])
+    return data, json.loads(truth.read_text())["splits"]["test"]
+
+
+def default_splits(data: Path) -> list[str]:
+    """With a time column, overrides that set the default split (the last period's
+    halves: the rows synth scores) whatever the recipe's."""
+    manifest = json.loads((data / "manifest.json").read_text())
+    if "periods" not in manifest:
+        return []
+    *train, last = [p["name"] for p in manifest["periods"]]
+    return [f"--data.train_sources={json.dumps(train)}", f'--data.val_sources=["{last}[0:0.5]"]',
+            f'--data.test_sources=["{last}[0.5:1]"]']
 
 
 def main() -> None:
@@ -65,6 +83,8 @@ def main() -> None:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="configs/criteo_1tb.toml")
+    ap.add_argument("--schema", default="criteo",
+                    help="the planted layout (a name in configs/schemas/), with --recipe")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--days", type=int, default=24)
     ap.add_argument("--rows-per-day", type=int, default=50_000)
@@ -76,7 +96,8 @@ def main() -> None:
     work = ROOT / args.work
     rows = []
     for shape in args.shapes:
-        data, bayes = dataset(work, shape, args.days, args.rows_per_day)
+        data, truth = dataset(work, args.schema, shape, args.days, args.rows_per_day)
+        bayes, oracle = truth["bayes_auc"], truth.get("seen_oracle_auc", float("nan"))
         run = work / shape / f"run-{Path(args.recipe).stem}{'-' + args.label if args.label else ''}"
         shutil.rmtree(run, ignore_errors=True)  # a measurement starts afresh, never resumes
         out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -84,16 +105,16 @@ def main() -> None:
                     args.recipe, f"--data.path={data}", "--run-dir", str(run),
                     f"--data.batch_size={args.batch_size}", "--train.epochs=1",
                     "--model.num_embeddings_per_feature=[]",
-                    "--train.checkpoint_every=0", *overrides])
+                    "--train.checkpoint_every=0", *default_splits(data), *overrides])
         (done,) = [json.loads(x) for x in out.splitlines() if '"event": "done"' in x]
-        rows.append((shape, done["test_auc"], bayes))
+        rows.append((shape, done["test_auc"], bayes, oracle))
         print(json.dumps({"event": "shape", "shape": shape, "test_auc": done["test_auc"],
-                          "bayes_auc": round(bayes, 6),
+                          "bayes_auc": round(bayes, 6), "seen_oracle_auc": round(oracle, 6),
                           "gap": round(bayes - done["test_auc"], 6)}), flush=True)
-    print(f"\n{args.recipe} {' '.join(overrides)}")
-    print("| shape | test AUC | Bayes AUC | gap |\n|---|---|---|---|")
-    for shape, got, bayes in rows:
-        print(f"| {shape} | {got:.4f} | {bayes:.4f} | {bayes - got:.4f} |")
+    print(f"\n{args.recipe} on {args.schema} {' '.join(overrides)}")
+    print("| shape | test AUC | Bayes AUC | gap | seen-ids oracle |\n|---|---|---|---|---|")
+    for shape, got, bayes, oracle in rows:
+        print(f"| {shape} | {got:.4f} | {bayes:.4f} | {bayes - got:.4f} | {oracle:.4f} |")
 
 
 if __name__ == "__main__":

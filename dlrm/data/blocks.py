@@ -37,6 +37,14 @@ class Block:
 
 _DICTIONARY = pa.dictionary(pa.int32(), pa.binary())
 
+
+def bag_array(values: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    """A bag feature's rows as a list array: ``values`` of all bags, ``lengths`` per row
+    (the mask of a bag feature in ``Block.hex``)."""
+    offsets = np.zeros(lengths.size + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
 Parse = Callable[[bytes, np.ndarray], Block]  # (whole lines, line numbers) → block
 Empty = Callable[[list[Reject], int], Block]  # (rejects, lines) → a block without rows
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlrm.data.blocks import Block
+from dlrm.data.blocks import Block, bag_array
 from dlrm.data.chunks import Options, Task
 from dlrm.data.layout import Layout
 from dlrm.data.rejects import with_rejects
@@ -75,10 +75,7 @@ def encode(block: Block, encoder: Encoder, layout: Layout) -> pa.Table:
     arrays = [pa.array(block.label)] + [pa.array(x) for x in block.dense]
     for f, (values, mask) in enumerate(block.hex):
         if layout.multi[f]:  # mask: the length of each row's bag
-            offsets = np.zeros(mask.size + 1, np.int32)
-            np.cumsum(mask, out=offsets[1:])
-            arrays.append(pa.ListArray.from_arrays(pa.array(offsets),
-                                                   pa.array(encoder.ids(f, values))))
+            arrays.append(bag_array(encoder.ids(f, values), mask))
         else:
             arrays.append(pa.array(encoder.ids(f, values, mask)))
     if layout.time is not None:

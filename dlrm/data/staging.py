@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from dlrm.data.blocks import Block
+from dlrm.data.blocks import Block, bag_array
 from dlrm.data.chunks import Task
 from dlrm.data.layout import Layout
 from dlrm.data.schema import DENSE_NAMES, LABEL, SPARSE_NAMES
@@ -53,9 +53,7 @@ def stage_batch(block: Block, layout: Layout) -> pa.RecordBatch:
         return pa.RecordBatch.from_arrays(arrays, schema=STAGED_SCHEMA)
     for (values, mask), multi in zip(block.hex, layout.multi, strict=True):
         if multi:  # mask: each row's bag length
-            offsets = np.zeros(mask.size + 1, np.int32)
-            np.cumsum(mask, out=offsets[1:])
-            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)))
+            arrays.append(bag_array(values, mask))
         else:
             arrays.append(pa.array(values, mask=~mask))
     if layout.time:

@@ -17,7 +17,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from dlrm.fsutil import atomic_write_text
-from dlrm.report import read_metrics, save_figure, series
+from dlrm.report import headline, read_metrics, save_figure, series
 
 
 def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -51,12 +51,6 @@ def final_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
         if any(k.startswith("eval/") for k in r):
             last["step"] = r["step"]
     return last
-
-
-def headline(records: list[dict[str, Any]]) -> str:
-    """A binary label's runs are judged by AUC, a regression label's by RMSE."""
-    return "rmse" if any("eval/val/rmse" in r or "eval/test/rmse" in r for r in records) \
-        else "auc"
 
 
 def _cell(value: Any) -> str:

@@ -47,6 +47,12 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
+def headline(records: list[dict[str, Any]]) -> str:
+    """A binary label's runs are judged by AUC, a regression label's by RMSE."""
+    return "rmse" if any("eval/val/rmse" in r or "eval/test/rmse" in r for r in records) \
+        else "auc"
+
+
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -69,9 +75,7 @@ def report(run: str | Path) -> Path:
         save_figure(fig, out / "loss.png")
         figures.append(("Training loss", "loss.png"))
 
-    # A binary label's runs are judged by AUC, a regression label's by RMSE.
-    metric = "rmse" if any("eval/test/rmse" in r or "eval/val/rmse" in r for r in records) \
-        else "auc"
+    metric = headline(records)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     plotted = False
     for split in ("val", "test"):

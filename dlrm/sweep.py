@@ -39,11 +39,12 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from dlrm.compare import compare
+from dlrm.compare import compare, final_metrics
 from dlrm.config import ConfigError, load_config
 from dlrm.data.preprocess import PreprocessError, load_manifest
 from dlrm.data.schema import Features
 from dlrm.fsutil import atomic_write_json, read_toml
+from dlrm.report import read_metrics
 
 STUDY = "dlrm-sweep"
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL)
@@ -98,12 +99,11 @@ def _first(spec: dict[str, Any]) -> Any:
 
 
 def _score(run: Path, metric: str) -> float:
-    last = None
-    path = run / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        value = json.loads(line).get(f"eval/val/{metric}")
-        if value is not None:
-            last = value
+    """The run's last validation ``metric``."""
+    try:
+        last = final_metrics(read_metrics(run)).get(f"eval/val/{metric}")
+    except ValueError as e:  # no (readable) metrics.jsonl
+        raise TrialFailed(str(e)) from None
     if last is None:
         raise TrialFailed(f"{run}: no validation {metric} in metrics.jsonl")
     return float(last)
@@ -120,8 +120,9 @@ def sweep(config: str, space_path: str, trials: int, runs_dir: str | Path,
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own event lines only
     space = load_space(space_path)
-    base = load_config(config, list(overrides))
-    load_config(config, [*overrides, *(override(k, _first(s)) for k, s in space.items())])
+    # The recipe with the overrides and each key's first value: every key the space
+    # names must be one the config has, with a value of its type.
+    base = load_config(config, [*overrides, *(override(k, _first(s)) for k, s in space.items())])
     try:
         kind = Features.of(load_manifest(base.data.path)).label_kind
     except PreprocessError as e:

@@ -33,6 +33,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dlrm.data.splits import default_split_specs
+
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {
     "high": {"signal": "high", "max_vocab": 1_000_000, "interactions": 0.5, "seed": 0},
@@ -72,9 +74,8 @@ def default_splits(data: Path) -> list[str]:
     manifest = json.loads((data / "manifest.json").read_text())
     if "periods" not in manifest:
         return []
-    *train, last = [p["name"] for p in manifest["periods"]]
-    return [f"--data.train_sources={json.dumps(train)}", f'--data.val_sources=["{last}[0:0.5]"]',
-            f'--data.test_sources=["{last}[0.5:1]"]']
+    return [f"--data.{split}_sources={json.dumps(specs)}"
+            for split, specs in default_split_specs(manifest).items()]
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -27,6 +29,12 @@ def write_lines(path: Path, lines: Iterable[str]) -> Path:
     """Writes ``lines``, each ended by a newline; returns ``path``."""
     path.write_text("".join(line + "\n" for line in lines))
     return path
+
+
+def read_units(dataset: Path, units: Iterable[dict]) -> pa.Table:
+    """The rows of a dataset's sources or periods (its manifest's entries), in order."""
+    return pa.concat_tables([pq.read_table(dataset / f["path"]) for u in units
+                             for f in u["files"]])
 
 
 def quiet(*_: object) -> None:

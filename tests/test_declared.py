@@ -14,10 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import REPO, dlrm, quiet, torchrun
+from helpers import REPO, dlrm, quiet, read_units, torchrun
 
 from dlrm.data.declared import SchemaError, is_criteo, load_schema
 from dlrm.data.preprocess import Options, PreprocessError, preprocess
+from dlrm.data.splits import default_split_specs
 from dlrm.data.synth import synth
 
 GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Drama",
@@ -112,11 +113,8 @@ def test_small_chunks_give_the_same_dataset(movielens, tmp_path):
     assert small["cardinalities"] == manifest["cardinalities"]
     assert len(small["periods"][0]["files"]) > 1
 
-    def rows(m, base):
-        return pa.concat_tables([pq.read_table(base / f["path"]) for p in m["periods"]
-                                 for f in p["files"]])
-
-    assert rows(small, tmp_path / "data").equals(rows(manifest, root / "data"))
+    assert read_units(tmp_path / "data", small["periods"]).equals(
+        read_units(root / "data", manifest["periods"]))
     assert ((tmp_path / "data" / "rejects" / "ml_1.tsv").read_text()
             == (root / "data" / "rejects" / "ml_1.tsv").read_text())
 
@@ -253,9 +251,8 @@ def test_a_value_gets_the_same_id_whatever_else_its_block_holds():
 def _synth_splits(manifest: dict) -> list[str]:
     """Overrides that set the default split (the last period's halves, which synth's
     truth scores) whatever the recipe's."""
-    *train, last = [p["name"] for p in manifest["periods"]]
-    return [f"--data.train_sources={json.dumps(train)}", f'--data.val_sources=["{last}[0:0.5]"]',
-            f'--data.test_sources=["{last}[0.5:1]"]']
+    return [f"--data.{split}_sources={json.dumps(specs)}"
+            for split, specs in default_split_specs(manifest).items()]
 
 
 @pytest.mark.parametrize("schema, rows, batch", [("movielens", 20_000, 256),
@@ -305,12 +302,9 @@ def test_a_parquet_export_gives_the_same_dataset_as_its_csv(tmp_path):
                    schema=load_schema(schema_path))
     assert a["cardinalities"] == b["cardinalities"] and b["rows_accepted"] == 2000
 
-    def table(m, base):
-        return pa.concat_tables([pq.read_table(base / f["path"]) for p in m["periods"]
-                                 for f in p["files"]])
-
-    assert table(a, tmp_path / "from_csv").equals(table(b, tmp_path / "from_parquet"))
-    assert table(b, tmp_path / "from_parquet").column("zip")[7].as_py() == 0  # missing
+    from_parquet = read_units(tmp_path / "from_parquet", b["periods"])
+    assert read_units(tmp_path / "from_csv", a["periods"]).equals(from_parquet)
+    assert from_parquet.column("zip")[7].as_py() == 0  # missing
 
 
 def test_parquet_rows_that_break_the_schema_are_rejected_by_row(tmp_path):

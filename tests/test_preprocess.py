@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from helpers import REPO, dlrm, quiet, tsv_row, write_lines
+from helpers import REPO, dlrm, quiet, read_units, tsv_row, write_lines
 
 import dlrm.data.preprocess as pre
 from dlrm import cli
@@ -61,8 +61,7 @@ def read_raw(path: Path) -> pa.Table:
 
 
 def read_source(out: Path, manifest: dict, name: str) -> pa.Table:
-    (source,) = [s for s in manifest["sources"] if s["name"] == name]
-    return pa.concat_tables([pq.read_table(out / f["path"]) for f in source["files"]])
+    return read_units(out, [s for s in manifest["sources"] if s["name"] == name])
 
 
 def expected_dense(raw: list[str]) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import REPO, quiet
+from helpers import REPO, quiet, read_units
 
 from dlrm.data.declared import SchemaError, load_schema
 from dlrm.data.periods import format_times, parse_times, period_keys, period_name
@@ -66,8 +66,7 @@ def _log(path, rows, times, fmt="unix", bad=()):
 
 
 def _table(root, manifest, unit=None):
-    units = manifest["periods"] if unit is None else [unit]
-    return pa.concat_tables([pq.read_table(root / f["path"]) for p in units for f in p["files"]])
+    return read_units(root, manifest["periods"] if unit is None else [unit])
 
 
 def _rows_and_times(table):

@@ -72,3 +72,15 @@ def test_seen_oracle_bounds_what_training_can_reach(tmp_path):
         assert 0.5 < test["seen_oracle_auc"] < test["bayes_auc"]
         gap[days] = test["bayes_auc"] - test["seen_oracle_auc"]
     assert gap[8] < gap[2] - 0.01
+
+
+def test_a_schema_of_bags_only_plants_and_its_oracle_knows_the_bags(tmp_path):
+    """Bags are known whole to the oracle: with nothing else, it is the Bayes model."""
+    schema = tmp_path / "bags.toml"
+    schema.write_text('[input]\nformat = "csv"\nheader = true\n[label]\ncolumn = "click"\n'
+                      '[categorical]\ncolumns = ["tags"]\n'
+                      '[categorical.per_feature.tags]\nseparator = "|"\n')
+    out = dlrm("synth", "--schema", str(schema), "--out", str(tmp_path / "raw"), "--days", "2",
+               "--rows-per-day", "2000").stdout
+    test = json.loads(out)["test"]
+    assert test["seen_oracle_auc"] == pytest.approx(test["bayes_auc"])

@@ -119,19 +119,22 @@ def _times(schema: Schema, day: int, rows: int, rng: np.random.Generator) -> lis
 def _day(model: PlantedModel, day: int, rows: int, rng: np.random.Generator,
          ) -> tuple[dict[str, list[str]], np.ndarray, np.ndarray, dict[str, Any]]:
     """One day's columns (as field text), labels and their truth: click probabilities, or
-    for a regression label, the labels' expected values; and what was drawn (each
-    single-valued feature's ids, each dense feature's z and which fields are written)."""
+    for a regression label, the labels' expected values; and what was drawn (the row
+    count, each feature's ids (a bag's first), each bag's first-order term, each dense
+    feature's z and which fields are written)."""
     schema = model.schema
     logit = np.full(rows, BIAS)
     columns: dict[str, list[str]] = {}
     ids: dict[int, np.ndarray] = {}
+    bag_terms: dict[int, np.ndarray] = {}  # per bag feature: its first-order term per row
     for f, c in enumerate(schema.categorical):
         if c.multi:
             cap = c.max_length or 4
             lengths = rng.integers(1, min(cap, 4) + 1, rows)
             flat = model.draw(f, rng, int(lengths.sum()))
             row = np.repeat(np.arange(rows), lengths)
-            logit += np.bincount(row, model.weights[f][flat], rows) / lengths
+            bag_terms[f] = np.bincount(row, model.weights[f][flat], rows) / lengths
+            logit += bag_terms[f]
             text = _render_ids(flat, f, c.values)
             bounds = np.r_[0, np.cumsum(lengths)]
             columns[c.name] = [c.separator.join(text[a:b])
@@ -145,8 +148,8 @@ def _day(model: PlantedModel, day: int, rows: int, rng: np.random.Generator,
     for f, g in model.pairs:
         logit += model.gamma * np.einsum("nd,nd->n", model.latent[f][ids[f]],
                                          model.latent[g][ids[g]])
-    drawn: dict[str, Any] = {"ids": {f: ids[f] for f, c in enumerate(schema.categorical)
-                                     if not c.multi}, "z": [], "present": []}
+    drawn: dict[str, Any] = {"rows": rows, "ids": ids, "bag_terms": bag_terms, "z": [],
+                             "present": []}
     for j, d in enumerate(schema.dense):
         z = rng.normal(0, 1, rows)
         logit += model.dense_effect[j] * z
@@ -180,15 +183,14 @@ def _seen_oracle(model: PlantedModel, drawn: dict[str, Any], seen: dict[int, np.
     values where a field is written (bags: known whole). Any model trained on those days
     knows less, so its AUC bounds what training can reach; the rest of the gap to Bayes
     is the data's, not the recipe's."""
-    rows = next(iter(drawn["ids"].values())).size if drawn["ids"] else drawn["z"][0].size
-    logit = np.full(rows, BIAS)
-    known = {f: seen[f][i] for f, i in drawn["ids"].items()}
-    for f, i in drawn["ids"].items():
-        logit += model.weights[f][i] * known[f]
+    logit = np.full(drawn["rows"], BIAS)
+    ids, bags = drawn["ids"], drawn["bag_terms"]
+    known = {f: np.ones(i.size, bool) if f in bags else seen[f][i] for f, i in ids.items()}
+    for f, i in ids.items():
+        logit += bags[f] if f in bags else model.weights[f][i] * known[f]
     for f, g in model.pairs:
-        if f in known and g in known:
-            logit += model.gamma * known[f] * known[g] * np.einsum(
-                "nd,nd->n", model.latent[f][drawn["ids"][f]], model.latent[g][drawn["ids"][g]])
+        logit += model.gamma * known[f] * known[g] * np.einsum(
+            "nd,nd->n", model.latent[f][ids[f]], model.latent[g][ids[g]])
     for j, (z, present) in enumerate(zip(drawn["z"], drawn["present"], strict=True)):
         logit += model.dense_effect[j] * z * present
     return logit
@@ -223,7 +225,8 @@ def synth_declared(schema: Schema, out: str | Path, days: int = 3, rows_per_day:
         columns, labels, expected, drawn = _day(model, day, rows_per_day, rng)
         if day < days - 1:  # the default split's training days
             for f, i in drawn["ids"].items():
-                seen.setdefault(f, np.zeros(model.sizes[f], bool))[i] = True
+                if f not in drawn["bag_terms"]:
+                    seen.setdefault(f, np.zeros(model.sizes[f], bool))[i] = True
 
         path = out / f"day_{day}{suffix}"
         with atomic_path(path) as tmp:

@@ -251,10 +251,10 @@ def category_values(column: pa.Array | pa.ChunkedArray, kind: str,
     if isinstance(column, pa.Array):
         column = pa.chunked_array([column])
     if pa.types.is_dictionary(column.type):
-        parts = [category_values(c.dictionary, kind) for c in column.chunks]
-        rows = [c.indices.to_numpy() for c in column.chunks]
-        return tuple(np.concatenate([p[k][i] for p, i in zip(parts, rows, strict=True)])
-                     if rows else np.zeros(0, (np.uint64, bool, bool)[k]) for k in range(3))
+        encoded = _array(column)  # one dictionary for all chunks
+        values, present, valid = category_values(encoded.dictionary, kind)
+        rows = encoded.indices.to_numpy()
+        return values[rows], present[rows], valid[rows]
     offsets, data = column_bytes(column)
     if kind == "hex":
         return hex_column(offsets, data)

@@ -43,11 +43,12 @@ def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
     from dlrm.data.declared import SchemaError, load_schema
     from dlrm.data.preprocess import Encoding, Options, PreprocessError, preprocess
 
-    # The encoding flags, where given, replace the schema's encoding of every feature.
-    given = [args.encoding, args.min_frequency, args.max_vocab, args.buckets]
-    encoding = None if given == [None] * 4 else Encoding(
-        type=args.encoding or "vocab", min_frequency=args.min_frequency or 1,
-        max_vocab=args.max_vocab or 0, buckets=args.buckets or 40_000_000)
+    # The encoding flags, where given, replace the schema's encoding of every feature
+    # (Encoding's defaults for the flags not given).
+    given = {k: v for k, v in (("type", args.encoding), ("min_frequency", args.min_frequency),
+                               ("max_vocab", args.max_vocab), ("buckets", args.buckets))
+             if v is not None}
+    encoding = Encoding(**given) if given else None
     options = Options(workers=args.workers, chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
                       max_line_bytes=args.max_line_bytes)
     try:

@@ -52,8 +52,12 @@ def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
     options = Options(workers=args.workers, chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
                       max_line_bytes=args.max_line_bytes)
     try:
-        schema = load_schema(args.schema)
-        preprocess(args.input, args.out, encoding=encoding, options=options, schema=schema)
+        if args.like and (args.schema or encoding):
+            raise PreprocessError("--like applies its dataset's schema and encoding: give "
+                                  "no --schema or encoding flag with it")
+        schema = None if args.like else load_schema(args.schema or "criteo")
+        preprocess(args.input, args.out, encoding=encoding, options=options, schema=schema,
+                   like=args.like)
     except (PreprocessError, SchemaError) as e:
         return _error("preprocess", e)
     return 0
@@ -131,14 +135,16 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
 def _offline_errors():
     from dlrm.checkpoint import CheckpointError
     from dlrm.config import ConfigError
+    from dlrm.data.chunks import PreprocessError
 
-    return (CheckpointError, ConfigError, ValueError)
+    return (CheckpointError, ConfigError, PreprocessError, ValueError)
 
 
 def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.offline import evaluate_checkpoint, format_metrics
+    from dlrm.offline import default_split, evaluate_checkpoint, format_metrics
 
     try:
+        args.split = args.split or default_split(args.data)
         report = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.out,
                                      args.batch_size)
     except _offline_errors() as e:
@@ -152,9 +158,10 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _score(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.offline import score_checkpoint
+    from dlrm.offline import default_split, score_checkpoint
 
     try:
+        args.split = args.split or default_split(args.data)
         rows = score_checkpoint(args.checkpoint, args.data, args.out, args.split,
                                 args.batch_size)
     except _offline_errors() as e:
@@ -231,8 +238,12 @@ def main(argv: list[str] | None = None) -> int:
                        "manifest.json")
     p.add_argument("--input", nargs="+", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--schema", default="criteo",
+    p.add_argument("--schema", default=None,
                    help="schema file, or a name in configs/schemas/ (default: criteo)")
+    p.add_argument("--like", default=None, metavar="DATASET",
+                   help="encode the inputs as DATASET was: its schema, vocabularies (an "
+                        "unseen value -> OOV id), hash buckets and dense statistics, so that "
+                        "a model trained on DATASET scores them")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     p.add_argument("--encoding", choices=["vocab", "hash"], default=None,
                    help="every feature's encoding (default: the schema's; criteo: vocab)")
@@ -277,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("--checkpoint", required=True, help="RUN/checkpoints/step-N")
         p.add_argument("--data", required=True, help="dataset written by dlrm preprocess")
-        p.add_argument("--split", choices=["train", "val", "test", "all"], default="test",
-                       help="the run's split of this dataset, or all of its rows")
+        p.add_argument("--split", choices=["train", "val", "test", "all"], default=None,
+                       help="the run's split of this dataset, or all of its rows (default: "
+                            "test; all for a dataset made with preprocess --like)")
         p.add_argument("--out", required=name == "score",
                        help="JSON report (evaluate) / Parquet file (score)")
         p.add_argument("--batch-size", type=int, default=0,

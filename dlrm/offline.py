@@ -19,6 +19,7 @@ import torch
 
 from dlrm.checkpoint import Checkpointer, read_marker
 from dlrm.config import Config, load_config
+from dlrm.data.like import check_same_encoding
 from dlrm.data.loader import ParquetBatches
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import Features
@@ -51,6 +52,12 @@ def split_specs_for(config: Config, manifest: dict[str, Any], split: str) -> lis
     return split_specs(config.data, manifest)[split]
 
 
+def default_split(data: str | Path) -> str:
+    """The split scored when none is named: a dataset made ``--like`` the training data
+    is new data, all of it; any other, the run's test split."""
+    return "all" if "like" in load_manifest(data) else "test"
+
+
 class Offline:
     """A checkpoint loaded for inference over one split of a dataset (every rank calls)."""
 
@@ -62,8 +69,9 @@ class Offline:
         # Checksums are checked by every rank together when the state is loaded.
         position = read_marker(self.checkpoint)["position"]  # CheckpointError if absent
         config = run_config(self.checkpoint)
-        config.data = dataclasses.replace(config.data, path=str(data))
         manifest = load_manifest(data)
+        check_same_encoding(config.data.path, manifest, str(data))
+        config.data = dataclasses.replace(config.data, path=str(data))
         features = Features.of(manifest)
         sizes = position["table_sizes"]
         check_tables_hold(features, sizes, manifest["cardinalities"],

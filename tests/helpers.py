@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import gzip
 import os
 import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -83,3 +86,36 @@ def checkpoint_tensors(path: Path, tmp: Path) -> dict[str, torch.Tensor]:
 
     walk("", state)
     return flat
+
+
+GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Drama",
+          "Fantasy", "Horror", "Musical", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+ML_HEADER = "user_id,movie_id,rating,timestamp,title,genres,gender,age,occupation,zip"
+
+
+def movielens_rows(rows: int, seed: int, start: int = 975_628_800) -> list[list]:
+    """Ratings from user, movie and genre effects: a rating of 4+ is well predictable. One
+    a minute from ``start`` (default 2000-12-01)."""
+    rng = np.random.default_rng(seed)
+    world = np.random.default_rng(1234)
+    user_bias, movie_bias = world.normal(0, 1, 150), world.normal(0, 1, 200)
+    genres = [world.choice(len(GENRES), world.integers(1, 4), replace=False) for _ in range(200)]
+    out = []
+    for i in range(rows):
+        u, m = int(rng.integers(150)), int(rng.integers(200))
+        score = 3.3 + user_bias[u] + movie_bias[m] + rng.normal(0, 0.6)
+        out.append([u + 1, m + 1, int(np.clip(np.round(score), 1, 5)), start + 60 * i,
+                    f"Movie {m}, The ({1950 + m % 50})", "|".join(GENRES[g] for g in genres[m]),
+                    "MF"[u % 2], [1, 18, 25, 35, 45, 50, 56][u % 7], u % 21,
+                    f"{10000 + u * 37}" if u % 3 else f"{10000 + u}-1234"])
+    return out
+
+
+def write_csv(path, header: str, rows: list[list], extra_lines: list[str] = ()) -> None:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", newline="") as f:
+        f.write(header + "\n")
+        writer = csv.writer(f)
+        writer.writerows(rows)
+        for line in extra_lines:
+            f.write(line + "\n")

@@ -4,8 +4,6 @@ here with a planted signal, quoted fields, bad rows and a gzip file)."""
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import subprocess
 import sys
@@ -14,44 +12,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import REPO, dlrm, quiet, read_units, torchrun
+from helpers import (
+    GENRES,
+    ML_HEADER,
+    REPO,
+    dlrm,
+    movielens_rows,
+    quiet,
+    read_units,
+    torchrun,
+    write_csv,
+)
 
 from dlrm.data.declared import SchemaError, is_criteo, load_schema
 from dlrm.data.preprocess import Options, PreprocessError, preprocess
 from dlrm.data.splits import default_split_specs
 from dlrm.data.synth import synth
-
-GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Drama",
-          "Fantasy", "Horror", "Musical", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
-ML_HEADER = "user_id,movie_id,rating,timestamp,title,genres,gender,age,occupation,zip"
-
-
-def _movielens_rows(rows: int, seed: int, start: int = 975_628_800) -> list[list]:
-    """Ratings from user, movie and genre effects: a rating of 4+ is well predictable. One
-    a minute from ``start`` (default 2000-12-01)."""
-    rng = np.random.default_rng(seed)
-    world = np.random.default_rng(1234)
-    user_bias, movie_bias = world.normal(0, 1, 150), world.normal(0, 1, 200)
-    genres = [world.choice(len(GENRES), world.integers(1, 4), replace=False) for _ in range(200)]
-    out = []
-    for i in range(rows):
-        u, m = int(rng.integers(150)), int(rng.integers(200))
-        score = 3.3 + user_bias[u] + movie_bias[m] + rng.normal(0, 0.6)
-        out.append([u + 1, m + 1, int(np.clip(np.round(score), 1, 5)), start + 60 * i,
-                    f"Movie {m}, The ({1950 + m % 50})", "|".join(GENRES[g] for g in genres[m]),
-                    "MF"[u % 2], [1, 18, 25, 35, 45, 50, 56][u % 7], u % 21,
-                    f"{10000 + u * 37}" if u % 3 else f"{10000 + u}-1234"])
-    return out
-
-
-def _write_csv(path, header: str, rows: list[list], extra_lines: list[str] = ()) -> None:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wt", newline="") as f:
-        f.write(header + "\n")
-        writer = csv.writer(f)
-        writer.writerows(rows)
-        for line in extra_lines:
-            f.write(line + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +41,7 @@ def movielens(tmp_path_factory):
             "1,2,5,3,Long list," + "|".join(GENRES[:7]) + ",M,1,1,10000",  # 7 > max_length 6
         ]
         # A month each (the schema's period), so that each file is one period.
-        _write_csv(path, ML_HEADER, _movielens_rows(3000, d, 975_628_800 + d * 32 * 86_400), bad)
+        write_csv(path, ML_HEADER, movielens_rows(3000, d, 975_628_800 + d * 32 * 86_400), bad)
     manifest = preprocess(raw, root / "data", workers=2, log=quiet,
                           schema=load_schema("movielens"))
     return root, raw, manifest
@@ -88,7 +64,7 @@ def test_movielens_layout_preprocesses_with_bags_rules_and_rejects(movielens):
     assert manifest["cardinalities"][:2] == [152, 202]  # ids seen + missing + OOV
     assert manifest["cardinalities"][2] == len(GENRES) + 2
 
-    source = _movielens_rows(3000, 0)
+    source = movielens_rows(3000, 0)
     assert [p["name"] for p in manifest["periods"]] == ["2000-12", "2001-01", "2001-02"]
     table = pq.read_table(root / "data" / manifest["periods"][0]["files"][0]["path"])
     labels = [int(r[2] >= 4) for r in source]
@@ -161,7 +137,7 @@ def _avazu_rows(rows: int, seed: int) -> list[list]:
 def test_avazu_layout_with_hash_encoding_from_the_command_line(tmp_path):
     raw = [tmp_path / f"day_{d}.csv" for d in range(3)]
     for d, path in enumerate(raw):
-        _write_csv(path, AVAZU_HEADER, _avazu_rows(2500, d))
+        write_csv(path, AVAZU_HEADER, _avazu_rows(2500, d))
     data = tmp_path / "data"
     dlrm("preprocess", "--schema", "avazu", "--input", *map(str, raw), "--out", str(data),
          "--encoding", "hash", "--buckets", "5000")
@@ -178,8 +154,8 @@ def test_avazu_layout_with_hash_encoding_from_the_command_line(tmp_path):
 
 def test_headers_must_agree_and_hold_the_declared_columns(tmp_path):
     good, other = tmp_path / "a.csv", tmp_path / "b.csv"
-    _write_csv(good, ML_HEADER, _movielens_rows(10, 0))
-    _write_csv(other, ML_HEADER.replace("zip", "zipcode"), _movielens_rows(10, 1))
+    write_csv(good, ML_HEADER, movielens_rows(10, 0))
+    write_csv(other, ML_HEADER.replace("zip", "zipcode"), movielens_rows(10, 1))
     with pytest.raises(PreprocessError, match="b.csv: header"):
         preprocess([good, other], tmp_path / "out", log=quiet, schema=load_schema("movielens"))
     with pytest.raises(PreprocessError, match="no column zip"):
@@ -282,10 +258,10 @@ def test_planted_data_of_a_schema_trains_to_near_its_bayes_auc(tmp_path, schema,
 def test_a_parquet_export_gives_the_same_dataset_as_its_csv(tmp_path):
     """The same ratings as CSV (text, |-joined genres) and as Parquet (typed columns, a
     list column of genres, a null zip) preprocess to the same rows and ids."""
-    rows = _movielens_rows(2000, 5)
+    rows = movielens_rows(2000, 5)
     rows[7][9] = ""  # a missing zip
     csv_path = tmp_path / "ratings.csv"
-    _write_csv(csv_path, ML_HEADER, rows)
+    write_csv(csv_path, ML_HEADER, rows)
     names = ML_HEADER.split(",")
     cols = {n: [r[i] for r in rows] for i, n in enumerate(names)}
     cols["genres"] = [g.split("|") for g in cols["genres"]]
@@ -369,7 +345,7 @@ def test_standardize_uses_the_training_sources_mean_and_std(tmp_path):
         path = tmp_path / f"day_{d}.csv"
         x = rng.normal(10 + d, 2 + d, 500).round(3)
         rows = [[int(v > 10), f"{v}" if i % 50 else "", f"u{i % 7}"] for i, v in enumerate(x)]
-        _write_csv(path, "y,x,u", rows)
+        write_csv(path, "y,x,u", rows)
         raw.append((path, [float(r[1]) if r[1] else -1.0 for r in rows]))
     schema_path = tmp_path / "s.toml"
     schema_path.write_text('[input]\nformat = "csv"\nheader = true\n[label]\ncolumn = "y"\n'

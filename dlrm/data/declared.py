@@ -153,6 +153,15 @@ class Schema:
             del out["time"]
         return out
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Schema:
+        """The schema ``to_json`` wrote (a dataset's manifest keeps it)."""
+        time = doc.get("time")
+        return cls(**{**doc, "columns": tuple(doc["columns"]), "ignore": tuple(doc["ignore"]),
+                      "dense": tuple(Dense(**d) for d in doc["dense"]),
+                      "categorical": tuple(Categorical(**c) for c in doc["categorical"]),
+                      "time": Time(**time) if time else None})
+
 
 _OPS = (">=", "<=", "==", "!=", ">", "<")
 

@@ -22,6 +22,7 @@ from dlrm.data.blocks import Block, bag_array
 from dlrm.data.chunks import Options, Task
 from dlrm.data.layout import Layout
 from dlrm.data.rejects import with_rejects
+from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.data.shards import PeriodShards, Shards, remove_stale
 from dlrm.data.staging import IPC_OPTIONS, read_staged, stage_batch, staged_paths, staged_schema
 from dlrm.data.vocab import Encoder, compact
@@ -83,11 +84,26 @@ def encode(block: Block, encoder: Encoder, layout: Layout) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=layout.output_schema())
 
 
+def out_of_vocabulary(batch: pa.Table, layout: Layout) -> np.ndarray:
+    """Per categorical feature of an encoded batch: (ids not missing, ids out of
+    vocabulary); zeros for a hashed one, which has no vocabulary."""
+    counts = np.zeros((len(layout.sparse), 2), np.int64)
+    for f, (c, enc) in enumerate(zip(layout.sparse, layout.encodings, strict=True)):
+        if enc.type != "vocab":
+            continue
+        ids = batch.column(c)
+        if layout.multi[f]:
+            ids = pc.list_flatten(ids)
+        counts[f] = (pc.sum(pc.not_equal(ids, MISSING_ID)).as_py() or 0,
+                     pc.sum(pc.equal(ids, OOV_ID)).as_py() or 0)
+    return counts
+
+
 def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, layout: Layout,
-                progress: Any) -> None:
+                counted: bool, progress: Any) -> None:
     """The encoding pass for one chunk: its shards (by source, or by time period), then
-    (hash: reading the text here) its rejects, then its done record, last. The vocab
-    encoding reads the rows its first pass staged, and drops them once the chunk is done."""
+    (reading the text here, unless a counting pass staged the rows) its rejects, then its
+    done record, last. Staged rows are dropped once the chunk is done."""
     out_dir, work = Path(out), Path(out) / WORK
     if layout.time is None:
         shard_dir = out_dir / "data" / task.source
@@ -100,20 +116,22 @@ def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, layout: L
     summary: dict[str, Any] = {}
     staged, summary_path = staged_paths(work, task)
     report = Progress(progress)
-    if layout.vocab:  # pass 1 staged the rows
+    if counted:  # pass 1 staged the rows
         summary = json.loads(summary_path.read_text())
         blocks = read_staged(staged, layout)
     else:
         blocks = with_rejects(layout.blocks(task, opts, report),
                               work / "rejects" / f"{task.key}.tsv", summary)
+    oov = np.zeros((len(layout.sparse), 2), np.int64)  # per feature: values, out of vocab
     for block in blocks:
         batch = encode(block, encoder, layout)
+        oov += out_of_vocabulary(batch, layout)
         if layout.time is None:
             shards.write(batch)
         else:
             shards.write(batch, block.time)
     shards.close()
-    if layout.vocab:  # the bar counts input bytes, here the chunk's
+    if counted:  # the bar counts input bytes, here the chunk's
         report(task.bytes)
     report.flush()
     files = shards.files
@@ -124,7 +142,7 @@ def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, layout: L
     atomic_write_json(work / "done" / f"{task.key}.json", {
         "task": asdict(task), "rows_accepted": accepted, "rows_rejected": rejected,
         "rejected_by_reason": summary["rejected_by_reason"], "files": files,
-        "lines": summary["lines"], **sums,
+        "lines": summary["lines"], "oov": oov.tolist(), **sums,
     })
     staged.unlink(missing_ok=True)
 

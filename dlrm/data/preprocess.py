@@ -64,6 +64,7 @@ from tqdm import tqdm
 from dlrm.data.chunks import Options, PreprocessError, Task, plan_tasks, source_name
 from dlrm.data.declared import SCHEMAS, Schema, SchemaError, is_criteo, load_schema
 from dlrm.data.layout import Layout
+from dlrm.data.like import VOCAB, Reference
 from dlrm.data.passes import WORK, atomic_npz, count_chunk, write_chunk
 from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.data.staging import staged_paths
@@ -179,11 +180,13 @@ def layout_of(schema: Schema, encoding: Encoding | None, paths: list[Path]) -> L
 def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
                encoding: Encoding | None = None, log: Callable[[str], Any] = print,
                options: Options | None = None, schema: Schema | None = None,
-               ) -> dict[str, Any]:
+               like: str | Path | None = None) -> dict[str, Any]:
     """Preprocesses ``inputs`` into the dataset directory ``out``; returns the manifest.
 
     ``schema``: the layout of the inputs (default: ``configs/schemas/criteo.toml``);
-    ``encoding``, when given, is every categorical feature's.
+    ``encoding``, when given, is every categorical feature's. ``like``: a dataset whose
+    schema, encoding, vocabularies and dense statistics are applied instead (see
+    ``dlrm.data.like``); nothing is counted.
 
     A rerun over a complete dataset made from the same (unchanged) inputs with the same
     encoding returns its manifest without redoing anything; a rerun over an interrupted
@@ -196,6 +199,13 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
     t0 = time.time()
     opts = options or Options(workers=workers)
     paths = [Path(p) for p in inputs]
+    ref = None
+    if like is not None:
+        if schema is not None or encoding is not None:
+            raise PreprocessError("--like takes the schema and encoding of its dataset; "
+                                  "give no other")
+        ref = Reference.of(like, load_manifest(like))
+        schema, encoding = ref.schema, ref.encoding
     _check_inputs(paths, encoding)
     layout = layout_of(schema or load_schema(SCHEMAS / "criteo.toml"), encoding, paths)
     out = Path(out)
@@ -203,11 +213,14 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
             "sources": [_fingerprint(p) for p in paths]}
     if layout.schema is not None:
         plan["schema"] = layout.schema.to_json()
+    if ref is not None:
+        plan["like"] = ref.to_json()
 
     if (out / MANIFEST).exists():
         old = load_manifest(out)
         same = (old.get("encoding") == plan["encoding"]
                 and old["schema"].get("declared") == plan.get("schema")
+                and old.get("like") == plan.get("like")
                 and [{k: s[k] for k in ("path", "bytes", "mtime_ns")} for s in old["sources"]]
                 == plan["sources"])
         if same:
@@ -226,13 +239,14 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
         raise PreprocessError(f"{out} is not empty and holds no dlrm dataset; choose another --out")
 
     try:
-        return _preprocess(paths, out, opts, layout, plan, t0, log)
+        return _preprocess(paths, out, opts, layout, plan, t0, log, ref)
     except OSError as e:
         raise PreprocessError(f"writing under {out} failed: {e}") from None
 
 
 def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
-                plan: dict[str, Any], t0: float, log: Callable[[str], Any]) -> dict[str, Any]:
+                plan: dict[str, Any], t0: float, log: Callable[[str], Any],
+                ref: Reference | None) -> dict[str, Any]:
     work = out / WORK
     for sub in ("counts", "staged", "rejects", "done"):
         (work / sub).mkdir(parents=True, exist_ok=True)
@@ -244,7 +258,8 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
     workers = min(opts.workers or os.cpu_count() or 1, len(tasks))
     ctx = get_context("spawn")
     total = sum(p.stat().st_size for p in paths)
-    passes = 2 if layout.vocab else 1
+    count = layout.vocab and ref is None  # a pass that counts (and stages) the values
+    passes = 2 if count else 1
     bar = tqdm(total=total * passes, unit="B", unit_scale=True, desc="preprocess",
                dynamic_ncols=True) if os.isatty(1) else None
     manager = ctx.Manager() if bar is not None else contextlib.nullcontext()
@@ -252,7 +267,9 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
                                                 initializer=keep_freed_memory) as pool:
         updates = manager.Queue() if bar is not None else None
         tables, vocabs = None, {}
-        if layout.vocab:
+        if ref is not None and layout.vocab:
+            vocabs = ref.vocabs()
+        elif layout.vocab:
             # A chunk is counted once its counts exist; its staged rows are needed until
             # the chunk is written (an unfinished run of an older version had none).
             todo = [t for t in by_size if not (
@@ -261,18 +278,19 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
                      or staged_paths(work, t)[0].exists()))]
             _run(pool, count_chunk, todo, (opts, str(work), layout), bar, updates)
             vocabs = merge_vocab(tasks, work, layout.sparse, layout.encodings)
-            atomic_npz(out / "vocab.npz", vocabs)
+        if vocabs:
+            atomic_npz(out / VOCAB, vocabs)
             tables = work / "tables"
             save_tables(vocabs, tables)
         cardinalities = [int(vocabs[c].size) + 2 if c in vocabs else e.buckets
                          for c, e in zip(layout.sparse, layout.encodings, strict=True)]
         todo = [t for t in by_size if not (work / "done" / f"{t.key}.json").exists()]
         encoder = Encoder(layout.sparse, layout.encodings, str(tables) if tables else None)
-        _run(pool, write_chunk, todo, (opts, str(out), encoder, layout), bar, updates)
+        _run(pool, write_chunk, todo, (opts, str(out), encoder, layout, count), bar, updates)
     if bar is not None:
         bar.close()
 
-    manifest = _finish(paths, tasks, out, layout, cardinalities, t0, log)
+    manifest = _finish(paths, tasks, out, layout, cardinalities, t0, log, ref)
     read = manifest["rows_accepted"] + manifest["rows_rejected"]
     log(f"preprocess: {read} rows read, {manifest['rows_accepted']} accepted, "
         f"{manifest['rows_rejected']} rejected {manifest['rejected_by_reason']} "
@@ -321,7 +339,8 @@ def _schema_json(layout: Layout) -> dict[str, Any]:
 
 
 def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
-            cardinalities: list[int], t0: float, log: Callable[[str], Any]) -> dict[str, Any]:
+            cardinalities: list[int], t0: float, log: Callable[[str], Any],
+            ref: Reference | None) -> dict[str, Any]:
     """Per-source rejects with file-wide line numbers, the periods of a time column,
     then the manifest, then cleanup."""
     work = out / WORK
@@ -361,12 +380,14 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
     reasons = Counter()
     for s in sources:
         reasons.update(s["rejected_by_reason"])
+    standardize = ref.standardize if ref is not None else _standardize(layout, sums)
     manifest = {
         "format": FORMAT,
-        "schema": _schema_json(layout) | (
-            {"standardize": standardize} if (standardize := _standardize(layout, sums)) else {}),
+        "schema": _schema_json(layout) | ({"standardize": standardize} if standardize else {}),
         "encoding": layout.encoding_json(),
+        **({"like": ref.to_json()} if ref is not None else {}),
         "cardinalities": cardinalities,
+        "oov_rate": _oov_rates(layout, dones),
         "sources": sources,
         **({"periods": periods} if periods is not None else {}),
         "rows_accepted": sum(s["rows_accepted"] for s in sources),
@@ -377,6 +398,18 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
     atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _oov_rates(layout: Layout, dones: list[dict[str, Any]]) -> dict[str, float]:
+    """Per vocab-encoded feature: the share of its values (missing ones aside) that were
+    out of vocabulary: below min_frequency or over max_vocab, or (``--like``) never seen
+    by the dataset the vocabulary came from."""
+    counts = np.zeros((len(layout.sparse), 2))
+    for done in dones:
+        counts += np.asarray(done.get("oov", np.zeros_like(counts)))
+    return {c: round(float(oov / values), 6) if values else 0.0
+            for c, e, (values, oov) in zip(layout.sparse, layout.encodings, counts, strict=True)
+            if e.type == "vocab"}
 
 
 def load_manifest(dataset: str | Path) -> dict[str, Any]:

@@ -1,0 +1,78 @@
+"""New files through an existing dataset's encoding (``dlrm preprocess --like DATASET``).
+
+A model's tables are indexed by its training dataset's ids, so tomorrow's log must be
+encoded the way that dataset was: its schema (the header's columns included), each
+feature's vocabulary (a value it never counted becomes the out-of-vocabulary id) or hash
+buckets, and the dense statistics of its training sources. Nothing is counted again.
+The new dataset's manifest names the dataset it was made like (``like``) with a checksum
+of its vocabularies, so that a checkpoint is never scored on ids of another vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlrm.data.declared import SCHEMAS, Schema, load_schema
+from dlrm.data.vocab import Encoding
+
+VOCAB = "vocab.npz"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a dataset's encoding consists of, read from its directory."""
+
+    path: Path
+    schema: Schema
+    encoding: Encoding | None  # Criteo's one for all; None: the schema's per feature
+    standardize: dict[str, Any]
+    vocab_sha256: str | None  # None: hash encoding only, no vocabularies
+
+    @classmethod
+    def of(cls, dataset: str | Path, manifest: dict[str, Any]) -> Reference:
+        path = Path(dataset).resolve()
+        declared = manifest["schema"].get("declared")
+        if declared is None:  # Criteo's fast path records one encoding for all
+            schema = load_schema(SCHEMAS / "criteo.toml")
+            encoding: Encoding | None = Encoding(**manifest["encoding"])
+        else:
+            schema, encoding = Schema.from_json(declared), None
+        vocab = path / VOCAB
+        return cls(path, schema, encoding, manifest["schema"].get("standardize", {}),
+                   file_sha256(vocab) if vocab.is_file() else None)
+
+    def vocabs(self) -> dict[str, np.ndarray]:
+        """Each vocab-encoded feature's values in id order, as the dataset holds them."""
+        with np.load(self.path / VOCAB) as z:
+            return {name: z[name] for name in z.files}
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's ``like``."""
+        return {"dataset": str(self.path), "vocab_sha256": self.vocab_sha256}
+
+
+def check_same_encoding(trained_on: str | Path, manifest: dict[str, Any], where: str) -> None:
+    """A dataset made ``--like`` another must be scored by a model trained on that one's
+    ids: the vocabularies must be the same file, where the training dataset is still
+    there to compare. ValueError naming both otherwise."""
+    like = manifest.get("like")
+    vocab = Path(trained_on) / VOCAB
+    if like is None or not vocab.is_file() or like["vocab_sha256"] is None:
+        return
+    if file_sha256(vocab) != like["vocab_sha256"]:
+        raise ValueError(f"{where}: the dataset was encoded like {like['dataset']}, whose "
+                         f"vocabularies differ from those of the run's training data "
+                         f"{trained_on}; preprocess it --like {trained_on}")

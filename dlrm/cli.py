@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -137,7 +138,7 @@ def _offline_errors():
     from dlrm.config import ConfigError
     from dlrm.data.chunks import PreprocessError
 
-    return (CheckpointError, ConfigError, PreprocessError, ValueError)
+    return (CheckpointError, ConfigError, PreprocessError, ValueError)  # ExportError too
 
 
 def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
@@ -169,6 +170,32 @@ def _score(args: argparse.Namespace, rest: list[str]) -> int:
     if rows is not None:
         print(json.dumps({"event": "score", "split": args.split, "rows": rows,
                           "out": args.out}))
+    return 0
+
+
+def _export(args: argparse.Namespace, rest: list[str]) -> int:
+    from dlrm.export import export
+
+    try:
+        info = export(args.checkpoint, args.out, args.tables)
+    except _offline_errors() as e:
+        return _error("export", e)
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    print(json.dumps({"event": "export", "out": args.out, "tables": info["tables"],
+                      "step": info["step"], "bytes": size}))
+    return 0
+
+
+def _predict(args: argparse.Namespace, rest: list[str]) -> int:
+    from dlrm.data.chunks import Options
+    from dlrm.predict import predict
+
+    options = Options(workers=args.workers, chunk_bytes=max(1, int(args.chunk_mb * 2**20)))
+    try:
+        summary = predict(args.model, args.input, args.out, options=options)
+    except _offline_errors() as e:
+        return _error("predict", e)
+    print(json.dumps(summary))
     return 0
 
 
@@ -296,6 +323,25 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--batch-size", type=int, default=0,
                        help="per rank (default: the run's eval batch size)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("export", help="a checkpoint -> a model directory that scores raw "
+                       "rows on its own (schema, vocabularies, unsharded model)")
+    p.add_argument("--checkpoint", required=True, help="RUN/checkpoints/step-N")
+    p.add_argument("--out", required=True, help="the model directory (new or empty)")
+    p.add_argument("--tables", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
+                   help="precision of the embedding tables (TorchRec's quantized "
+                        "EmbeddingBagCollection below fp32); the MLPs stay fp32")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("predict", help="score raw files (the model's schema) with an "
+                       "exported model -> Parquet source, line, prob, label")
+    p.add_argument("--model", required=True, help="directory written by dlrm export")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--out", required=True, help="Parquet file; rejects go to OUT.rejects.tsv")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    p.add_argument("--chunk-mb", type=float, default=64,
+                   help="plain files are scored in chunks of this many MiB")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("report", help="plots and a summary page of a run, or of several "
                        "runs overlaid")

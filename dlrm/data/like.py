@@ -31,6 +31,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def schema_of(manifest: dict[str, Any]) -> tuple[Schema, Encoding | None]:
+    """The schema a dataset was read with, and Criteo's one encoding for all (None for a
+    declared schema, which holds each feature's)."""
+    declared = manifest["schema"].get("declared")
+    if declared is None:  # Criteo's fast path records one encoding for all
+        return load_schema(SCHEMAS / "criteo.toml"), Encoding(**manifest["encoding"])
+    return Schema.from_json(declared), None
+
+
 @dataclass(frozen=True)
 class Reference:
     """What a dataset's encoding consists of, read from its directory."""
@@ -44,12 +53,7 @@ class Reference:
     @classmethod
     def of(cls, dataset: str | Path, manifest: dict[str, Any]) -> Reference:
         path = Path(dataset).resolve()
-        declared = manifest["schema"].get("declared")
-        if declared is None:  # Criteo's fast path records one encoding for all
-            schema = load_schema(SCHEMAS / "criteo.toml")
-            encoding: Encoding | None = Encoding(**manifest["encoding"])
-        else:
-            schema, encoding = Schema.from_json(declared), None
+        schema, encoding = schema_of(manifest)
         vocab = path / VOCAB
         return cls(path, schema, encoding, manifest["schema"].get("standardize", {}),
                    file_sha256(vocab) if vocab.is_file() else None)

@@ -91,7 +91,7 @@ class _Rows:
                       for cs in zip(*(p.sparse for p in parts), strict=True)])
 
 
-def _to_batch(rows: _Rows, keys: Sequence[str], multi_hot: MultiHot | None = None) -> Batch:
+def to_batch(rows: _Rows, keys: Sequence[str], multi_hot: MultiHot | None = None) -> Batch:
     """The Batch of ``rows``: KJT values feature-major under ``keys`` (the categorical
     features' names), one bag per row and feature."""
     n = len(rows)
@@ -122,6 +122,32 @@ def _to_batch(rows: _Rows, keys: Sequence[str], multi_hot: MultiHot | None = Non
     )
 
 
+def table_rows(table: pa.Table, features: Features, list_features: Sequence[bool],
+               where: Any) -> _Rows:
+    """A dataset table's rows as the model reads them: dense features standardized by the
+    manifest's training statistics, missing ids filled. ``where`` names the table in the
+    error for a column of the wrong kind."""
+    labels = table.column(features.label).to_numpy().astype(np.float32)
+    dense = np.stack([_filled(table.column(c), 0).to_numpy() for c in features.dense],
+                     axis=1) if features.dense else np.zeros((len(labels), 0))
+    for name, mean, std in features.standardize:  # the manifest's training stats
+        j = features.dense.index(name)
+        dense[:, j] = (dense[:, j] - mean) / std
+    sparse: list[Any] = []
+    for name, is_list in zip(features.sparse, list_features, strict=True):
+        column = table.column(name)
+        if _is_list(column.type) != is_list:
+            raise ValueError(f"{where}: column {name} is {column.type}, but "
+                             f"{'a list' if is_list else 'an integer'} column in the "
+                             "split's first file")
+        if is_list:
+            bags = column.combine_chunks()
+            sparse.append(bags if bags.type == _BAGS else bags.cast(_BAGS))
+        else:
+            sparse.append(_filled(column, MISSING_ID).to_numpy().astype(np.int64, copy=False))
+    return _Rows(labels, dense.astype(np.float32, copy=False), sparse)
+
+
 def make_batch(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
                keys: Sequence[str] = CRITEO.sparse) -> Batch:
     """Builds a Batch from ``labels [B]``, ``dense [B, D]`` and ``sparse ids [B, F]`` (the
@@ -132,7 +158,7 @@ def make_batch(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
     """
     rows = _Rows(labels.astype(np.float32), np.ascontiguousarray(dense, dtype=np.float32),
                  list(sparse.T))
-    return _to_batch(rows, keys)
+    return to_batch(rows, keys)
 
 
 def _shuffle(blocks: Iterator[_Rows], buffer: int, rng: np.random.Generator) -> Iterator[_Rows]:
@@ -301,7 +327,7 @@ class ParquetBatches:
             blocks = self._read(chunks)
         for i, rows in enumerate(self._batches(blocks)):
             if i >= skip:  # skipped batches are read (the shuffle order needs them), not built
-                batch = _to_batch(rows, self.features.sparse, self.multi_hot)
+                batch = to_batch(rows, self.features.sparse, self.multi_hot)
                 yield self.finish(batch) if self.finish else batch
 
     def _chunks(self) -> Iterator[tuple[Path, int, int, int]]:
@@ -337,25 +363,7 @@ class ParquetBatches:
                 file.close()
 
     def _rows(self, table: pa.Table, path: Path) -> _Rows:
-        labels = table.column(self.features.label).to_numpy().astype(np.float32)
-        dense = np.stack([_filled(table.column(c), 0).to_numpy() for c in self.features.dense],
-                         axis=1) if self.features.dense else np.zeros((len(labels), 0))
-        for name, mean, std in self.features.standardize:  # the manifest's training stats
-            j = self.features.dense.index(name)
-            dense[:, j] = (dense[:, j] - mean) / std
-        sparse: list[Any] = []
-        for name, is_list in zip(self.features.sparse, self._list_features, strict=True):
-            column = table.column(name)
-            if _is_list(column.type) != is_list:
-                raise ValueError(f"{path}: column {name} is {column.type}, but "
-                                 f"{'a list' if is_list else 'an integer'} column in the "
-                                 "split's first file")
-            if is_list:
-                bags = column.combine_chunks()
-                sparse.append(bags if bags.type == _BAGS else bags.cast(_BAGS))
-            else:
-                sparse.append(_filled(column, MISSING_ID).to_numpy().astype(np.int64, copy=False))
-        return _Rows(labels, dense.astype(np.float32, copy=False), sparse)
+        return table_rows(table, self.features, self._list_features, path)
 
     def _batches(self, blocks: Iterator[_Rows]) -> Iterator[_Rows]:
         """Cuts the blocks into ``num_batches`` batches; in evaluation, pads the last ones."""

@@ -102,7 +102,7 @@ def _run(pool: ProcessPoolExecutor, fn: Callable, tasks: list[Task], args: tuple
                     bar.update(n)
 
 
-def _check_inputs(paths: list[Path], encoding: Encoding) -> None:
+def check_inputs(paths: list[Path], encoding: Encoding) -> None:
     if not paths:
         raise PreprocessError("no input files given")
     for p in paths:
@@ -206,7 +206,7 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
                                   "give no other")
         ref = Reference.of(like, load_manifest(like))
         schema, encoding = ref.schema, ref.encoding
-    _check_inputs(paths, encoding)
+    check_inputs(paths, encoding)
     layout = layout_of(schema or load_schema(SCHEMAS / "criteo.toml"), encoding, paths)
     out = Path(out)
     plan = {"format": FORMAT, "encoding": layout.encoding_json(),

@@ -199,6 +199,16 @@ def _predict(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, rest: list[str]) -> int:
+    from dlrm.serve import serve
+
+    try:
+        serve(args.model, args.host, args.port, int(args.max_body_mb * 2**20))
+    except _offline_errors() as e:
+        return _error("serve", e)
+    return 0
+
+
 def _report(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         if len(args.run_dir) == 1 and args.out is None:
@@ -342,6 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-mb", type=float, default=64,
                    help="plain files are scored in chunks of this many MiB")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("serve", help="an exported model over HTTP JSON: POST /predict, "
+                       "GET /health, GET /metadata")
+    p.add_argument("--model", required=True, help="directory written by dlrm export")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-body-mb", type=float, default=1.0,
+                   help="larger request bodies get 413")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("report", help="plots and a summary page of a run, or of several "
                        "runs overlaid")

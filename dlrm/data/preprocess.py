@@ -160,7 +160,7 @@ def layout_of(schema: Schema, encoding: Encoding | None, paths: list[Path]) -> L
                 schema.check_columns(names, str(p))
             except SchemaError as e:
                 raise PreprocessError(str(e)) from None
-    elif schema.header:
+    elif schema.header and paths:  # no paths: rows that come by other means (serving)
         headers = {p: _header(p, schema.delimiter) for p in paths}
         columns = headers[paths[0]]
         for p, names in headers.items():

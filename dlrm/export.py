@@ -9,7 +9,7 @@
 - ``tables/``: the training dataset's vocabularies as the hash tables preprocessing
   looks ids up in (vocab-encoded features);
 - ``weights.pt``: the unsharded model's tensors, read back with ``weights_only`` (nothing
-  is unpickled but tensors). Below fp32 the tables are TorchRec's quantized
+  is unpickled but tensors, TorchRec's packed int4 tensor among them). Below fp32 the tables are TorchRec's quantized
   ``EmbeddingBagCollection`` (``torchrec.inference.modules.quantize_embeddings``: fp16, or
   int8 / int4 with a scale and bias per row); the MLPs stay fp32.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torchrec.inference.modules import quantize_embeddings
 from torchrec.modules.embedding_configs import DataType
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
+from torchrec.tensor_types import UInt4Tensor
 
 from dlrm.checkpoint import verify
 from dlrm.config import ModelConfig
@@ -138,9 +140,12 @@ def load_exported(path: str | Path) -> Exported:
         raise ExportError(f"{path / MODEL_JSON}: unknown format {info.get('format')!r}")
     model = _float_model(info) if info["tables"] == "fp32" else _quantized_shell(info)
     try:
-        weights = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ExportError(f"{path / WEIGHTS}: unreadable ({e})") from None
+        # Tensors only; TorchRec's packed int4 tensor type is the one class admitted.
+        with torch.serialization.safe_globals([UInt4Tensor]):
+            weights = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ExportError(f"{path / WEIGHTS}: unreadable, or holds more than tensors "
+                          f"({str(e).splitlines()[0]})") from None
     model.load_state_dict(weights)
     model.eval()
     return Exported(path, info, model)

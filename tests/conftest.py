@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import quiet
+from helpers import quiet, torchrun
 
 from dlrm.data.preprocess import preprocess
 from dlrm.data.synth import synth
@@ -17,3 +17,17 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     preprocess([root / "raw" / f"day_{d}" for d in range(3)], root / "data", workers=1,
                log=quiet)
     return root / "data"
+
+
+SMALL = ["--config", "configs/tiny.toml", "--data.batch_size=64", "--train.log_every=20",
+         "--model.embedding_dim=8", "--model.dense_arch_layer_sizes=[16,8]",
+         "--model.over_arch_layer_sizes=[16,1]", "--eval.batch_size=100"]
+
+
+@pytest.fixture(scope="session")
+def trained(small_dataset, tmp_path_factory) -> Path:
+    """A tiny DLRM trained by 2 ranks on ``small_dataset``; returns its last checkpoint."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    torchrun(["-m", "dlrm", "train", *SMALL, f"--data.path={small_dataset}",
+              "--run-dir", str(run)])
+    return sorted((run / "checkpoints").glob("step-*[0-9]"))[-1]

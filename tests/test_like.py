@@ -15,18 +15,6 @@ from helpers import ML_HEADER, REPO, dlrm, movielens_rows, quiet, read_units, wr
 from dlrm.data.declared import load_schema
 from dlrm.data.preprocess import PreprocessError, preprocess
 
-SMALL = ["--config", "configs/tiny.toml", "--data.batch_size=64", "--train.log_every=50",
-         "--model.embedding_dim=8", "--model.dense_arch_layer_sizes=[16,8]",
-         "--model.over_arch_layer_sizes=[16,1]", "--eval.batch_size=100"]
-
-
-@pytest.fixture(scope="module")
-def trained(small_dataset, tmp_path_factory):
-    """A checkpoint trained (one process) on the small Criteo dataset."""
-    run = tmp_path_factory.mktemp("like") / "run"
-    dlrm("train", *SMALL, f"--data.path={small_dataset}", "--run-dir", str(run))
-    return sorted((run / "checkpoints").glob("step-*[0-9]"))[-1]
-
 
 def test_a_day_encoded_like_its_dataset_scores_as_it_did_there(small_dataset, trained,
                                                                 tmp_path):

@@ -14,19 +14,6 @@ import pytest
 from helpers import REPO, dlrm, torchrun
 from sklearn.metrics import log_loss, roc_auc_score
 
-SMALL = ["--config", "configs/tiny.toml", "--data.batch_size=64", "--train.log_every=20",
-         "--model.embedding_dim=8", "--model.dense_arch_layer_sizes=[16,8]",
-         "--model.over_arch_layer_sizes=[16,1]", "--eval.batch_size=100"]
-
-
-@pytest.fixture(scope="module")
-def trained(small_dataset, tmp_path_factory) -> Path:
-    """A run trained by 2 ranks; returns its last checkpoint."""
-    run = tmp_path_factory.mktemp("offline") / "run"
-    torchrun(["-m", "dlrm", "train", *SMALL, f"--data.path={small_dataset}",
-              "--run-dir", str(run)])
-    return sorted((run / "checkpoints").glob("step-*[0-9]"))[-1]
-
 
 def test_evaluate_one_and_two_ranks_agree_with_training(trained, small_dataset, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"

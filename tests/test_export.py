@@ -1,0 +1,121 @@
+"""`dlrm export` and `dlrm predict`: a checkpoint of 2 ranks → a model directory that scores
+raw rows in one process, as the checkpoint scores the preprocessed split."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import REPO, dlrm
+from sklearn.metrics import roc_auc_score
+
+from dlrm.data.chunks import Options
+from dlrm.export import WEIGHTS, ExportError, export, load_exported
+from dlrm.predict import predict
+
+TOLERANCE = {"fp32": 1e-6, "fp16": 1e-4, "int8": 0.002}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_scores(trained, small_dataset, tmp_path_factory):
+    """The checkpoint's own evaluation and scores of the test split (day_2's second half)."""
+    tmp = tmp_path_factory.mktemp("scores")
+    dlrm("evaluate", "--checkpoint", str(trained), "--data", str(small_dataset), "--out",
+         str(tmp / "eval.json"))
+    dlrm("score", "--checkpoint", str(trained), "--data", str(small_dataset), "--out",
+         str(tmp / "scores.parquet"))
+    return (json.loads((tmp / "eval.json").read_text())["metrics"],
+            pq.read_table(tmp / "scores.parquet"))
+
+
+@pytest.mark.parametrize("tables", ["fp32", "fp16", "int8", "int4"])
+def test_an_export_scores_raw_rows_as_the_checkpoint(trained, small_dataset, checkpoint_scores,
+                                                     tables, tmp_path):
+    metrics, scores = checkpoint_scores
+    model = tmp_path / "model"
+    out = dlrm("export", "--checkpoint", str(trained), "--out", str(model), "--tables",
+               tables).stdout
+    size = json.loads(out.splitlines()[-1])["bytes"]
+    raw = small_dataset.parent / "raw" / "day_2"
+    summary = predict(model, [raw], tmp_path / "preds.parquet", log=lambda *_: None)
+    assert summary["rows"] == 4000 and summary["rejected"] == 0
+    preds = pq.read_table(tmp_path / "preds.parquet")
+    assert preds.column_names == ["source", "line", "prob", "label"]
+    assert preds.column("line").to_pylist() == list(range(1, 4001))
+    test = preds.slice(2000)  # the run's test split: the day's second half
+    np.testing.assert_array_equal(test.column("label").to_numpy(),
+                                  scores.column("label").to_numpy())
+    auc = roc_auc_score(test.column("label").to_numpy(), test.column("prob").to_numpy())
+    print(f"{tables}: test AUC {auc:.6f} (checkpoint {metrics['auc']:.6f}), {size} bytes")
+    if tables in TOLERANCE:
+        assert auc == pytest.approx(metrics["auc"], abs=TOLERANCE[tables])
+    else:  # int4: reported; still a model
+        assert auc > metrics["auc"] - 0.05
+    if tables == "fp32":  # row for row
+        diff = np.abs(test.column("prob").to_numpy() - scores.column("prob").to_numpy())
+        assert diff.max() <= 1e-6
+
+
+def test_export_sizes_shrink_with_precision(trained, tmp_path):
+    sizes = {}
+    for tables in ("fp32", "fp16", "int8", "int4"):
+        export(trained, tmp_path / tables, tables)
+        sizes[tables] = (tmp_path / tables / WEIGHTS).stat().st_size
+    # TorchRec pads each quantized row to 16 bytes: at 8 dimensions fp16, int8 (8 + scale
+    # and bias) and int4 rows are all 16 bytes (scripts/bench_predict.py: 128).
+    assert sizes["fp32"] > 1.5 * max(sizes["fp16"], sizes["int8"], sizes["int4"])
+
+
+def test_predict_numbers_lines_and_rejects_across_chunks_and_workers(trained, small_dataset,
+                                                                     tmp_path):
+    export(trained, tmp_path / "model")
+    clean = (small_dataset.parent / "raw" / "day_2").read_text().splitlines(keepends=True)[:600]
+    bad = {5: "\n", 77: "1\tx" + "\t1" * 38 + "\n", 300: "0\t1\t2\n"}  # blank, bad dense, short
+    lines, good = [], []
+    for line in clean:
+        if len(lines) + 1 in bad:
+            lines.append(bad[len(lines) + 1])
+        lines.append(line)
+        good.append(len(lines))
+    (tmp_path / "mixed.tsv").write_text("".join(lines))
+    a = predict(tmp_path / "model", [tmp_path / "mixed.tsv"], tmp_path / "a.parquet",
+                options=Options(workers=2, chunk_bytes=20_000))
+    predict(tmp_path / "model", [small_dataset.parent / "raw" / "day_2"],
+            tmp_path / "b.parquet", options=Options(workers=1))
+    assert a["workers"] == 2 and a["rows"] == 600
+    assert a["rejected_by_reason"] == {"bad_dense": 1, "empty_line": 1, "wrong_field_count": 1}
+    got = pq.read_table(tmp_path / "a.parquet")
+    assert got.column("line").to_pylist() == good
+    assert set(got.column("source").to_pylist()) == {"mixed"}
+    want = pq.read_table(tmp_path / "b.parquet").column("prob").to_numpy()[:600]
+    np.testing.assert_allclose(got.column("prob").to_numpy(), want, rtol=0, atol=1e-6)
+    rejects = (tmp_path / "a.parquet.rejects.tsv").read_text().splitlines()
+    assert [r.split("\t")[:3] for r in rejects] == [
+        ["mixed", "5", "empty_line"], ["mixed", "77", "bad_dense"],
+        ["mixed", "300", "wrong_field_count"]]
+
+
+def test_a_model_directory_loads_alone_and_unpickles_nothing(trained, tmp_path):
+    export(trained, tmp_path / "model", "int8")
+    # A fresh process, no process group: it loads and scores.
+    code = ("import torch, dlrm.export as e; m = e.load_exported('model'); "
+            "assert not torch.distributed.is_initialized(); print(m.info['tables'])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "int8"
+    # Weights that would unpickle an object are refused, not run.
+    torch.save({"evil": pickle.loads(pickle.dumps(Options()))}, tmp_path / "model" / WEIGHTS)
+    with pytest.raises(ExportError, match="weights.pt"):
+        load_exported(tmp_path / "model")
+    (tmp_path / "model" / "model.json").write_text("{")
+    with pytest.raises(ExportError, match="model.json: corrupt"):
+        load_exported(tmp_path / "model")
+    with pytest.raises(ExportError, match="not empty"):
+        export(trained, tmp_path / "model")

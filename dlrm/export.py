@@ -9,9 +9,10 @@
 - ``tables/``: the training dataset's vocabularies as the hash tables preprocessing
   looks ids up in (vocab-encoded features);
 - ``weights.pt``: the unsharded model's tensors, read back with ``weights_only`` (nothing
-  is unpickled but tensors, TorchRec's packed int4 tensor among them). Below fp32 the tables are TorchRec's quantized
-  ``EmbeddingBagCollection`` (``torchrec.inference.modules.quantize_embeddings``: fp16, or
-  int8 / int4 with a scale and bias per row); the MLPs stay fp32.
+  is unpickled but tensors, TorchRec's packed int4 tensor among them). Below fp32 the
+  tables are TorchRec's quantized ``EmbeddingBagCollection``
+  (``torchrec.inference.modules.quantize_embeddings``: fp16, or int8 / int4 with a scale
+  and bias per row); the MLPs stay fp32.
 
 A checkpoint written by any number of ranks is read whole, without a process group, by
 ``torch.distributed.checkpoint`` (its metadata first checked by the checkpoint module's

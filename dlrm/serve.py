@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import math
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -186,4 +187,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     app = create_app(load_exported(model), max_body_bytes)
     print(json.dumps({"event": "serve", "model": model, "url": f"http://{host}:{port}"}),
           flush=True)
+    # uvicorn shuts down gracefully on SIGTERM / SIGINT, then raises the signal again for
+    # the handler it found: a server that finished its requests exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    print(json.dumps({"event": "serve_stopped", "batches": app.state.batcher.batches,
+                      "requests": app.state.batcher.requests}), flush=True)

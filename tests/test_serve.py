@@ -1,0 +1,186 @@
+"""`dlrm serve`, the real server over real HTTP on loopback: predictions equal
+`dlrm predict`'s, bad requests get their 4xx and the server goes on, SIGTERM lets the
+requests in flight finish."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from helpers import REPO
+
+from dlrm.export import export
+from dlrm.predict import predict
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model, *args: str) -> None:
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dlrm", "serve", "--model", str(model), "--port",
+             str(self.port), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+            assert self.proc.poll() is None, self.proc.communicate()
+        raise AssertionError("the server did not come up")
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                timeout: float = 60) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body,
+                         headers={"Content-Type": "application/json"} if body else {})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read() or b"{}")
+        finally:
+            conn.close()
+
+    def get(self, path: str) -> tuple[int, dict]:
+        return self.request("GET", path)
+
+    def post(self, path: str, payload, timeout: float = 60) -> tuple[int, dict]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return self.request("POST", path, body, timeout)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def served(trained, small_dataset, tmp_path_factory):
+    """An fp32 export, the raw held-out day's first rows as fields, and their predictions
+    from `dlrm predict`."""
+    tmp = tmp_path_factory.mktemp("serve")
+    export(trained, tmp / "model")
+    raw = small_dataset.parent / "raw" / "day_2"
+    predict(tmp / "model", [raw], tmp / "preds.parquet", options=None, log=lambda *_: None)
+    probs = pq.read_table(tmp / "preds.parquet").column("prob").to_numpy()
+    rows = [line.rstrip("\n").split("\t") for line in raw.open().readlines()[:300]]
+    server = Server(tmp / "model")
+    yield tmp / "model", server, rows, probs
+    server.stop()
+
+
+def test_predictions_over_http_equal_dlrm_predict(served):
+    _, server, rows, probs = served
+    columns = server.get("/metadata")[1]["columns"]
+    status, got = server.post("/predict", {"rows": rows[:256]})
+    assert status == 200
+    np.testing.assert_allclose(got["predictions"], probs[:256], rtol=0, atol=1e-6)
+    # Objects by column name, without the label and with numbers as numbers.
+    objects = [{c: (int(v) if c.startswith("I") and v else v or None)
+                for c, v in zip(columns, row, strict=True) if c != "label"} for row in rows[:5]]
+    status, got = server.post("/predict", {"rows": objects})
+    assert status == 200
+    np.testing.assert_allclose(got["predictions"], probs[:5], rtol=0, atol=1e-6)
+    status, meta = server.get("/metadata")
+    assert meta["tables"] == "fp32" and meta["schema"]["name"] == "criteo"
+    assert meta["checkpoint"].endswith(served[0].parent.name) or meta["step"] > 0
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, '"rows"'),
+    (b'{"rows": [NaN]}', 400, "not a number JSON allows"),
+    (b'{"rows": []}', 422, "non-empty"),
+    (b'{"rows": [5]}', 422, "row 0: expected an object or a list"),
+    (b'{"rows": [{"I1": 1}]}', 422, "missing field(s) I2"),
+    (b'{"rows": [["1", "2"]]}', 422, "2 values, expected 40"),
+])
+def test_bad_requests_get_their_4xx_and_the_server_goes_on(served, body, status, words):
+    _, server, _, _ = served
+    got, payload = server.post("/predict", body)
+    assert got == status and words in payload["error"], payload
+    assert server.get("/health")[0] == 200
+
+
+def test_field_errors_name_the_row_and_field(served):
+    _, server, rows, _ = served
+    columns = server.get("/metadata")[1]["columns"]
+    good = dict(zip(columns, rows[0], strict=True))
+    cases = [({**good, "C99": "x"}, "unknown field(s) C99"),
+             ({**good, "I3": {"a": 1}}, "row 0, field I3: expected a number or a string"),
+             ({**good, "I3": True}, "got a boolean"),
+             ({**good, "I3": 10**30}, "row 0: bad_dense"),
+             ({**good, "I3": "seven"}, "row 0: bad_dense"),
+             ({**good, "C3": "not-hex"}, "row 0: bad_categorical")]
+    for row, words in cases:
+        status, payload = server.post("/predict", {"rows": [good, row]})
+        assert status == 422 and words.replace("row 0", "row 1") in payload["error"], payload
+    overflow = json.dumps({"rows": [{**good, "I3": 1.5e300}]}).replace("1.5e+300", "1e999")
+    status, payload = server.post("/predict", overflow.encode())
+    assert status == 422 and "row 0, field I3: not a finite number" in payload["error"]
+    huge = json.dumps({"rows": [good] * 40_000}).encode()  # about 10 MB
+    assert len(huge) > 8 << 20
+    status, payload = server.post("/predict", huge)
+    assert status == 413 and "limit" in payload["error"]
+    assert server.post("/predict", {"rows": [good]})[0] == 200
+
+
+def test_concurrent_requests_are_batched_and_answered_in_order(served):
+    _, server, rows, probs = served
+    results: dict[int, list[float]] = {}
+
+    def ask(k: int) -> None:
+        part = rows[k * 10:(k + 1) * 10]
+        status, got = server.post("/predict", {"rows": part})
+        assert status == 200
+        results[k] = got["predictions"]
+
+    before = server.get("/health")[1]
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(16):
+        np.testing.assert_allclose(results[k], probs[k * 10:(k + 1) * 10], rtol=0, atol=1e-6)
+    after = server.get("/health")[1]
+    assert after["requests"] - before["requests"] == 16
+    assert after["batches"] - before["batches"] <= 16
+
+
+def test_sigterm_finishes_the_requests_in_flight(served):
+    model, _, rows, probs = served
+    server = Server(model, "--max-body-mb", "64")
+    big = {"rows": rows * 100}  # 30k rows each: long enough to be in flight
+    answers: list[tuple[int, int]] = []
+    answered: list[float] = []
+
+    def ask() -> None:
+        status, got = server.post("/predict", big, timeout=120)
+        answers.append((status, len(got.get("predictions", []))))
+        answered.append(time.time())
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # the bodies are sent and being read or scored
+    signalled = time.time()
+    assert server.stop() == 0
+    for t in threads:
+        t.join()
+    assert answers == [(200, 30_000)] * 3
+    assert max(answered) > signalled  # they were in flight when the signal came

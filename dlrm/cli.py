@@ -209,6 +209,30 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _recommend(args: argparse.Namespace, rest: list[str]) -> int:
+    from dlrm.data.like import schema_of
+    from dlrm.export import load_exported
+    from dlrm.predict import Scorer, layout_for
+    from dlrm.recommend import Recommender, candidate_rows, load_lines
+    from dlrm.request_rows import RequestRows
+
+    try:
+        user = json.loads(args.user)
+        exported = load_exported(args.model)
+        scorer = Scorer(exported, layout_for(exported, None))
+        recommender = Recommender(exported, scorer,
+                                  RequestRows(schema_of(exported.manifest)[0]))
+        items = recommender.recommend(
+            user, args.top_k, candidate_rows(args.candidates) if args.candidates else None,
+            load_lines(args.exclude) if args.exclude else [])
+    except (json.JSONDecodeError, OSError) as e:
+        return _error("recommend", e)
+    except _offline_errors() as e:
+        return _error("recommend", e)
+    print(json.dumps({"event": "recommend", "user": user, "items": items}))
+    return 0
+
+
 def _report(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         if len(args.run_dir) == 1 and args.out is None:
@@ -361,6 +385,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-body-mb", type=float, default=1.0,
                    help="larger request bodies get 413")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("recommend", help="top-K items for a user with an exported model "
+                       "(a schema whose [roles] name user and item features)")
+    p.add_argument("--model", required=True, help="directory written by dlrm export")
+    p.add_argument("--user", required=True, help='JSON object of user features, e.g. '
+                   '\'{"user_id": 13, "gender": "M"}\'')
+    p.add_argument("--candidates", default=None, help="CSV with a header of item rows "
+                   "(default: every distinct item of the training data)")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--exclude", default=None, help="file of item keys to leave out (one "
+                   "per line), e.g. those the user has seen")
+    p.set_defaults(func=_recommend)
 
     p = sub.add_parser("report", help="plots and a summary page of a run, or of several "
                        "runs overlaid")

@@ -8,6 +8,8 @@
   a declared layout, the schema itself;
 - ``tables/``: the training dataset's vocabularies as the hash tables preprocessing
   looks ids up in (vocab-encoded features);
+- ``items.parquet``: where the schema names item features, every distinct item of the
+  training data (``dlrm.recommend``'s default candidates);
 - ``weights.pt``: the unsharded model's tensors, read back with ``weights_only`` (nothing
   is unpickled but tensors, TorchRec's packed int4 tensor among them). Below fp32 the
   tables are TorchRec's quantized ``EmbeddingBagCollection``
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.distributed.checkpoint as dcp
 from torchrec.inference.modules import quantize_embeddings
@@ -39,7 +42,7 @@ from torchrec.tensor_types import UInt4Tensor
 
 from dlrm.checkpoint import verify
 from dlrm.config import ModelConfig
-from dlrm.data.like import VOCAB
+from dlrm.data.like import VOCAB, schema_of
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import Features
 from dlrm.data.vocab import save_tables
@@ -117,9 +120,16 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32") -> dic
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS)
+    vocabs: dict[str, np.ndarray] = {}
     if (data / VOCAB).is_file():
-        with np.load(data / VOCAB) as vocabs:
-            save_tables({name: vocabs[name] for name in vocabs.files}, tmp / TABLES)
+        with np.load(data / VOCAB) as z:
+            vocabs = {name: z[name] for name in z.files}
+        save_tables(vocabs, tmp / TABLES)
+    schema, _ = schema_of(manifest)
+    if schema.item:  # the candidates `dlrm recommend` scores by default
+        from dlrm.recommend import ITEMS, items_of_dataset
+
+        pq.write_table(items_of_dataset(data, manifest, schema, vocabs), tmp / ITEMS)
     atomic_write_json(tmp / MODEL_JSON, info)
     if out.exists():
         out.rmdir()

@@ -15,6 +15,7 @@ regression label: ``prediction``) and ``label``. Rejected rows go to
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import Counter, deque
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 from dlrm.data.blocks import Block
 from dlrm.data.chunks import Options, Task, plan_tasks
+from dlrm.data.declared import is_criteo
 from dlrm.data.layout import Layout
 from dlrm.data.like import schema_of
 from dlrm.data.loader import table_rows, to_batch
@@ -59,8 +61,15 @@ class Scorer:
 
     def score(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
         """(labels, outputs: click probabilities, or predicted values) of a block's rows."""
-        rows = table_rows(encode(block, self.encoder, self.layout), self.features,
-                          self.layout.multi, "input")
+        return self.score_table(self.encode(block))
+
+    def encode(self, block: Block) -> pa.Table:
+        """A block's rows as the training dataset holds them (ids, transformed dense)."""
+        return encode(block, self.encoder, self.layout)
+
+    def score_table(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, outputs) of rows laid out as the training dataset holds them."""
+        rows = table_rows(table, self.features, self.layout.multi, "input")
         outputs = []
         with torch.no_grad():
             for start in range(0, len(rows), BATCH):
@@ -71,10 +80,13 @@ class Scorer:
         return rows.labels, raw if self.regression else sigmoid(raw).astype(np.float32)
 
 
-def layout_for(exported: Exported, paths: list[Path]) -> Layout:
-    """The preprocessing layout of the model's training data, for these inputs."""
+def layout_for(exported: Exported, paths: list[Path] | None) -> Layout:
+    """The preprocessing layout of the model's training data, for these inputs; None:
+    for rows that come as JSON (no files, no time column: it is no feature)."""
     schema, encoding = schema_of(exported.manifest)
-    return layout_of(schema, encoding, paths)
+    if paths is None and not is_criteo(schema):
+        schema = dataclasses.replace(schema, time=None)
+    return layout_of(schema, encoding, paths or [])
 
 
 def score_chunk(task: Task, opts: Options, scorer: Scorer) -> dict[str, Any]:

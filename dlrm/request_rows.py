@@ -80,12 +80,12 @@ class RequestRows:
         else:
             raise RowsError(f"row {i}: expected an object or a list, got "
                             f"{type(row).__name__}")
-        out = {c: self._text(i, c, named.get(c)) for c in self.columns}
+        out = {c: self.text(i, c, named.get(c)) for c in self.columns}
         if named.get(self.schema.label) is None:
             out[self.schema.label] = b"0"  # not scored; any number the rule reads
         return out
 
-    def _text(self, i: int, column: str, value: Any) -> bytes | None:
+    def text(self, i: int, column: str, value: Any) -> bytes | None:
         if value is None:
             return b""
         if isinstance(value, bool):
@@ -101,7 +101,7 @@ class RequestRows:
         if isinstance(value, str):
             return value.encode()
         if isinstance(value, list) and column in self.separator:
-            items = [self._text(i, column, v) for v in value]
+            items = [self.text(i, column, v) for v in value]
             return self.separator[column].encode().join(x for x in items if x is not None)
         raise RowsError(f"row {i}, field {column}: expected a number or a string"
                         + (" or a list" if column in self.separator else "")

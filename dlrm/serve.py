@@ -36,6 +36,7 @@ from dlrm.data.blocks import Block
 from dlrm.data.like import schema_of
 from dlrm.export import Exported
 from dlrm.predict import Scorer, layout_for
+from dlrm.recommend import Recommender
 from dlrm.request_rows import RequestRows, RowsError
 
 MAX_BODY_BYTES = 1 << 20
@@ -122,9 +123,11 @@ async def read_json(request: Request, limit: int) -> Any:
 def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
                max_batch_rows: int = 4096) -> Starlette:
     schema, _ = schema_of(exported.manifest)
-    layout = layout_for(exported, [])
+    layout = layout_for(exported, None)
     rows = RequestRows(schema)
-    batcher = Batcher(Scorer(exported, layout), max_batch_rows)
+    scorer = Scorer(exported, layout)
+    batcher = Batcher(scorer, max_batch_rows)
+    recommender = Recommender(exported, scorer, rows) if schema.item else None
     info = exported.info
     metadata = {"schema": schema.to_json(), "tables": info["tables"],
                 "checkpoint": info["checkpoint"], "step": info["step"],
@@ -145,6 +148,24 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
         outputs = await batcher.score(block)
         return JSONResponse({"predictions": [_number(x) for x in outputs]})
 
+    async def recommend(request: Request) -> JSONResponse:
+        body = await read_json(request, max_body_bytes)
+        if recommender is None:
+            raise BadRequest(404, f"schema {schema.name} names no item features: nothing "
+                                  "to recommend")
+        if not isinstance(body, dict) or "user" not in body:
+            raise BadRequest(400, 'body: expected an object with "user"')
+        unknown = sorted(set(body) - {"user", "top_k", "candidates", "exclude"})
+        if unknown:
+            raise BadRequest(422, f"body: unknown field(s) {', '.join(unknown)}")
+        try:
+            items = await run_in_threadpool(
+                recommender.recommend, body["user"], body.get("top_k", 10),
+                body.get("candidates"), body.get("exclude", []))
+        except RowsError as e:
+            raise BadRequest(422, str(e)) from None
+        return JSONResponse({"items": items})
+
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "batches": batcher.batches,
                              "requests": batcher.requests})
@@ -164,6 +185,7 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
         batcher.model_thread.shutdown()
 
     routes = [Route("/predict", predict, methods=["POST"]),
+              Route("/recommend", recommend, methods=["POST"]),
               Route("/health", health, methods=["GET"]),
               Route("/metadata", meta, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan,

@@ -48,6 +48,10 @@ preprocess``). A file has these tables; every key but the columns has a default:
     period = "day"          # hour, day, week or month: the dataset's sources are its
                             # periods, each in time order (see dlrm.data.periods)
 
+    [roles]                 # optional: which features describe the user and which the
+    user = ["user"]         # item, for `dlrm recommend` (the first item feature is the
+    item = ["genres"]       # item's key)
+
 ``[dense.per_feature.NAME]`` overrides the dense defaults the same way. Every error names
 the file and the key.
 """
@@ -122,6 +126,8 @@ class Schema:
     categorical: tuple[Categorical, ...]
     ignore: tuple[str, ...]
     time: Time | None = None
+    user: tuple[str, ...] = ()  # features that describe the user (recommend)
+    item: tuple[str, ...] = ()  # features that describe the item, its key first
 
     def features(self) -> Features:
         return Features(self.label, tuple(d.name for d in self.dense),
@@ -149,8 +155,9 @@ class Schema:
         a run's plan or a dataset's manifest; no ``time`` key without one, as before
         time columns existed."""
         out = json.loads(json.dumps(dataclasses.asdict(self)))
-        if self.time is None:
-            del out["time"]
+        for key in ("time", "user", "item"):  # as before they existed
+            if not out[key]:
+                del out[key]
         return out
 
     @classmethod
@@ -158,6 +165,7 @@ class Schema:
         """The schema ``to_json`` wrote (a dataset's manifest keeps it)."""
         time = doc.get("time")
         return cls(**{**doc, "columns": tuple(doc["columns"]), "ignore": tuple(doc["ignore"]),
+                      "user": tuple(doc.get("user", ())), "item": tuple(doc.get("item", ())),
                       "dense": tuple(Dense(**d) for d in doc["dense"]),
                       "categorical": tuple(Categorical(**c) for c in doc["categorical"]),
                       "time": Time(**time) if time else None})
@@ -293,7 +301,21 @@ def load_schema(path: str | Path) -> Schema:
     time = _time(doc, where)
     dense = _features(doc, "dense", Dense, where)
     categorical = _features(doc, "categorical", Categorical, where)
+    roles = dict(doc.pop("roles", {}))
+    user, item = (_names(roles, r, f"{where}: roles") for r in ("user", "item"))
+    _no_more(roles, f"{where}: roles")
     _no_more(doc, where)
+    features = [f.name for f in (*dense, *categorical)]
+    for role, names in (("user", user), ("item", item)):
+        unknown = [n for n in names if n not in features]
+        if unknown:
+            raise SchemaError(f"{where}: roles.{role}: {', '.join(unknown)} is no feature")
+    if set(user) & set(item):
+        raise SchemaError(f"{where}: roles: {', '.join(sorted(set(user) & set(item)))} is "
+                          "both a user and an item feature")
+    if item and item[0] not in [c.name for c in categorical]:
+        raise SchemaError(f"{where}: roles.item: the first, the item's key, must be "
+                          "categorical")
 
     for d in dense:
         k = f"{where}: dense.{d.name}"
@@ -315,7 +337,7 @@ def load_schema(path: str | Path) -> Schema:
     if not categorical:
         raise SchemaError(f"{where}: categorical.columns: at least one is needed")
     schema = Schema(path.stem, fmt, delimiter, header, columns, label_column, kind, rule, dense,
-                    categorical, ignore, time)
+                    categorical, ignore, time, user, item)
     used = schema.used()
     twice = sorted({c for c in used + list(ignore) if (used + list(ignore)).count(c) > 1})
     if twice:

@@ -1,0 +1,134 @@
+"""Top-K items for a user (``dlrm recommend``, ``POST /recommend``), for a schema whose
+``[roles]`` name the user's and the item's features.
+
+The user's fields are encoded once, as a row with nothing else in it; every candidate
+item's fields are put beside them (the other features as that row has them: missing) and
+the whole set is scored in batches. Candidates are rows of item fields (a file, or the
+request's), or by default every distinct item of the training data, which the export
+keeps (``items.parquet``: each item's encoded features as first seen, and its key: the
+item key's value, an integer key as itself, a text key as its 64-bit hash).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dlrm.data.codecs import category_values
+from dlrm.data.declared import Schema
+from dlrm.data.splits import ALL, resolve_split
+from dlrm.export import Exported
+from dlrm.predict import Scorer
+from dlrm.request_rows import RequestRows, RowsError
+
+ITEMS = "items.parquet"
+KEY = "item"
+
+
+def items_of_dataset(data: Path, manifest: dict[str, Any], schema: Schema,
+                     vocabs: dict[str, np.ndarray]) -> pa.Table:
+    """Every distinct item (by its key's id) of a dataset, its features as first seen."""
+    key, parts, seen = schema.item[0], [], np.zeros(0, np.int64)
+    for segment in resolve_split(data, manifest, [ALL]):
+        table = pq.read_table(segment.path, columns=list(schema.item))
+        table = table.slice(segment.start, segment.stop - segment.start)
+        ids = table.column(key).to_numpy()
+        first = np.unique(ids, return_index=True)[1]
+        fresh = first[~np.isin(ids[first], seen) & (ids[first] > 1)]  # not missing or OOV
+        parts.append(table.take(np.sort(fresh)))
+        seen = np.union1d(seen, ids[fresh])
+    items = pa.concat_tables(parts) if parts else pq.read_table(segment.path).slice(0, 0)
+    return items.append_column(KEY, pa.array(key_names(items.column(key).to_numpy(),
+                                                       vocabs.get(key))))
+
+
+def key_names(ids: np.ndarray, vocab: np.ndarray | None) -> list[str]:
+    """Items' keys for people: the value an id stands for (an integer key itself, a text
+    key ``#`` and its hash); a hashed feature: ``id:N``."""
+    if vocab is None:
+        return [f"id:{i}" for i in ids]
+    values = vocab[ids - 2]
+    return [str(int(v)) if v < 2**63 else f"#{int(v):016x}" for v in values]
+
+
+class Recommender:
+    """Scores candidate items for one user at a time."""
+
+    def __init__(self, exported: Exported, scorer: Scorer, rows: RequestRows) -> None:
+        schema = rows.schema
+        if not schema.item:
+            raise RowsError(f"schema {schema.name} names no item features ([roles] item): "
+                            "nothing to recommend")
+        self.scorer, self.rows, self.schema = scorer, rows, schema
+        path = exported.path / ITEMS
+        self.items = pq.read_table(path) if path.is_file() else None
+
+    def _row(self, fields: dict[str, Any], allowed: tuple[str, ...], what: str) -> dict:
+        if not isinstance(fields, dict):
+            raise RowsError(f"{what}: expected an object of {', '.join(allowed)}")
+        unknown = [k for k in fields if k not in allowed]
+        if unknown:
+            raise RowsError(f"{what}: {', '.join(map(str, unknown))} is not one of its "
+                            f"features ({', '.join(allowed)})")
+        return {c: fields.get(c) for c in self.rows.columns
+                if c not in self.rows.optional or c in fields}
+
+    def candidates(self, rows: list[dict] | None) -> tuple[pa.Table, list[str]]:
+        """The candidates' encoded item columns and their keys."""
+        if rows is None:
+            if self.items is None:
+                raise RowsError("no candidates given and the model keeps none")
+            return self.items.select(list(self.schema.item)), self.items.column(KEY).to_pylist()
+        if not isinstance(rows, list) or not rows:
+            raise RowsError("candidates: expected a non-empty list of item objects")
+        full = [self._row(r, self.schema.item, f"candidates[{i}]") for i, r in enumerate(rows)]
+        table = self.scorer.encode(self.rows.block(full))
+        return (table.select(list(self.schema.item)),
+                [str(r.get(self.schema.item[0])) for r in rows])
+
+    def recommend(self, user: dict, top_k: int, candidates: list[dict] | None = None,
+                  exclude: list[Any] | None = None) -> list[dict[str, Any]]:
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise RowsError(f"top_k: expected a positive integer, got {top_k!r}")
+        base = self.scorer.encode(self.rows.block([self._row(user, self.schema.user, "user")]))
+        items, keys = self.candidates(candidates)
+        n = items.num_rows
+        zeros = pa.array(np.zeros(n, np.int64))
+        table = pa.table({c: items.column(c) if c in self.schema.item
+                          else base.column(c).take(zeros) for c in base.column_names})
+        _, scores = self.scorer.score_table(table)
+        seen = np.isin(items.column(self.schema.item[0]).to_numpy(),
+                       self._key_ids(exclude or []))
+        order = [i for i in np.argsort(-scores, kind="stable") if not seen[i]]
+        return [{"item": keys[i], "score": float(scores[i])} for i in order[:top_k]]
+
+    def _key_ids(self, values: list[Any]) -> np.ndarray:
+        """The ids of item keys given as their values (text or numbers); unknown ones
+        (out of vocabulary) match no candidate."""
+        if not isinstance(values, list):
+            raise RowsError("exclude: expected a list of item keys")
+        key = self.schema.item[0]
+        texts = [self.rows.text(i, key, v) for i, v in enumerate(values)]
+        kind = next(c.values for c in self.schema.categorical if c.name == key)
+        raw, present, ok = category_values(pa.array(texts, pa.binary()), kind)
+        f = self.scorer.layout.sparse.index(key)
+        ids = self.scorer.encoder.ids(f, raw)
+        return ids[present & ok & (ids > 1)]
+
+
+def load_lines(path: str | Path) -> list[str]:
+    """A file's non-empty lines (an exclusion list: one item key per line)."""
+    return [x.strip() for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def candidate_rows(path: str | Path) -> list[dict]:
+    """Item rows of a CSV file with a header (the item features' columns), as text (an
+    empty field: missing)."""
+    with open(path, newline="") as f:
+        return [{k: v or None for k, v in row.items()} for row in csv.DictReader(f)]
+

@@ -1,0 +1,122 @@
+"""`dlrm recommend` and `POST /recommend` on planted MovieLens-layout data, where the planted
+model knows each user's best movies."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from helpers import dlrm, torchrun
+from test_serve import Server
+
+from dlrm.data.codecs import category_values
+from dlrm.data.declared import SchemaError, load_schema
+from dlrm.data.synth_declared import PlantedModel
+from dlrm.export import export, load_exported
+from dlrm.predict import Scorer, layout_for
+from dlrm.recommend import Recommender
+from dlrm.request_rows import RequestRows
+
+USER = ["user_id", "gender", "age", "occupation", "zip"]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """3 months of planted ratings (300 users, 100 movies), a 2-rank model, its export."""
+    tmp = tmp_path_factory.mktemp("recommend")
+    raw, data = tmp / "raw", tmp / "data"
+    dlrm("synth", "--schema", "movielens", "--out", str(raw), "--days", "3", "--rows-per-day",
+         "20000", "--max-vocab", "300")
+    days = sorted(raw.glob("day_*.csv"))
+    dlrm("preprocess", "--schema", "movielens", "--input", *map(str, days), "--out", str(data))
+    torchrun(["-m", "dlrm", "train", "--config", "configs/movielens.toml", f"--data.path={data}",
+              "--run-dir", str(tmp / "run"), "--data.batch_size=256", "--train.epochs=2"])
+    checkpoint = sorted((tmp / "run" / "checkpoints").glob("step-*[0-9]"))[-1]
+    export(checkpoint, tmp / "model")
+    with open(days[0], newline="") as f:  # each user's profile: their first row's fields
+        profiles = {}
+        for row in csv.DictReader(f):
+            profiles.setdefault(row["user_id"], {c: row[c] for c in USER})
+    return tmp / "model", profiles
+
+
+def _planted_top(model: PlantedModel, user: int, movies: np.ndarray, k: int) -> set[int]:
+    """The planted model's best movies for a user: their own weight and the user-movie
+    interaction (the genres drawn with a rating are independent of the movie)."""
+    score = model.weights[1][movies] + model.gamma * model.latent[1][movies] @ model.latent[0][user]
+    return set(movies[np.argsort(-score)[:k]].tolist())
+
+
+def test_recommendations_find_the_planted_best_movies(planted):
+    path, profiles = planted
+    exported = load_exported(path)
+    scorer = Scorer(exported, layout_for(exported, None))
+    recommender = Recommender(exported, scorer, RequestRows(load_schema("movielens")))
+    truth = PlantedModel(load_schema("movielens"), 300, 0, "high", 0.5)
+    # Planted movie m is written "v1_<m in hex>"; the export names a text key by its hash.
+    texts = [f"v1_{m:x}" for m in range(truth.sizes[1])]
+    hashes = category_values(pa.array(texts, pa.binary()), "auto")[0]
+    name = {f"#{int(h):016x}": m for m, h in enumerate(hashes)}
+    candidates = recommender.items.column("item").to_pylist()
+    movies = np.array([name[c] for c in candidates])
+    assert len(movies) == 100
+    rng = np.random.default_rng(0)
+    ours, random = [], []
+    for user in range(0, 300, 6):
+        profile = profiles.get(str(user * 7 + 13))
+        if profile is None:
+            continue
+        best = _planted_top(truth, user, movies, 10)
+        got = recommender.recommend(profile, 10)
+        assert [r["score"] for r in got] == sorted((r["score"] for r in got), reverse=True)
+        ours.append(len({name[r["item"]] for r in got} & best) / 10)
+        random.append(len(set(rng.choice(movies, 10, replace=False).tolist()) & best) / 10)
+    print(f"top-10 overlap with the planted top 10: recommended {np.mean(ours):.3f}, "
+          f"random {np.mean(random):.3f} over {len(ours)} users")
+    assert len(ours) >= 40
+    assert np.mean(ours) > 3 * max(np.mean(random), 0.1)
+
+    # Excluded (seen) movies are left out; a candidate list is scored as given.
+    top = recommender.recommend(next(iter(profiles.values())), 3)
+    seen = [texts[name[top[0]["item"]]]]
+    again = recommender.recommend(next(iter(profiles.values())), 3, exclude=seen)
+    assert top[0]["item"] not in [r["item"] for r in again] and again[0] == top[1]
+    given = recommender.recommend(next(iter(profiles.values())), 2, candidates=[
+        {"movie_id": texts[name[top[1]["item"]]], "genres": None},
+        {"movie_id": texts[name[top[0]["item"]]], "genres": None}])
+    assert [g["item"] for g in given] == [seen[0], texts[name[top[1]["item"]]]]
+
+
+def test_cli_and_server_recommend_alike(planted, tmp_path):
+    path, profiles = planted
+    user = next(iter(profiles.values()))
+    out = dlrm("recommend", "--model", str(path), "--user", json.dumps(user), "--top-k",
+               "5").stdout
+    cli = json.loads(out.splitlines()[-1])["items"]
+    server = Server(path)
+    try:
+        status, got = server.post("/recommend", {"user": user, "top_k": 5})
+        assert status == 200 and got["items"] == cli
+        status, got = server.post("/recommend", {"user": {**user, "title": "x"}})
+        assert status == 422 and "title is not one of its features" in got["error"]
+        status, got = server.post("/recommend", {"user": user, "top_k": 0})
+        assert status == 422 and "top_k" in got["error"]
+        status, got = server.post("/predict", {"rows": [{**user, "movie_id": "v1_3",
+                                                         "genres": ["Drama"]}]})
+        assert status == 200 and 0 < got["predictions"][0] < 1
+    finally:
+        assert server.stop() == 0
+
+
+def test_roles_must_name_features(tmp_path):
+    text = (load_schema.__globals__["SCHEMAS"] / "movielens.toml").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace('item = ["movie_id", "genres"]', 'item = ["genres", "nope"]'))
+    with pytest.raises(SchemaError, match="roles.item: nope is no feature"):
+        load_schema(bad)
+    bad.write_text(text.replace('item = ["movie_id", "genres"]', 'item = ["user_id"]'))
+    with pytest.raises(SchemaError, match="both a user and an item feature"):
+        load_schema(bad)

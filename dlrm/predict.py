@@ -33,12 +33,12 @@ from tqdm import tqdm
 
 from dlrm.data.blocks import Block
 from dlrm.data.chunks import Options, Task, plan_tasks
-from dlrm.data.declared import is_criteo
+from dlrm.data.declared import Schema, is_criteo
 from dlrm.data.layout import Layout
 from dlrm.data.like import schema_of
 from dlrm.data.loader import table_rows, to_batch
 from dlrm.data.passes import encode
-from dlrm.data.preprocess import check_inputs, layout_of
+from dlrm.data.preprocess import check_inputs, layout_of, read_header
 from dlrm.data.rejects import one_line
 from dlrm.data.vocab import Encoder
 from dlrm.export import TABLES, Exported, load_exported
@@ -81,12 +81,27 @@ class Scorer:
 
 
 def layout_for(exported: Exported, paths: list[Path] | None) -> Layout:
-    """The preprocessing layout of the model's training data, for these inputs; None:
-    for rows that come as JSON (no files, no time column: it is no feature)."""
+    """The preprocessing layout of the model's training data, for these inputs (labeled
+    or not, as the first shows); None: for rows that come as JSON (no files, no time
+    column: it is no feature)."""
     schema, encoding = schema_of(exported.manifest)
     if paths is None and not is_criteo(schema):
         schema = dataclasses.replace(schema, time=None)
+    if paths and not _labeled(schema, paths[0]):
+        schema = dataclasses.replace(
+            schema, labeled=False, columns=tuple(c for c in schema.columns if c != schema.label))
     return layout_of(schema, encoding, paths or [])
+
+
+def _labeled(schema: Schema, path: Path) -> bool:
+    """Whether a file holds the label column: by its header or Parquet schema, else by its
+    first line's number of fields (one fewer than the schema's columns: no label)."""
+    if schema.format == "parquet":
+        return schema.label in pq.read_schema(path).names
+    if schema.header:
+        return schema.label in read_header(path, schema.delimiter)
+    first = read_header(path, schema.delimiter)  # the first line's fields, read alike
+    return len(first) != len(schema.columns) - 1
 
 
 def score_chunk(task: Task, opts: Options, scorer: Scorer) -> dict[str, Any]:
@@ -166,12 +181,14 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, worker
     exported = load_exported(model)  # checks the directory before any worker starts
     layout = layout_for(exported, paths)
     regression = exported.features.label_kind == "regression"
+    labeled = layout.schema is None or layout.schema.labeled
     tasks = plan_tasks(paths, opts.chunk_bytes,
                        whole=layout.schema is not None and layout.schema.format == "parquet")
     workers = min(opts.workers or os.cpu_count() or 1, len(tasks))
     schema = pa.schema([("source", pa.string()), ("line", pa.int64()),
-                        ("prediction" if regression else "prob", pa.float32()),
-                        ("label", pa.float32() if regression else pa.int8())])
+                        ("prediction" if regression else "prob", pa.float32())]
+                       + ([("label", pa.float32() if regression else pa.int8())]
+                          if labeled else []))
     bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True,
                desc="predict", dynamic_ncols=True) if os.isatty(1) else None
     out = Path(out)
@@ -183,11 +200,12 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, worker
         for task, got in _in_order(tasks, opts, str(model), paths, workers):
             base = offsets[task.source]
             n = got["output"].size
-            writer.write_table(pa.table([
-                pa.array([task.source] * n, pa.string()), pa.array(got["line"] + base),
-                pa.array(got["output"], pa.float32()),
-                pa.array(got["label"].astype(np.float32 if regression else np.int8))],
-                schema=schema))
+            columns = [pa.array([task.source] * n, pa.string()), pa.array(got["line"] + base),
+                       pa.array(got["output"], pa.float32())]
+            if labeled:
+                columns.append(pa.array(got["label"].astype(np.float32 if regression
+                                                            else np.int8)))
+            writer.write_table(pa.table(columns, schema=schema))
             for line, reason, text in got["rejects"]:
                 reasons[reason] += 1
                 bad.write(b"%s\t%d\t%s\t%s\n" % (task.source.encode(), line + base,

@@ -119,3 +119,19 @@ def test_a_model_directory_loads_alone_and_unpickles_nothing(trained, tmp_path):
         load_exported(tmp_path / "model")
     with pytest.raises(ExportError, match="not empty"):
         export(trained, tmp_path / "model")
+
+
+def test_rows_without_the_label_column_are_scored_alike(trained, small_dataset, tmp_path):
+    """Criteo's unlabeled layout (39 fields, as Kaggle's test.txt): the same probabilities,
+    no label column."""
+    export(trained, tmp_path / "model")
+    lines = (small_dataset.parent / "raw" / "day_2").read_text().splitlines()[:500]
+    (tmp_path / "labeled.tsv").write_text("".join(x + "\n" for x in lines))
+    (tmp_path / "unlabeled.tsv").write_text("".join(x.split("\t", 1)[1] + "\n" for x in lines))
+    for name in ("labeled", "unlabeled"):
+        predict(tmp_path / "model", [tmp_path / f"{name}.tsv"], tmp_path / f"{name}.parquet",
+                options=Options(workers=1))
+    a, b = (pq.read_table(tmp_path / f"{n}.parquet") for n in ("labeled", "unlabeled"))
+    assert b.column_names == ["source", "line", "prob"] and b.num_rows == 500
+    np.testing.assert_allclose(b.column("prob").to_numpy(), a.column("prob").to_numpy(),
+                               rtol=0, atol=1e-6)

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from helpers import dlrm, torchrun
 from test_serve import Server
@@ -16,7 +17,7 @@ from dlrm.data.codecs import category_values
 from dlrm.data.declared import SchemaError, load_schema
 from dlrm.data.synth_declared import PlantedModel
 from dlrm.export import export, load_exported
-from dlrm.predict import Scorer, layout_for
+from dlrm.predict import Scorer, layout_for, predict
 from dlrm.recommend import Recommender
 from dlrm.request_rows import RequestRows
 
@@ -40,7 +41,7 @@ def planted(tmp_path_factory):
         profiles = {}
         for row in csv.DictReader(f):
             profiles.setdefault(row["user_id"], {c: row[c] for c in USER})
-    return tmp / "model", profiles
+    return tmp / "model", profiles, days
 
 
 def _planted_top(model: PlantedModel, user: int, movies: np.ndarray, k: int) -> set[int]:
@@ -51,7 +52,7 @@ def _planted_top(model: PlantedModel, user: int, movies: np.ndarray, k: int) -> 
 
 
 def test_recommendations_find_the_planted_best_movies(planted):
-    path, profiles = planted
+    path, profiles, _ = planted
     exported = load_exported(path)
     scorer = Scorer(exported, layout_for(exported, None))
     recommender = Recommender(exported, scorer, RequestRows(load_schema("movielens")))
@@ -91,7 +92,7 @@ def test_recommendations_find_the_planted_best_movies(planted):
 
 
 def test_cli_and_server_recommend_alike(planted, tmp_path):
-    path, profiles = planted
+    path, profiles, _ = planted
     user = next(iter(profiles.values()))
     out = dlrm("recommend", "--model", str(path), "--user", json.dumps(user), "--top-k",
                "5").stdout
@@ -120,3 +121,23 @@ def test_roles_must_name_features(tmp_path):
     bad.write_text(text.replace('item = ["movie_id", "genres"]', 'item = ["user_id"]'))
     with pytest.raises(SchemaError, match="both a user and an item feature"):
         load_schema(bad)
+
+
+def test_a_header_file_without_its_label_column_is_predicted(planted, tmp_path):
+    """MovieLens layout (a header, bags, a time column) with the rating column dropped:
+    the same predictions as the labeled file, no label column."""
+    path, _, days = planted
+    with open(days[2], newline="") as f:
+        rows = list(csv.reader(f))[:1001]
+    drop = rows[0].index("rating")
+    with open(tmp_path / "unlabeled.csv", "w", newline="") as f:
+        csv.writer(f).writerows([r[:drop] + r[drop + 1:] for r in rows])
+    with open(tmp_path / "labeled.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    for name in ("labeled", "unlabeled"):
+        predict(path, [tmp_path / f"{name}.csv"], tmp_path / f"{name}.parquet")
+    a, b = (pq.read_table(tmp_path / f"{n}.parquet") for n in ("labeled", "unlabeled"))
+    assert "label" in a.column_names and b.column_names == ["source", "line", "prob"]
+    assert b.column("line").to_pylist() == list(range(2, 1002))  # line 1: the header
+    np.testing.assert_allclose(b.column("prob").to_numpy(), a.column("prob").to_numpy(),
+                               rtol=0, atol=1e-6)

@@ -128,6 +128,7 @@ class Schema:
     time: Time | None = None
     user: tuple[str, ...] = ()  # features that describe the user (recommend)
     item: tuple[str, ...] = ()  # features that describe the item, its key first
+    labeled: bool = True  # False: rows to score, without the label column (predict)
 
     def features(self) -> Features:
         return Features(self.label, tuple(d.name for d in self.dense),
@@ -136,7 +137,8 @@ class Schema:
 
     def used(self) -> list[str]:
         """The columns read: the label, the dense and categorical features, the time."""
-        return [self.label, *(d.name for d in self.dense), *(c.name for c in self.categorical),
+        return [*([self.label] if self.labeled else []), *(d.name for d in self.dense),
+                *(c.name for c in self.categorical),
                 *([self.time.column] if self.time else [])]
 
     def check_columns(self, names: list[str], where: str) -> None:
@@ -158,6 +160,8 @@ class Schema:
         for key in ("time", "user", "item"):  # as before they existed
             if not out[key]:
                 del out[key]
+        if self.labeled:
+            del out["labeled"]
         return out
 
     @classmethod

@@ -121,8 +121,11 @@ def convert(table: pa.Table, schema: Schema) -> tuple[Block, RowProblems]:
     """The good rows of ``table`` (binary fields, or list columns for bags) converted by
     ``schema``, and the problems of the others (the caller makes their rejects)."""
     problems = RowProblems(table.num_rows)
-    label, ok = _label(table.column(schema.label), schema)
-    problems.mark(ok, "bad_label")
+    if schema.labeled:
+        label, ok = _label(table.column(schema.label), schema)
+        problems.mark(ok, "bad_label")
+    else:  # rows to score: a label of 0 that nothing reads
+        label = np.zeros(table.num_rows, np.float32 if schema.kind == "regression" else np.int8)
     dense = []
     for d in schema.dense:
         values, ok = number_column(table.column(d.name), d.fill, d.values == "integer")

@@ -125,7 +125,7 @@ def check_inputs(paths: list[Path], encoding: Encoding) -> None:
         raise PreprocessError(f"hash buckets must be >= 2, got {encoding.buckets}")
 
 
-def _header(path: Path, delimiter: str) -> list[str]:
+def read_header(path: Path, delimiter: str) -> list[str]:
     """The column names on the first line of ``path`` (plain or gzip)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -161,7 +161,7 @@ def layout_of(schema: Schema, encoding: Encoding | None, paths: list[Path]) -> L
             except SchemaError as e:
                 raise PreprocessError(str(e)) from None
     elif schema.header and paths:  # no paths: rows that come by other means (serving)
-        headers = {p: _header(p, schema.delimiter) for p in paths}
+        headers = {p: read_header(p, schema.delimiter) for p in paths}
         columns = headers[paths[0]]
         for p, names in headers.items():
             if names != columns:

@@ -367,28 +367,30 @@ def main(argv: list[str] | None = None) -> int:
                         "EmbeddingBagCollection below fp32); the MLPs stay fp32")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("predict", help="score raw files (the model's schema) with an "
-                       "exported model -> Parquet source, line, prob, label")
-    p.add_argument("--model", required=True, help="directory written by dlrm export")
+    def model_command(name: str, func, text: str) -> argparse.ArgumentParser:
+        """A command of an exported model (``--model MODEL``)."""
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--model", required=True, help="directory written by dlrm export")
+        p.set_defaults(func=func)
+        return p
+
+    p = model_command("predict", _predict, "score raw files (the model's schema) with an "
+                      "exported model -> Parquet source, line, prob, label")
     p.add_argument("--input", nargs="+", required=True)
     p.add_argument("--out", required=True, help="Parquet file; rejects go to OUT.rejects.tsv")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     p.add_argument("--chunk-mb", type=float, default=64,
                    help="plain files are scored in chunks of this many MiB")
-    p.set_defaults(func=_predict)
 
-    p = sub.add_parser("serve", help="an exported model over HTTP JSON: POST /predict, "
-                       "GET /health, GET /metadata")
-    p.add_argument("--model", required=True, help="directory written by dlrm export")
+    p = model_command("serve", _serve, "an exported model over HTTP JSON: POST /predict, "
+                      "POST /recommend, GET /health, GET /metadata")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-body-mb", type=float, default=1.0,
                    help="larger request bodies get 413")
-    p.set_defaults(func=_serve)
 
-    p = sub.add_parser("recommend", help="top-K items for a user with an exported model "
-                       "(a schema whose [roles] name user and item features)")
-    p.add_argument("--model", required=True, help="directory written by dlrm export")
+    p = model_command("recommend", _recommend, "top-K items for a user with an exported "
+                      "model (a schema whose [roles] name user and item features)")
     p.add_argument("--user", required=True, help='JSON object of user features, e.g. '
                    '\'{"user_id": 13, "gender": "M"}\'')
     p.add_argument("--candidates", default=None, help="CSV with a header of item rows "
@@ -396,7 +398,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--exclude", default=None, help="file of item keys to leave out (one "
                    "per line), e.g. those the user has seen")
-    p.set_defaults(func=_recommend)
 
     p = sub.add_parser("report", help="plots and a summary page of a run, or of several "
                        "runs overlaid")

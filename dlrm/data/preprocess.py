@@ -27,10 +27,11 @@ as ``line<TAB>reason<TAB>text``; the good rows around them are kept.
 
 The pieces, one job each: ``inputs`` (checks, headers, layout), ``chunks`` (cutting inputs,
 reading a chunk's lines), ``criteo_tsv`` / ``declared_reader`` with ``codecs`` (parsing
-and converting columns), ``rejects``, ``like`` (another dataset's encoding), ``staging`` (rows kept between the two passes), ``vocab`` (ids), ``passes``
-(what a worker does for one chunk in each pass), ``shards`` (writing them, by time period
-where the schema has a time column) and ``timeline`` (a time column's periods, sorted
-where they came out of order); this module drives them and writes the manifest.
+and converting columns), ``rejects``, ``like`` (another dataset's encoding), ``staging``
+(rows kept between the two passes), ``vocab`` (ids), ``passes`` (what a worker does for
+one chunk in each pass), ``shards`` (writing them, by time period where the schema has a
+time column) and ``timeline`` (a time column's periods, sorted where they came out of
+order); this module drives them and writes the manifest.
 
 Resumable: a chunk's outputs are final once its done record is written (last, by atomic
 rename), and a rerun skips chunks that have one, so killing the process at any moment

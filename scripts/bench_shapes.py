@@ -13,7 +13,9 @@ For each shape it writes (once; kept in ``--work``) a planted dataset with
 ``dlrm synth --schema SCHEMA`` (Criteo's by default) and preprocesses it, then trains
 the recipe for one epoch on ``--nproc`` ranks with ``--batch-size`` per rank, tables
 sized by the dataset (not the recipe's 40M rows) and the overrides after ``--``, and
-prints the test AUC, the planted model's Bayes AUC on the same rows and the gap. Shapes
+prints the test AUC, the planted model's Bayes AUC on the same rows and the gap, and
+beside them the seen-ids oracle and, where ``scripts/well_specified.py`` has been run on
+the shape, the test AUC of the planted model's own form fitted to the training days. Shapes
 (``dlrm.data.synth_declared``):
 
 - ``high``: the signal in the largest vocabularies (up to 1M ids, long Zipf tails),
@@ -108,14 +110,18 @@ def main() -> None:
                     "--model.num_embeddings_per_feature=[]",
                     "--train.checkpoint_every=0", *default_splits(data), *overrides])
         (done,) = [json.loads(x) for x in out.splitlines() if '"event": "done"' in x]
-        rows.append((shape, done["test_auc"], bayes, oracle))
+        fit = work / shape / "well_specified.json"  # scripts/well_specified.py, if run
+        reference = json.loads(fit.read_text())["test_auc"] if fit.exists() else float("nan")
+        rows.append((shape, done["test_auc"], bayes, oracle, reference))
         print(json.dumps({"event": "shape", "shape": shape, "test_auc": done["test_auc"],
                           "bayes_auc": round(bayes, 6), "seen_oracle_auc": round(oracle, 6),
                           "gap": round(bayes - done["test_auc"], 6)}), flush=True)
     print(f"\n{args.recipe} on {args.schema} {' '.join(overrides)}")
-    print("| shape | test AUC | Bayes AUC | gap | seen-ids oracle |\n|---|---|---|---|---|")
-    for shape, got, bayes, oracle in rows:
-        print(f"| {shape} | {got:.4f} | {bayes:.4f} | {bayes - got:.4f} | {oracle:.4f} |")
+    print("| shape | test AUC | Bayes AUC | gap | seen-ids oracle | well-specified fit |\n"
+          "|---|---|---|---|---|---|")
+    for shape, got, bayes, oracle, reference in rows:
+        print(f"| {shape} | {got:.4f} | {bayes:.4f} | {bayes - got:.4f} | {oracle:.4f} | "
+              f"{reference:.4f} |")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ requests in flight finish."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import signal
@@ -18,8 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import REPO
 
-from dlrm.export import export
-from dlrm.predict import predict
+from dlrm.data.like import schema_of
+from dlrm.export import export, load_exported
+from dlrm.predict import Scorer, layout_for, predict
+from dlrm.request_rows import RequestRows
+from dlrm.serve import Batcher
 
 
 def _free_port() -> int:
@@ -159,7 +163,29 @@ def test_concurrent_requests_are_batched_and_answered_in_order(served):
         np.testing.assert_allclose(results[k], probs[k * 10:(k + 1) * 10], rtol=0, atol=1e-6)
     after = server.get("/health")[1]
     assert after["requests"] - before["requests"] == 16
-    assert after["batches"] - before["batches"] <= 16
+
+
+def test_requests_waiting_together_are_scored_in_one_pass(served):
+    """The batcher itself: 16 requests queued while the model was busy are one forward pass,
+    and each gets its own rows' predictions back."""
+    model, _, rows, probs = served
+    exported = load_exported(model)
+    scorer = Scorer(exported, layout_for(exported, None))
+    blocks = [RequestRows(schema_of(exported.manifest)[0]).block(rows[k * 3:(k + 1) * 3])
+              for k in range(16)]
+
+    async def go() -> tuple[int, list]:
+        batcher = Batcher(scorer, max_rows=4096)
+        waiting = [asyncio.ensure_future(batcher.score(b)) for b in blocks]
+        await asyncio.sleep(0.05)  # all queued before the batcher looks
+        runner = asyncio.create_task(batcher.run())
+        outputs = await asyncio.gather(*waiting)
+        runner.cancel()
+        return batcher.batches, outputs
+
+    batches, outputs = asyncio.run(go())
+    assert batches == 1
+    np.testing.assert_allclose(np.concatenate(outputs), probs[:48], rtol=0, atol=1e-6)
 
 
 def test_sigterm_finishes_the_requests_in_flight(served):

@@ -104,6 +104,9 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32") -> dic
         raise ExportError(f"{out} is not empty; choose another --out")
     marker = verify(checkpoint)  # every file against its checksum; the metadata safely
     config = run_config(checkpoint)
+    if config.data.multi_hot_sizes:
+        raise ExportError(f"{checkpoint}: its run expanded the ids synthetically "
+                          "(data.multi_hot_sizes), which raw rows do not have: not exported")
     data = Path(config.data.path)
     manifest = load_manifest(data)
     dataset = {k: manifest[k] for k in ("format", "schema", "encoding", "cardinalities")}

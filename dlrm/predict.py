@@ -213,7 +213,7 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, worker
             offsets[task.source] += got["lines"]
             rows += n
             if bar is not None:
-                bar.update(Path(task.path).stat().st_size if task.end < 0 else task.bytes)
+                bar.update(task.bytes)
     if bar is not None:
         bar.close()
     seconds = time.time() - t0

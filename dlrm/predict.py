@@ -19,7 +19,7 @@ import dataclasses
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -116,7 +116,7 @@ def score_chunk(task: Task, opts: Options, scorer: Scorer) -> dict[str, Any]:
             labels.append(y)
             outputs.append(p)
     # Every line of the chunk is a row, a reject or the file's header, in order.
-    taken = np.ones(lines + 1, bool)
+    taken = np.ones(max([lines, *(r.line for r in rejects)]) + 1, bool)
     taken[0] = False
     taken[[r.line for r in rejects]] = False
     if header and task.start == 0:
@@ -141,11 +141,11 @@ def _score_in_worker(task: Task, opts: Options) -> dict[str, Any]:
     return score_chunk(task, opts, _WORKER["scorer"])
 
 
-def _in_order(tasks: list[Task], opts: Options, model: str, paths: list[Path],
+def _in_order(tasks: list[Task], opts: Options, exported: Exported, paths: list[Path],
               workers: int) -> Iterator[tuple[Task, dict[str, Any]]]:
     """Each task's result in task order; at most two per worker in flight."""
+    model = str(exported.path)
     if workers <= 1:
-        exported = load_exported(model)
         scorer = Scorer(exported, layout_for(exported, paths))
         for t in tasks:
             yield t, score_chunk(t, opts, scorer)
@@ -169,8 +169,7 @@ def _in_order(tasks: list[Task], opts: Options, model: str, paths: list[Path],
 
 
 def predict(model: str | Path, inputs: list[str | Path], out: str | Path, workers: int = 0,
-            options: Options | None = None, log: Callable[[str], Any] = print,
-            ) -> dict[str, Any]:
+            options: Options | None = None) -> dict[str, Any]:
     """Scores every row of ``inputs`` (the model's schema's format) into ``out``
     (Parquet, written atomically); returns a summary. Raises ExportError for a bad model
     directory and PreprocessError for unreadable inputs or a header that does not fit."""
@@ -197,7 +196,7 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, worker
     rejects_path = out.with_name(out.name + ".rejects.tsv")
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer, \
             atomic_path(rejects_path) as tmp_rejects, open(tmp_rejects, "wb") as bad:
-        for task, got in _in_order(tasks, opts, str(model), paths, workers):
+        for task, got in _in_order(tasks, opts, exported, paths, workers):
             base = offsets[task.source]
             n = got["output"].size
             columns = [pa.array([task.source] * n, pa.string()), pa.array(got["line"] + base),

@@ -43,7 +43,7 @@ def test_an_export_scores_raw_rows_as_the_checkpoint(trained, small_dataset, che
                tables).stdout
     size = json.loads(out.splitlines()[-1])["bytes"]
     raw = small_dataset.parent / "raw" / "day_2"
-    summary = predict(model, [raw], tmp_path / "preds.parquet", log=lambda *_: None)
+    summary = predict(model, [raw], tmp_path / "preds.parquet")
     assert summary["rows"] == 4000 and summary["rejected"] == 0
     preds = pq.read_table(tmp_path / "preds.parquet")
     assert preds.column_names == ["source", "line", "prob", "label"]

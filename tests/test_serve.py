@@ -79,7 +79,7 @@ def served(trained, small_dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     export(trained, tmp / "model")
     raw = small_dataset.parent / "raw" / "day_2"
-    predict(tmp / "model", [raw], tmp / "preds.parquet", options=None, log=lambda *_: None)
+    predict(tmp / "model", [raw], tmp / "preds.parquet", options=None)
     probs = pq.read_table(tmp / "preds.parquet").column("prob").to_numpy()
     rows = [line.rstrip("\n").split("\t") for line in raw.open().readlines()[:300]]
     server = Server(tmp / "model")

@@ -20,3 +20,4 @@ bench: install
 	.venv/bin/python scripts/bench_loader.py
 	.venv/bin/python scripts/bench_train.py
 	.venv/bin/python scripts/bench_auc.py
+	.venv/bin/python scripts/bench_predict.py

@@ -52,8 +52,8 @@ def key_names(ids: np.ndarray, vocab: np.ndarray | None) -> list[str]:
     key ``#`` and its hash); a hashed feature: ``id:N``."""
     if vocab is None:
         return [f"id:{i}" for i in ids]
-    values = vocab[ids - 2]
-    return [str(int(v)) if v < 2**63 else f"#{int(v):016x}" for v in values]
+    values = [int(v) for v in vocab[ids - 2]]
+    return [str(v) if v < 2**63 else f"#{v:016x}" for v in values]
 
 
 class Recommender:

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the real-server helper of the server tests
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.Server: the server tests' real server
 
 
 def _dlrm(*args: str) -> tuple[str, float]:
@@ -104,7 +104,7 @@ def speed(work: Path, held_out: Path, data: Path, checkpoint: Path) -> None:
 
 
 def latency(work: Path, held_out: Path, requests: int) -> None:
-    from test_serve import Server
+    from helpers import Server
 
     lines = [x.rstrip("\n").split("\t") for x, _ in zip(held_out.open(), range(256),
                                                            strict=False)]

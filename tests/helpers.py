@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import csv
 import gzip
+import http.client
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -119,3 +124,52 @@ def write_csv(path, header: str, rows: list[list], extra_lines: list[str] = ()) 
         writer.writerows(rows)
         for line in extra_lines:
             f.write(line + "\n")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real ``dlrm serve`` of ``model`` on a free loopback port, up once /health answers;
+    ``stop`` sends SIGTERM and returns the exit code."""
+
+    def __init__(self, model, *args: str) -> None:
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dlrm", "serve", "--model", str(model), "--port",
+             str(self.port), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+            assert self.proc.poll() is None, self.proc.communicate()
+        raise AssertionError("the server did not come up")
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                timeout: float = 60) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body,
+                         headers={"Content-Type": "application/json"} if body else {})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read() or b"{}")
+        finally:
+            conn.close()
+
+    def get(self, path: str) -> tuple[int, dict]:
+        return self.request("GET", path)
+
+    def post(self, path: str, payload, timeout: float = 60) -> tuple[int, dict]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return self.request("POST", path, body, timeout)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)

@@ -10,8 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import dlrm, torchrun
-from test_serve import Server
+from helpers import Server, dlrm, torchrun
 
 from dlrm.data.codecs import category_values
 from dlrm.data.declared import SchemaError, load_schema

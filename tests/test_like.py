@@ -28,6 +28,9 @@ def test_a_day_encoded_like_its_dataset_scores_as_it_did_there(small_dataset, tr
     assert manifest["like"]["dataset"] == str(small_dataset.resolve())
     assert manifest["cardinalities"] == original["cardinalities"]
     assert set(manifest["oov_rate"].values()) == {0.0}  # the day was in the vocabulary
+    # Made like the new one, a dataset still carries the training vocabulary's checksum.
+    again = preprocess([raw / "day_1"], tmp_path / "again", log=quiet, like=new)
+    assert again["like"]["vocab_sha256"] == manifest["like"]["vocab_sha256"]
 
     # Scored whole (the default split of a --like dataset) it gives the probabilities the
     # run's val and test halves of that day got.

@@ -201,7 +201,11 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
             _run(pool, count_chunk, todo, (opts, str(work), layout), bar, updates)
             vocabs = merge_vocab(tasks, work, layout.sparse, layout.encodings)
         if vocabs:
-            atomic_npz(out / VOCAB, vocabs)
+            if ref is not None:  # the same bytes, so that its checksum still matches
+                with atomic_path(out / VOCAB) as tmp:
+                    shutil.copyfile(ref.path / VOCAB, tmp)
+            else:
+                atomic_npz(out / VOCAB, vocabs)
             tables = work / "tables"
             save_tables(vocabs, tables)
         cardinalities = [int(vocabs[c].size) + 2 if c in vocabs else e.buckets

@@ -51,7 +51,7 @@ def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
              if v is not None}
     encoding = Encoding(**given) if given else None
     options = Options(workers=args.workers, chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
-                      max_line_bytes=args.max_line_bytes)
+                      max_line_bytes=args.max_line_bytes, stage=not args.no_stage)
     try:
         if args.like and (args.schema or encoding):
             raise PreprocessError("--like applies its dataset's schema and encoding: give "
@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                         "parallel work and of resumption")
     p.add_argument("--max-line-bytes", type=int, default=64 << 10,
                    help="longer lines are rejected as line_too_long")
+    p.add_argument("--no-stage", action="store_true",
+                   help="vocab: parse the inputs twice instead of staging the parsed rows "
+                        "on disk (chosen anyway when the disk has no room for them)")
     p.set_defaults(func=_preprocess)
 
     p = sub.add_parser("train", help="train (one rank; under torchrun one of N)",

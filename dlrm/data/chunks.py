@@ -30,6 +30,7 @@ class Options:
     chunk_bytes: int = 256 << 20  # plain files are cut into byte ranges of this size
     block_bytes: int = 16 << 20  # each chunk is read this much at a time
     max_line_bytes: int = 64 << 10  # longer lines are rejected (Criteo lines are < 1 KiB)
+    stage: bool = True  # vocab: stage parsed rows for the second pass (if the disk has room)
 
 
 def source_name(path: Path) -> str:

@@ -38,25 +38,35 @@ def _counted(block: Block, layout: Layout) -> Iterator[tuple[int, np.ndarray]]:
             yield f, values if layout.multi[f] else values[mask]
 
 
-def count_chunk(task: Task, opts: Options, work: str, layout: Layout, progress: Any) -> None:
-    """Pass 1 for one chunk: its rejects, staged rows and summary; then, last (the mark
-    that the chunk's pass 1 is complete), its per-feature value counts."""
+def count_chunk(task: Task, opts: Options, work: str, layout: Layout, stage: bool,
+                progress: Any) -> None:
+    """Pass 1 for one chunk: where it ``stage``s, its rejects, staged rows and summary;
+    then, last (the mark that the chunk's pass 1 is complete), its per-feature value
+    counts. Without staging, the second pass reads the text again and finds the rejects."""
     work_dir = Path(work)
     staged, summary_path = staged_paths(work_dir, task)
     parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in layout.sparse]
     summary: dict[str, Any] = {}
     report = Progress(progress)
-    blocks = with_rejects(layout.blocks(task, opts, report),
-                          work_dir / "rejects" / f"{task.key}.tsv", summary)
-    with atomic_path(staged) as tmp, pa.ipc.new_file(str(tmp), staged_schema(layout),
-                                                     options=IPC_OPTIONS) as writer:
-        for block in blocks:
-            writer.write_batch(stage_batch(block, layout))
-            for f, values in _counted(block, layout):
-                parts[f].append(value_counts(values))
-                if len(parts[f]) >= 16:  # keep memory at the chunk's distinct values
-                    parts[f] = [compact(parts[f])]
-    atomic_write_json(summary_path, summary)
+
+    def count(block: Block) -> None:
+        for f, values in _counted(block, layout):
+            parts[f].append(value_counts(values))
+            if len(parts[f]) >= 16:  # keep memory at the chunk's distinct values
+                parts[f] = [compact(parts[f])]
+
+    if stage:
+        blocks = with_rejects(layout.blocks(task, opts, report),
+                              work_dir / "rejects" / f"{task.key}.tsv", summary)
+        with atomic_path(staged) as tmp, pa.ipc.new_file(str(tmp), staged_schema(layout),
+                                                         options=IPC_OPTIONS) as writer:
+            for block in blocks:
+                writer.write_batch(stage_batch(block, layout))
+                count(block)
+        atomic_write_json(summary_path, summary)
+    else:
+        for block in layout.blocks(task, opts, report):
+            count(block)
     arrays = {}
     for c, p, enc in zip(layout.sparse, parts, layout.encodings, strict=True):
         if enc.type == "vocab":

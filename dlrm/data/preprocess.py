@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from dlrm.data.chunks import Options, PreprocessError, Task, plan_tasks, source_name
 from dlrm.data.declared import SCHEMAS, Schema, load_schema
+from dlrm.data.disk import estimate, free_bytes
 from dlrm.data.inputs import check_inputs, layout_of
 from dlrm.data.layout import Layout
 from dlrm.data.like import VOCAB, Reference
@@ -153,12 +154,16 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
     work = out / WORK
     plan_path = work / "plan.json"
     if plan_path.exists():
-        if json.loads(plan_path.read_text()) != plan:
+        old = json.loads(plan_path.read_text())
+        if {k: v for k, v in old.items() if k != "stage"} != plan:
             raise PreprocessError(f"{out} holds an unfinished run over other inputs or another "
                                   f"encoding ({plan_path}); choose another --out or delete it")
         log(f"preprocess: resuming the unfinished run in {out}")
+        plan["stage"] = old.get("stage", True)  # as it began
     elif out.exists() and any(out.iterdir()):
         raise PreprocessError(f"{out} is not empty and holds no dlrm dataset; choose another --out")
+    else:
+        plan["stage"] = _check_disk(paths, layout, out, opts, ref, log)
 
     try:
         return _preprocess(paths, out, opts, layout, plan, t0, log, ref)
@@ -180,7 +185,8 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
     workers = min(opts.workers or os.cpu_count() or 1, len(tasks))
     ctx = get_context("spawn")
     total = sum(p.stat().st_size for p in paths)
-    count = layout.vocab and ref is None  # a pass that counts (and stages) the values
+    count = layout.vocab and ref is None  # a pass that counts the values
+    staged = count and plan["stage"]  # and stages the parsed rows for the second pass
     passes = 2 if count else 1
     bar = tqdm(total=total * passes, unit="B", unit_scale=True, desc="preprocess",
                dynamic_ncols=True) if os.isatty(1) else None
@@ -196,9 +202,9 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
             # the chunk is written (an unfinished run of an older version had none).
             todo = [t for t in by_size if not (
                 (work / "counts" / f"{t.key}.npz").exists()
-                and ((work / "done" / f"{t.key}.json").exists()
+                and (not staged or (work / "done" / f"{t.key}.json").exists()
                      or staged_paths(work, t)[0].exists()))]
-            _run(pool, count_chunk, todo, (opts, str(work), layout), bar, updates)
+            _run(pool, count_chunk, todo, (opts, str(work), layout, staged), bar, updates)
             vocabs = merge_vocab(tasks, work, layout.sparse, layout.encodings)
         if vocabs:
             if ref is not None:  # the same bytes, so that its checksum still matches
@@ -212,7 +218,7 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
                          for c, e in zip(layout.sparse, layout.encodings, strict=True)]
         todo = [t for t in by_size if not (work / "done" / f"{t.key}.json").exists()]
         encoder = Encoder(layout.sparse, layout.encodings, str(tables) if tables else None)
-        _run(pool, write_chunk, todo, (opts, str(out), encoder, layout, count), bar, updates)
+        _run(pool, write_chunk, todo, (opts, str(out), encoder, layout, staged), bar, updates)
     if bar is not None:
         bar.close()
 
@@ -222,6 +228,26 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
         f"{manifest['rows_rejected']} rejected {manifest['rejected_by_reason']} "
         f"in {manifest['seconds']:.1f}s -> {out}")
     return manifest
+
+
+def _check_disk(paths: list[Path], layout: Layout, out: Path, opts: Options,
+                ref: Reference | None, log: Callable[[str], Any]) -> bool:
+    """Whether to stage the vocab encoding's parsed rows, by the free space of ``out``'s
+    file system: staging where the shards and the staged rows fit (unless ``opts.stage``
+    is off), parsing twice where only the shards fit; PreprocessError naming both figures,
+    before anything is written, where not even the shards fit."""
+    needs = estimate(paths, layout)
+    free, where = free_bytes(out)
+    if free < needs.shards:
+        raise PreprocessError(f"{out}: not enough disk: about {needs.shards:,} bytes needed "
+                              f"for the shards, {free:,} free on {where}")
+    if not (layout.vocab and ref is None and opts.stage):
+        return False
+    if free < needs.shards + needs.staged:
+        log(f"preprocess: {free:,} bytes free on {where}, short of the {needs.text()}: "
+            "parsing the inputs twice instead of staging them")
+        return False
+    return True
 
 
 def _standardize(layout: Layout, sums: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:

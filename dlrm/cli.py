@@ -53,10 +53,9 @@ def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
     options = Options(workers=args.workers, chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
                       max_line_bytes=args.max_line_bytes, stage=not args.no_stage)
     try:
-        if args.like and (args.schema or encoding):
-            raise PreprocessError("--like applies its dataset's schema and encoding: give "
-                                  "no --schema or encoding flag with it")
-        schema = None if args.like else load_schema(args.schema or "criteo")
+        # preprocess refuses a schema or an encoding given with --like.
+        schema = (load_schema(args.schema) if args.schema
+                  else None if args.like else load_schema("criteo"))
         preprocess(args.input, args.out, encoding=encoding, options=options, schema=schema,
                    like=args.like)
     except (PreprocessError, SchemaError) as e:
@@ -220,14 +219,11 @@ def _recommend(args: argparse.Namespace, rest: list[str]) -> int:
         user = json.loads(args.user)
         exported = load_exported(args.model)
         scorer = Scorer(exported, layout_for(exported, None))
-        recommender = Recommender(exported, scorer,
-                                  RequestRows(schema_of(exported.manifest)[0]))
+        recommender = Recommender(scorer, RequestRows(schema_of(exported.manifest)[0]))
         items = recommender.recommend(
             user, args.top_k, candidate_rows(args.candidates) if args.candidates else None,
             load_lines(args.exclude) if args.exclude else [])
-    except (json.JSONDecodeError, OSError) as e:
-        return _error("recommend", e)
-    except _offline_errors() as e:
+    except (OSError, *_offline_errors()) as e:  # a bad --user is a JSON (Value)Error
         return _error("recommend", e)
     print(json.dumps({"event": "recommend", "user": user, "items": items}))
     return 0

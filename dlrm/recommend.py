@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 from dlrm.data.codecs import category_values
 from dlrm.data.declared import Schema
 from dlrm.data.splits import ALL, resolve_split
-from dlrm.export import Exported
 from dlrm.predict import Scorer
 from dlrm.request_rows import RequestRows, RowsError
 
@@ -59,13 +58,13 @@ def key_names(ids: np.ndarray, vocab: np.ndarray | None) -> list[str]:
 class Recommender:
     """Scores candidate items for one user at a time."""
 
-    def __init__(self, exported: Exported, scorer: Scorer, rows: RequestRows) -> None:
+    def __init__(self, scorer: Scorer, rows: RequestRows) -> None:
         schema = rows.schema
         if not schema.item:
             raise RowsError(f"schema {schema.name} names no item features ([roles] item): "
                             "nothing to recommend")
         self.scorer, self.rows, self.schema = scorer, rows, schema
-        path = exported.path / ITEMS
+        path = scorer.exported.path / ITEMS
         self.items = pq.read_table(path) if path.is_file() else None
 
     def _row(self, fields: dict[str, Any], allowed: tuple[str, ...], what: str) -> dict:

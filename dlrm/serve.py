@@ -127,24 +127,24 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
     rows = RequestRows(schema)
     scorer = Scorer(exported, layout)
     batcher = Batcher(scorer, max_batch_rows)
-    recommender = Recommender(exported, scorer, rows) if schema.item else None
+    recommender = Recommender(scorer, rows) if schema.item else None
     info = exported.info
     metadata = {"schema": schema.to_json(), "tables": info["tables"],
                 "checkpoint": info["checkpoint"], "step": info["step"],
                 "trained_on": info["trained_on"], "label_kind": schema.kind,
                 "columns": rows.columns, "required": rows.required}
 
-    async def rows_of(request: Request) -> tuple[dict[str, Any], Block]:
+    async def rows_of(request: Request) -> Block:
         body = await read_json(request, max_body_bytes)
         if not isinstance(body, dict) or "rows" not in body:
             raise BadRequest(400, 'body: expected an object with "rows"')
         try:
-            return body, await run_in_threadpool(rows.block, body["rows"])
+            return await run_in_threadpool(rows.block, body["rows"])
         except RowsError as e:
             raise BadRequest(422, str(e)) from None
 
     async def predict(request: Request) -> JSONResponse:
-        _, block = await rows_of(request)
+        block = await rows_of(request)
         outputs = await batcher.score(block)
         return JSONResponse({"predictions": [_number(x) for x in outputs]})
 

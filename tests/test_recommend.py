@@ -54,7 +54,7 @@ def test_recommendations_find_the_planted_best_movies(planted):
     path, profiles, _ = planted
     exported = load_exported(path)
     scorer = Scorer(exported, layout_for(exported, None))
-    recommender = Recommender(exported, scorer, RequestRows(load_schema("movielens")))
+    recommender = Recommender(scorer, RequestRows(load_schema("movielens")))
     truth = PlantedModel(load_schema("movielens"), 300, 0, "high", 0.5)
     # Planted movie m is written "v1_<m in hex>"; the export names a text key by its hash.
     texts = [f"v1_{m:x}" for m in range(truth.sizes[1])]

@@ -35,6 +35,11 @@ CRITEO_RATIOS = (0.45, 0.40)  # shards, staged rows per byte of Criteo's TSV (me
 
 
 BYTES_PER_VALUE = 72  # per distinct value: chunk counts (~2 x 16), vocab.npz 8, tables 32
+# The most a byte of plain text can become: a field takes at least 1 byte (its delimiter)
+# and becomes an 8-byte id or value in the shards and 8 more staged; a distinct value
+# takes at least 2 and BYTES_PER_VALUE / 2 = 36 per byte. Compression only lowers these.
+CEILING = 8 + 8 + BYTES_PER_VALUE // 2
+FLOOR = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,17 @@ def estimate(paths: list[Path], layout: Layout) -> DiskNeeds:
         vocab = _distinct(sample, rows) * BYTES_PER_VALUE
     staged = int(text * staged_ratio * MARGIN) if layout.vocab else 0
     return DiskNeeds(int((text * shard_ratio + vocab) * MARGIN), staged)
+
+
+def surely_fits(paths: list[Path], layout: Layout, free: int) -> bool:
+    """Whether ``free`` bytes hold whatever plain-text ``paths`` can become, so that the
+    estimate (a sample parsed) is not needed: per byte of text at most ``CEILING`` bytes,
+    plus ``FLOOR`` for files' fixed costs. Gzip and Parquet inputs can expand without such
+    a bound."""
+    if any(p.suffix == ".gz" for p in paths) or (layout.schema is not None
+                                                  and layout.schema.format == "parquet"):
+        return False
+    return free >= CEILING * sum(p.stat().st_size for p in paths) + FLOOR
 
 
 def free_bytes(out: Path) -> tuple[int, Path]:

@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from dlrm.data.chunks import Options, PreprocessError, Task, plan_tasks, source_name
 from dlrm.data.declared import SCHEMAS, Schema, load_schema
-from dlrm.data.disk import estimate, free_bytes
+from dlrm.data.disk import estimate, free_bytes, surely_fits
 from dlrm.data.inputs import check_inputs, layout_of
 from dlrm.data.layout import Layout
 from dlrm.data.like import VOCAB, Reference
@@ -236,18 +236,19 @@ def _check_disk(paths: list[Path], layout: Layout, out: Path, opts: Options,
     file system: staging where the shards and the staged rows fit (unless ``opts.stage``
     is off), parsing twice where only the shards fit; PreprocessError naming both figures,
     before anything is written, where not even the shards fit."""
-    needs = estimate(paths, layout)
+    stage = bool(layout.vocab and ref is None and opts.stage)
     free, where = free_bytes(out)
+    if surely_fits(paths, layout, free):  # nothing to sample
+        return stage
+    needs = estimate(paths, layout)
     if free < needs.shards:
         raise PreprocessError(f"{out}: not enough disk: about {needs.shards:,} bytes needed "
                               f"for the shards, {free:,} free on {where}")
-    if not (layout.vocab and ref is None and opts.stage):
-        return False
-    if free < needs.shards + needs.staged:
+    if stage and free < needs.shards + needs.staged:
         log(f"preprocess: {free:,} bytes free on {where}, short of the {needs.text()}: "
             "parsing the inputs twice instead of staging them")
         return False
-    return True
+    return stage
 
 
 def _standardize(layout: Layout, sums: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:

@@ -51,7 +51,8 @@ def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
              if v is not None}
     encoding = Encoding(**given) if given else None
     options = Options(workers=args.workers, chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
-                      max_line_bytes=args.max_line_bytes, stage=not args.no_stage)
+                      max_line_bytes=args.max_line_bytes, stage=not args.no_stage,
+                      memory_gib=args.memory_gib)
     try:
         # preprocess refuses a schema or an encoding given with --like.
         schema = (load_schema(args.schema) if args.schema
@@ -318,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-stage", action="store_true",
                    help="vocab: parse the inputs twice instead of staging the parsed rows "
                         "on disk (chosen anyway when the disk has no room for them)")
+    p.add_argument("--memory-gib", type=float, default=0,
+                   help="vocab: memory budget of merging the counts, shared by the workers "
+                        "(default: a quarter of the host's memory); the vocabularies do "
+                        "not depend on it")
     p.set_defaults(func=_preprocess)
 
     p = sub.add_parser("train", help="train (one rank; under torchrun one of N)",

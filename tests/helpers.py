@@ -45,6 +45,16 @@ def read_units(dataset: Path, units: Iterable[dict]) -> pa.Table:
                              for f in u["files"]])
 
 
+def dataset_state(out: Path) -> dict[str, object]:
+    """Everything a dataset holds, timings aside."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("seconds")
+    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+             if p.is_file() and p.suffix != ".parquet" and p.name != "manifest.json"}
+    tables = {str(p.relative_to(out)): pq.read_table(p) for p in sorted(out.rglob("*.parquet"))}
+    return {"manifest": manifest, "files": files, "tables": tables}
+
+
 def quiet(*_: object) -> None:
     """A ``log`` callback that drops the preprocessor's messages."""
 

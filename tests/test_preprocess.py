@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import pytest
-from helpers import REPO, dlrm, quiet, read_units, tsv_row, write_lines
+from helpers import REPO, dataset_state, dlrm, quiet, read_units, tsv_row, write_lines
 
 import dlrm.data.preprocess as pre
 from dlrm import cli
@@ -590,16 +589,6 @@ def test_every_kind_of_bad_line_in_plain_and_gzip_sources(tmp_path):
     assert m["rows_rejected"] == sum(m["rejected_by_reason"].values())
 
 
-def _dataset_state(out: Path) -> dict[str, object]:
-    """Everything a dataset holds, timings aside."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest.pop("seconds")
-    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-             if p.is_file() and p.suffix != ".parquet" and p.name != "manifest.json"}
-    tables = {str(p.relative_to(out)): pq.read_table(p) for p in sorted(out.rglob("*.parquet"))}
-    return {"manifest": manifest, "files": files, "tables": tables}
-
-
 @pytest.mark.parametrize("encoding, stage, drop_staged", [
     ("vocab", "counts", False), ("vocab", "done", False), ("hash", "done", False),
     ("vocab", "counts", True),
@@ -638,7 +627,7 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, encoding, sta
 
     log = dlrm("preprocess", "--input", *inputs, "--out", str(killed), *args).stdout
     assert "resuming" in log
-    assert _dataset_state(killed) == _dataset_state(tmp_path / "whole")
+    assert dataset_state(killed) == dataset_state(tmp_path / "whole")
     assert not (killed / "_work").exists()
 
 

@@ -34,10 +34,12 @@ MARGIN = 1.15
 CRITEO_RATIOS = (0.45, 0.40)  # shards, staged rows per byte of Criteo's TSV (measured)
 
 
-BYTES_PER_VALUE = 72  # per distinct value: chunk counts (~2 x 16), vocab.npz 8, tables 32
+# Per distinct value: chunk counts (~2 x 16), merged partition 16, vocabulary file and
+# vocab.npz 2 x 8, tables 32 (12 per slot, 2-4 slots per value).
+BYTES_PER_VALUE = 96
 # The most a byte of plain text can become: a field takes at least 1 byte (its delimiter)
 # and becomes an 8-byte id or value in the shards and 8 more staged; a distinct value
-# takes at least 2 and BYTES_PER_VALUE / 2 = 36 per byte. Compression only lowers these.
+# takes at least 2 and BYTES_PER_VALUE / 2 = 48 per byte. Compression only lowers these.
 CEILING = 8 + 8 + BYTES_PER_VALUE // 2
 FLOOR = 64 << 20
 

@@ -26,6 +26,7 @@ from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.data.shards import PeriodShards, Shards, remove_stale
 from dlrm.data.staging import IPC_OPTIONS, read_staged, stage_batch, staged_paths, staged_schema
 from dlrm.data.vocab import Encoder, compact
+from dlrm.data.vocab_merge import write_counts
 from dlrm.fsutil import atomic_path, atomic_write_json
 
 WORK = "_work"  # in-progress state; removed once the manifest is written
@@ -67,11 +68,9 @@ def count_chunk(task: Task, opts: Options, work: str, layout: Layout, stage: boo
     else:
         for block in layout.blocks(task, opts, report):
             count(block)
-    arrays = {}
-    for c, p, enc in zip(layout.sparse, parts, layout.encodings, strict=True):
-        if enc.type == "vocab":
-            arrays[f"{c}_values"], arrays[f"{c}_counts"] = compact(p)
-    atomic_npz(work_dir / "counts" / f"{task.key}.npz", arrays)
+    write_counts(work_dir, task.key, {
+        c: compact(p) for c, p, enc in zip(layout.sparse, parts, layout.encodings, strict=True)
+        if enc.type == "vocab"})
     report.flush()
 
 
@@ -173,8 +172,3 @@ class Progress:
         if self.queue is not None and self.pending:
             self.queue.put(self.pending)
         self.pending = 0
-
-
-def atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic_path(path) as tmp:
-        np.savez(tmp, **arrays)

@@ -63,11 +63,21 @@ from dlrm.data.disk import estimate, free_bytes, surely_fits
 from dlrm.data.inputs import check_inputs, layout_of
 from dlrm.data.layout import Layout
 from dlrm.data.like import VOCAB, Reference
-from dlrm.data.passes import WORK, atomic_npz, count_chunk, write_chunk
+from dlrm.data.passes import WORK, count_chunk, write_chunk
 from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.data.staging import staged_paths
 from dlrm.data.timeline import assemble_periods
-from dlrm.data.vocab import Encoder, Encoding, merge_vocab, save_tables
+from dlrm.data.vocab import Encoder, Encoding, save_tables, table_paths
+from dlrm.data.vocab_merge import (
+    TABLES,
+    budget_bytes,
+    counts_mark,
+    merge_partition,
+    order_feature,
+    partition_path,
+    plan_partitions,
+    vocab_path,
+)
 from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.heap import keep_freed_memory
 
@@ -197,23 +207,25 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
         tables, vocabs = None, {}
         if ref is not None and layout.vocab:
             vocabs = ref.vocabs()
+            tables = work / "tables"
+            save_tables(vocabs, tables)
         elif layout.vocab:
             # A chunk is counted once its counts exist; its staged rows are needed until
             # the chunk is written (an unfinished run of an older version had none).
             todo = [t for t in by_size if not (
-                (work / "counts" / f"{t.key}.npz").exists()
+                counts_mark(work, t.key).exists()
                 and (not staged or (work / "done" / f"{t.key}.json").exists()
                      or staged_paths(work, t)[0].exists()))]
             _run(pool, count_chunk, todo, (opts, str(work), layout, staged), bar, updates)
-            vocabs = merge_vocab(tasks, work, layout.sparse, layout.encodings)
-        if vocabs:
-            if ref is not None:  # the same bytes, so that its checksum still matches
-                with atomic_path(out / VOCAB) as tmp:
-                    shutil.copyfile(ref.path / VOCAB, tmp)
-            else:
-                atomic_npz(out / VOCAB, vocabs)
+            vocabs = _merge(pool, tasks, work, layout, budget_bytes(opts.memory_gib) // workers,
+                            log)
             tables = work / "tables"
-            save_tables(vocabs, tables)
+        if vocabs:
+            with atomic_path(out / VOCAB) as tmp:
+                if ref is not None:  # the same bytes, so that its checksum still matches
+                    shutil.copyfile(ref.path / VOCAB, tmp)
+                else:
+                    np.savez(tmp, **vocabs)
         cardinalities = [int(vocabs[c].size) + 2 if c in vocabs else e.buckets
                          for c, e in zip(layout.sparse, layout.encodings, strict=True)]
         todo = [t for t in by_size if not (work / "done" / f"{t.key}.json").exists()]
@@ -228,6 +240,23 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
         f"{manifest['rows_rejected']} rejected {manifest['rejected_by_reason']} "
         f"in {manifest['seconds']:.1f}s -> {out}")
     return manifest
+
+
+def _merge(pool: ProcessPoolExecutor, tasks: list[Task], work: Path, layout: Layout,
+           budget: int, log: Callable[[str], Any]) -> dict[str, np.ndarray]:
+    """Every vocab feature's vocabulary (mapped from its file) and lookup table from the
+    chunks' counts, each process within ``budget`` bytes (see ``vocab_merge``)."""
+    keys = [t.key for t in tasks]
+    jobs = plan_partitions(work, keys, layout.sparse, layout.encodings, budget)
+    log(f"preprocess: merging the counts in {len(jobs)} partitions "
+        f"({budget / 2**20:.1f} MiB each process)")
+    encodings = dict(zip(layout.sparse, layout.encodings, strict=True))
+    todo = [j for j in jobs if not partition_path(work, j[0], j[1]).exists()]
+    _run(pool, merge_partition, todo, (str(work), keys, encodings), None, None)
+    parts = Counter(j[0] for j in jobs)
+    todo = [(c, n) for c, n in parts.items() if not table_paths(work / TABLES, c)[1].exists()]
+    _run(pool, order_feature, todo, (str(work), encodings, budget), None, None)
+    return {c: np.load(vocab_path(work, c), mmap_mode="r") for c in parts}
 
 
 def _check_disk(paths: list[Path], layout: Layout, out: Path, opts: Options,

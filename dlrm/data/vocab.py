@@ -1,9 +1,9 @@
 """Categorical values → ids: the hash rule, or vocabularies from exact counts.
 
-Counts of every chunk are merged exactly; a feature's vocabulary is the values seen at
-least ``min_frequency`` times, by descending count (ties by value), capped at
-``max_vocab``. Lookups go through an open-addressing hash table per feature, built
-vectorised and memory-mapped by each worker.
+A feature's vocabulary is the values seen at least ``min_frequency`` times, by descending
+count (ties by value), capped at ``max_vocab`` (counted and merged by ``vocab_merge``).
+Lookups go through an open-addressing hash table per feature, built vectorised and
+memory-mapped by each worker.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from dlrm.data.chunks import Task
 from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.fsutil import atomic_path
 
@@ -44,17 +43,6 @@ def compact(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
     return uniq, np.bincount(inverse, weights=counts, minlength=uniq.size).astype(np.int64)
 
 
-def build_vocab(counts: tuple[np.ndarray, np.ndarray], enc: Encoding) -> np.ndarray:
-    """Vocabulary of one feature: values in id order (id = position + 2)."""
-    values, n = counts
-    keep = n >= enc.min_frequency
-    values, n = values[keep], n[keep]
-    order = np.lexsort((values, -n))  # descending count, then ascending value
-    if enc.max_vocab:
-        order = order[: enc.max_vocab]
-    return values[order]
-
-
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: multiplicative hashing
 
 
@@ -62,28 +50,42 @@ def _slots(values: np.ndarray, bits: int) -> np.ndarray:
     return ((values * _GOLDEN) >> np.uint64(64 - bits)).astype(np.int64)
 
 
-def hash_table(vocab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A vocabulary as an open-addressing hash table with linear probing: (keys, ids),
-    ``2**bits >= 2 * len(vocab)`` slots, id -1 where a slot is empty.
+def table_slots(size: int) -> int:
+    """Slots of a vocabulary's hash table: a power of two, at least twice its size."""
+    return 1 << max(4, (2 * size - 1).bit_length())
 
-    Built in rounds: every value not yet placed tries its next slot; of those that find
-    the slot empty, the first (in vocabulary order) takes it. A value thus sits after an
-    unbroken run of full slots from its home slot, which is what a probe relies on.
+
+def fill_table(vocab: np.ndarray, keys: np.ndarray, ids: np.ndarray, batch: int) -> None:
+    """Fills an empty open-addressing hash table with linear probing (``keys``; ``ids``,
+    -1 where a slot is empty) with ``vocab``, ``batch`` values at a time (its memory).
+
+    Each batch is placed in rounds: every value not yet placed tries its next slot; of
+    those that find the slot empty, the first (in vocabulary order) takes it. A value thus
+    sits after an unbroken run of full slots from its home slot, which is what a probe
+    relies on.
     """
-    bits = max(4, (2 * vocab.size - 1).bit_length())
-    keys = np.zeros(1 << bits, np.uint64)
-    ids = np.full(1 << bits, -1, np.int32)
-    pending = np.arange(vocab.size)
-    slot = _slots(vocab, bits)
-    while pending.size:
-        free = np.flatnonzero(ids[slot] < 0)
-        taken, first = np.unique(slot[free], return_index=True)
-        won = free[first]
-        ids[taken] = pending[won] + 2
-        keys[taken] = vocab[pending[won]]
-        lost = np.ones(pending.size, bool)
-        lost[won] = False
-        pending, slot = pending[lost], (slot[lost] + 1) & ((1 << bits) - 1)
+    bits = keys.size.bit_length() - 1
+    for start in range(0, vocab.size, batch):
+        values = np.asarray(vocab[start:start + batch])
+        pending = np.arange(values.size)
+        slot = _slots(values, bits)
+        while pending.size:
+            free = np.flatnonzero(ids[slot] < 0)
+            taken, first = np.unique(slot[free], return_index=True)
+            won = free[first]
+            ids[taken] = start + pending[won] + 2
+            keys[taken] = values[pending[won]]
+            lost = np.ones(pending.size, bool)
+            lost[won] = False
+            pending, slot = pending[lost], (slot[lost] + 1) & (keys.size - 1)
+
+
+def hash_table(vocab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A vocabulary (values in id order, id = position + 2) as a hash table in memory:
+    (keys, ids), see ``fill_table``."""
+    slots = table_slots(vocab.size)
+    keys, ids = np.zeros(slots, np.uint64), np.full(slots, -1, np.int32)
+    fill_table(vocab, keys, ids, max(1, vocab.size))
     return keys, ids
 
 
@@ -128,11 +130,11 @@ class Encoder:
             ids = (values % np.uint64(enc.buckets - 1)).astype(np.int64) + 1
         else:
             if f not in self._loaded:
-                def load(name: str) -> np.ndarray:  # mapped, as a plain array (faster)
-                    return np.asarray(np.load(Path(self.tables) / name, mmap_mode="r"))
+                def load(path: Path) -> np.ndarray:  # mapped, as a plain array (faster)
+                    return np.asarray(np.load(path, mmap_mode="r"))
 
-                c = self.names[f]
-                self._loaded[f] = (load(f"{c}.keys.npy"), load(f"{c}.ids.npy"))
+                keys, ids = table_paths(Path(self.tables), self.names[f])
+                self._loaded[f] = (load(keys), load(ids))
             ids = probe(*self._loaded[f], values)
         return ids if present is None else np.where(present, ids, MISSING_ID)
 
@@ -141,22 +143,11 @@ def save_tables(vocabs: dict[str, np.ndarray], tables: Path) -> None:
     """Each feature's vocabulary as a hash table (``NAME.keys.npy``, ``NAME.ids.npy``)."""
     tables.mkdir(parents=True, exist_ok=True)
     for c, vocab in vocabs.items():
-        for name, array in zip(("keys", "ids"), hash_table(vocab), strict=True):
-            path = tables / f"{c}.{name}.npy"
+        for path, array in zip(table_paths(tables, c), hash_table(vocab), strict=True):
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.save(f, array)
 
 
-def merge_vocab(tasks: list[Task], work: Path, names: tuple[str, ...],
-                encodings: tuple[Encoding, ...]) -> dict[str, np.ndarray]:
-    """The vocabulary of every vocab-encoded feature from all chunks' counts."""
-    vocabs = {}
-    for c, enc in zip(names, encodings, strict=True):
-        if enc.type != "vocab":
-            continue
-        parts = []
-        for t in tasks:
-            with np.load(work / "counts" / f"{t.key}.npz") as z:
-                parts.append((z[f"{c}_values"], z[f"{c}_counts"]))
-        vocabs[c] = build_vocab(compact(parts), enc)
-    return vocabs
+def table_paths(tables: Path, feature: str) -> tuple[Path, Path]:
+    """A feature's hash table files in the directory ``tables``: (keys, ids)."""
+    return tables / f"{feature}.keys.npy", tables / f"{feature}.ids.npy"

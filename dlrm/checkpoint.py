@@ -147,6 +147,26 @@ def _digests(directory: Path, rank: int) -> dict[str, list]:
     return out
 
 
+class _InPlaceSavePlanner(dcp.DefaultSavePlanner):
+    """DCP's save planner, less a copy of every table. fbgemm keeps a rank's tables (and
+    each optimizer state) in one buffer, each table a view into it, and DCP copies a
+    tensor whose storage is larger than itself before writing it: saving took as much
+    memory again as the tables and their state. A contiguous view is handed over as a
+    tensor over the same memory whose storage is just its own bytes."""
+
+    def resolve_data(self, write_item: Any) -> Any:
+        data = super().resolve_data(write_item)
+        if (isinstance(data, torch.Tensor) and data.device.type == "cpu"
+                and data.is_contiguous() and data.untyped_storage().nbytes() != data.nbytes
+                and data.dtype in _NUMPY_DTYPES):
+            return torch.from_numpy(data.detach().numpy())
+        return data
+
+
+_NUMPY_DTYPES = (torch.float32, torch.float16, torch.float64, torch.int64, torch.int32,
+                 torch.int8, torch.uint8)
+
+
 def _without_empty(tree: Any) -> Any:
     """``tree`` without its empty tables, leaves shared. An empty table (SGD's per-table
     state) gives DCP nothing to save, yet on load DCP looks for it and fails."""
@@ -195,7 +215,8 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         barrier()
-        dcp.save(_without_empty(state), checkpoint_id=str(partial))
+        dcp.save(_without_empty(state), checkpoint_id=str(partial),
+                 planner=_InPlaceSavePlanner())
         # Each rank hashes what it wrote; the gather is also the wait for every rank's files.
         shares = [None] * dist.get_world_size()
         dist.all_gather_object(shares, _digests(partial, rank))

@@ -8,6 +8,7 @@ OOM-killed. The cgroup's limit is the real budget.
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,3 +81,8 @@ def memory_bytes(proc_root: Path = Path("/proc"),
     physical = physical_bytes()
     limit = cgroup_limit_bytes(proc_root, cgroup_root)
     return physical if limit is None else min(physical, limit)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB

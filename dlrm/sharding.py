@@ -109,16 +109,40 @@ class Planner:
         )
 
 
-def memory_per_rank(planner: EmbeddingShardingPlanner, world_size: int) -> list[dict[str, float]]:
-    """The planner's estimate of each rank's embedding storage (tables, optimizer state,
-    lookup buffers), in GiB: ``hbm`` on GPU, ``ddr`` on CPU. Only where ``plan`` ran."""
+# A CPU rank's own footprint beside its tables and dense model: Python, torch, torchrec
+# and fbgemm loaded, gloo, the loader's batches, evaluation buffers. Measured on the CPU
+# stack (torch 2.13, torchrec 1.8, fbgemm-gpu-cpu 1.8): a rank holding 0.12 GiB of tables
+# and a small dense model peaked at 0.71 GiB (scripts/bench_large_table.py).
+RUNTIME_GIB = 0.6
+# Bytes of memory per byte of dense parameter: itself, its gradient, DDP's bucket and
+# up to two optimizer states (Adam).
+DENSE_COPIES = 5
+
+
+def dense_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters of an unsharded ``model`` outside its embedding tables."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if "embedding_bag_collection" not in n)
+
+
+def memory_per_rank(planner: EmbeddingShardingPlanner, world_size: int,
+                    dense: int) -> list[dict[str, float]]:
+    """Each rank's memory in GiB: the planner's estimate of its embedding storage (tables,
+    optimizer state, lookup buffers; ``hbm`` on GPU, ``ddr`` on CPU), the replicated dense
+    part (``dense`` bytes of parameters) with its gradients and optimizer state (``dense``), and
+    ``total``: what the rank needs of its device's memory (on CPU: its peak resident
+    memory, the runtime's own included). Only where ``plan`` ran."""
     hbm, ddr, shards = defaultdict(int), defaultdict(int), defaultdict(int)
     for option in planner._best_plan or []:
         for shard in option.shards:
             hbm[shard.rank] += shard.storage.hbm
             ddr[shard.rank] += shard.storage.ddr
             shards[shard.rank] += 1
+    dense_gib = DENSE_COPIES * dense / GIB
+    gpu = planner._topology.compute_device == "cuda"
     return [{"rank": r, "hbm_gib": round(hbm[r] / GIB, 3), "ddr_gib": round(ddr[r] / GIB, 3),
+             "dense_gib": round(dense_gib, 3), "total_gib": round(
+                 (hbm[r] / GIB if gpu else ddr[r] / GIB + RUNTIME_GIB) + dense_gib, 3),
              "shards": shards[r]} for r in range(world_size)]
 
 
@@ -128,8 +152,11 @@ def describe(plan: ShardingPlan, memory: list[dict[str, float]], planner: Planne
              f"world size {planner.world_size} ({planner.local_world_size} per host), "
              f"device {planner.device_type}, per rank: "
              f"HBM {planner.hbm_bytes() / GIB:.1f} GiB, DDR {planner.ddr_bytes() / GIB:.1f} GiB",
-             "estimated embedding storage per rank (tables + optimizer state + buffers):"]
+             "estimated memory per rank: embedding storage (tables + optimizer state + "
+             "buffers), the dense model (with gradients and optimizer state), and in all "
+             f"(on {'GPU: HBM' if planner.device_type == 'cuda' else 'CPU: peak RSS'}):"]
     lines += [f"  rank {m['rank']}: HBM {m['hbm_gib']:.3f} GiB, DDR {m['ddr_gib']:.3f} GiB, "
+              f"dense {m['dense_gib']:.3f} GiB, total {m['total_gib']:.3f} GiB, "
               f"{m['shards']} shards" for m in memory]
     return "\n".join(lines) + "\n"
 
@@ -141,7 +168,7 @@ def plan_offline(model: torch.nn.Module, tables: list[str], spec: Planner,
     PlannerError when the tables do not fit."""
     planner = spec.build(tables)
     plan = planner.plan(model, sharders(spec.cfg, torch.device(spec.device_type)))
-    memory = memory_per_rank(planner, spec.world_size)
+    memory = memory_per_rank(planner, spec.world_size, dense_bytes(model))
     return describe(plan, memory, spec), memory
 
 
@@ -161,11 +188,12 @@ def shard_model(model: torch.nn.Module, tables: list[str], cfg: ShardingConfig,
                    device.type, batch_size)
     planner = spec.build(tables, constraints)
     chosen = sharders(cfg, device)
+    dense = dense_bytes(model)
     plan = planner.collective_plan(model, chosen, dist.GroupMember.WORLD)
     # torchrec's DDP wrapper registers the fp16 / bf16 compression hook itself.
     precision = None if cfg.allreduce_precision == "fp32" else cfg.allreduce_precision
     dmp = DistributedModelParallel(
         module=model, device=device, plan=plan, sharders=chosen,
         data_parallel_wrapper=DefaultDataParallelWrapper(allreduce_comm_precision=precision))
-    memory = memory_per_rank(planner, world_size)
+    memory = memory_per_rank(planner, world_size, dense)
     return dmp, describe(plan, memory, spec), memory

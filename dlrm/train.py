@@ -21,9 +21,10 @@ from dlrm.data.loader import ParquetBatches
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import Features
 from dlrm.data.splits import default_split_specs, resolve_split
-from dlrm.dist import broadcast_object, init_distributed, resolve_device
+from dlrm.dist import broadcast_object, gather_object, init_distributed, resolve_device
 from dlrm.evaluate import evaluate
 from dlrm.fsutil import atomic_write_json, atomic_write_text
+from dlrm.host import peak_rss_bytes
 from dlrm.metrics import HEADLINE
 from dlrm.model import autocast_dense, build_model, table_name, table_sizes
 from dlrm.optim import (
@@ -304,7 +305,8 @@ class Trainer:
                    "samples_per_sec": samples / train_seconds if train_seconds else 0.0}
         for split, m in results.items():
             summary.update({f"{split}_{k}": m[k] for k in HEADLINE[self.features.label_kind]})
-        self.log.event("done", target_reached=reached, **summary)
+        peaks = gather_object(round(peak_rss_bytes() / 2**30, 3))
+        self.log.event("done", target_reached=reached, **summary, peak_rss_gib=peaks)
         self.log.close()
         return results
 

@@ -129,6 +129,11 @@ def test_dcn_trains_sharded_with_adam_dense_fp16_tables_and_quantized_comms(smal
     (plan,) = events(out, "plan")
     assert [m["rank"] for m in plan["memory_per_rank"]] == [0, 1]
     assert all(m["ddr_gib"] > 0 for m in plan["memory_per_rank"])
+    # On CPU the total is the rank's resident memory: tables, dense part and the runtime.
+    assert all(m["total_gib"] >= m["ddr_gib"] + m["dense_gib"] + 0.5 and m["dense_gib"] >= 0
+               for m in plan["memory_per_rank"])
+    (done,) = events(out, "done")
+    assert len(done["peak_rss_gib"]) == 2 and min(done["peak_rss_gib"]) > 0.1  # measured
     text = (run / "plan.txt").read_text()
     c1 = [line for line in text.splitlines() if line.startswith("t_C1 ")]
     assert len(c1) == 2  # column_wise over 2 ranks: two shards of t_C1

@@ -27,7 +27,10 @@ def _synth(args: argparse.Namespace, rest: list[str]) -> int:
         return _error("synth", e)
     if schema is None:  # the demo's generator (Criteo's layout)
         report = synth(args.out, days=args.days, rows_per_day=args.rows_per_day,
-                       seed=args.seed, gzip=args.gzip)
+                       seed=args.seed, gzip=args.gzip, growth=args.criteo_growth)
+    elif args.criteo_growth:
+        return _error("synth", ValueError("--criteo-growth is for Criteo's layout; "
+                                          "give no --schema"))
     else:  # the planted model of any schema, Criteo's named one included
         try:
             report = synth_declared(schema, args.out, days=args.days,
@@ -290,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows-per-day", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gzip", action="store_true", help="write day_N.gz")
+    p.add_argument("--criteo-growth", action="store_true",
+                   help="distinct values grow with the rows as Criteo's do (sublinearly, "
+                        "the largest features fastest) instead of saturating at 100k")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("preprocess", help="click logs (TSV/CSV, .gz) -> Parquet dataset + "

@@ -84,3 +84,28 @@ def test_a_schema_of_bags_only_plants_and_its_oracle_knows_the_bags(tmp_path):
                "--rows-per-day", "2000").stdout
     test = json.loads(out)["test"]
     assert test["seen_oracle_auc"] == pytest.approx(test["bayes_auc"])
+
+
+def test_criteo_growth_grows_distinct_values_as_criteo_does():
+    """`--criteo-growth`: each large feature's distinct values follow its Heaps' law
+    (within 12%), the largest growing fastest (C3: rows ** 0.74), the small ones not at
+    all."""
+    import pyarrow.compute as pc
+
+    from dlrm.data.synth import CAT_MISSING, ClickModel, generate_day
+    from dlrm.data.synth_growth import expected_distinct, growth_exponent
+
+    model = ClickModel.from_seed(0)
+    distinct = {}
+    for rows in (100_000, 400_000):
+        table, prob = generate_day(model, 0, 0, rows, growth=True)
+        assert 0.1 < prob.mean() < 0.5  # the click model still reads every value
+        distinct[rows] = [pc.count_distinct(table[f"C{f + 1}"]).as_py() for f in range(26)]
+    for f in (2, 11, 15, 20, 3, 23):  # the largest six
+        seen = distinct[400_000][f]
+        want = expected_distinct(f, 400_000 * (1 - CAT_MISSING[f]))
+        assert abs(seen / want - 1) < 0.12, (f, seen, want)
+    growth = np.log(distinct[400_000][2] / distinct[100_000][2]) / np.log(4)
+    # Nearly: at these sizes most of C3's values are still new (see synth_growth).
+    assert 0 < growth - growth_exponent(2) < 0.12 and growth_exponent(2) > 0.7
+    assert distinct[400_000][8] == distinct[100_000][8] == 3  # C9: three values, always

@@ -12,7 +12,8 @@ is written beside the data (``truth/<day>.prob.npy``) and ``truth.json`` holds t
 Bayes AUC of every day and of the held-out halves (see ``schema.holdout_halves``).
 
 Categorical values follow Zipf-like frequencies over vocabularies shaped like Criteo
-Kaggle's (capped at 100k), rendered as eight hex digits; some features and dense
+Kaggle's (capped at 100k), or (``growth``) with distinct counts that grow with the rows as
+Criteo's do, rendered as eight hex digits; some features and dense
 columns are often missing, and I2 has a few negatives, as in the real logs.
 Deterministic for a given seed: day ``d`` depends only on ``(seed, d)``.
 """
@@ -36,6 +37,7 @@ from dlrm.data.schema import (
     SPARSE_NAMES,
     holdout_halves,
 )
+from dlrm.data.synth_growth import growing_values, grows
 from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.metrics import auc
 
@@ -87,8 +89,11 @@ def _zipf_ids(rng: np.random.Generator, vocab: int, n: int) -> np.ndarray:
     return np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1]), vocab - 1)
 
 
-def generate_day(model: ClickModel, seed: int, day: int, rows: int) -> tuple[pa.Table, np.ndarray]:
-    """One day of rows as a Criteo-column table (strings for C*, nullable ints for I*)."""
+def generate_day(model: ClickModel, seed: int, day: int, rows: int, growth: bool = False,
+                 ) -> tuple[pa.Table, np.ndarray]:
+    """One day of rows as a Criteo-column table (strings for C*, nullable ints for I*).
+    ``growth``: the features that grow draw values as ``synth_growth`` says (the click
+    model reads each value modulo its vocabulary)."""
     rng = np.random.default_rng([seed, day])
     logit = np.full(rows, BIAS)
     columns: dict[str, pa.Array] = {}
@@ -105,9 +110,14 @@ def generate_day(model: ClickModel, seed: int, day: int, rows: int) -> tuple[pa.
         logit += DENSE_EFFECT.get(j, 0.0) * np.where(missing, 0.0, z)
         dense.append(pa.array(x, mask=missing))
 
-    ids, present = [], []
+    ids, values, present = [], [], []
     for f, vocab in enumerate(VOCAB_SIZES):
-        i = _zipf_ids(rng, vocab, rows)
+        if growth and grows(f):
+            values.append(growing_values(rng, f, rows))
+            i = (values[f] % np.uint64(vocab)).astype(np.int64)
+        else:
+            i = _zipf_ids(rng, vocab, rows)
+            values.append(i)
         ok = rng.random(rows) >= CAT_MISSING[f]
         ids.append(i)
         present.append(ok)
@@ -124,7 +134,7 @@ def generate_day(model: ClickModel, seed: int, day: int, rows: int) -> tuple[pa.
     for name, arr in zip(DENSE_NAMES, dense, strict=True):
         columns[name] = arr
     for f, name in enumerate(SPARSE_NAMES):
-        hexes = _hex(model.hex_values(f, ids[f]))
+        hexes = _hex(model.hex_values(f, values[f]))
         columns[name] = pc.if_else(pa.array(present[f]), hexes, pa.scalar(None, pa.string()))
     return pa.table(columns), prob.astype(np.float32)
 
@@ -148,14 +158,16 @@ def write_tsv(table: pa.Table, path: Path) -> None:
 
 
 def synth(out: str | Path, days: int, rows_per_day: int, seed: int = 0,
-          gzip: bool = False) -> dict:
+          gzip: bool = False, growth: bool = False) -> dict:
     """Writes ``day_0 … day_{days-1}`` (``.gz`` if asked), their truth files and truth.json.
+    ``growth``: distinct values grow with the rows as Criteo's do (``synth_growth``).
 
     Returns the content of truth.json. A rerun with the same arguments over a complete
     output finds truth.json matching and returns without rewriting anything.
     """
     out = Path(out)
-    params = {"days": days, "rows_per_day": rows_per_day, "seed": seed, "gzip": gzip}
+    params = {"days": days, "rows_per_day": rows_per_day, "seed": seed, "gzip": gzip,
+              **({"growth": True} if growth else {})}
     truth_path = out / "truth.json"
     if truth_path.exists():
         done = json.loads(truth_path.read_text())
@@ -165,7 +177,7 @@ def synth(out: str | Path, days: int, rows_per_day: int, seed: int = 0,
     model = ClickModel.from_seed(seed)
     report: dict = {"params": params, "days": {}, "splits": {}}
     for day in range(days):
-        table, prob = generate_day(model, seed, day, rows_per_day)
+        table, prob = generate_day(model, seed, day, rows_per_day, growth)
         name = f"day_{day}"
         write_tsv(table, out / (name + (".gz" if gzip else "")))
         np.save(out / "truth" / f"{name}.prob.npy", prob)

@@ -14,6 +14,10 @@ How: a Zipf law with exponent ``1 / beta`` over unbounded ranks has about
 is split into ``m`` equally likely values, which multiplies that by ``m ** (1 - beta)``
 and keeps the exponent; ``m`` is chosen to meet Kaggle's count at Kaggle's size. A
 feature that does not grow keeps the generator's fixed Zipf vocabulary.
+
+Below about 155k rows the law would ask for more distinct values of C3 than there are
+rows; there, as in a real sample, almost every value is new, and the counts approach the
+law from below as the rows grow (C3: 0.90 of it at 250k rows, 0.99 at 4M).
 """
 
 from __future__ import annotations

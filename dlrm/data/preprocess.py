@@ -216,6 +216,8 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
                 counts_mark(work, t.key).exists()
                 and (not staged or (work / "done" / f"{t.key}.json").exists()
                      or staged_paths(work, t)[0].exists()))]
+            log(f"preprocess: counting the values of {len(todo)} chunks"
+                f"{' (staging their rows)' if staged else ''}")
             _run(pool, count_chunk, todo, (opts, str(work), layout, staged), bar, updates)
             vocabs = _merge(pool, tasks, work, layout, budget_bytes(opts.memory_gib) // workers,
                             log)
@@ -230,10 +232,12 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
                          for c, e in zip(layout.sparse, layout.encodings, strict=True)]
         todo = [t for t in by_size if not (work / "done" / f"{t.key}.json").exists()]
         encoder = Encoder(layout.sparse, layout.encodings, str(tables) if tables else None)
+        log(f"preprocess: writing the shards of {len(todo)} chunks")
         _run(pool, write_chunk, todo, (opts, str(out), encoder, layout, staged), bar, updates)
     if bar is not None:
         bar.close()
 
+    log("preprocess: assembling the rejects and the manifest")
     manifest = _finish(paths, tasks, out, layout, cardinalities, t0, log, ref)
     read = manifest["rows_accepted"] + manifest["rows_rejected"]
     log(f"preprocess: {read} rows read, {manifest['rows_accepted']} accepted, "

@@ -28,6 +28,7 @@ from dlrm.data.staging import IPC_OPTIONS, read_staged, stage_batch, staged_path
 from dlrm.data.vocab import Encoder, compact
 from dlrm.data.vocab_merge import write_counts
 from dlrm.fsutil import atomic_path, atomic_write_json
+from dlrm.heap import release_freed_memory
 
 WORK = "_work"  # in-progress state; removed once the manifest is written
 
@@ -72,6 +73,8 @@ def count_chunk(task: Task, opts: Options, work: str, layout: Layout, stage: boo
         c: compact(p) for c, p, enc in zip(layout.sparse, parts, layout.encodings, strict=True)
         if enc.type == "vocab"})
     report.flush()
+    parts.clear()
+    release_freed_memory()  # the chunk's counts: the merge that follows needs the room
 
 
 def value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -230,6 +230,7 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
                     np.savez(tmp, **vocabs)
         cardinalities = [int(vocabs[c].size) + 2 if c in vocabs else e.buckets
                          for c, e in zip(layout.sparse, layout.encodings, strict=True)]
+        del vocabs  # mapped files (or, --like, arrays) that the workers look up on their own
         todo = [t for t in by_size if not (work / "done" / f"{t.key}.json").exists()]
         encoder = Encoder(layout.sparse, layout.encodings, str(tables) if tables else None)
         log(f"preprocess: writing the shards of {len(todo)} chunks")

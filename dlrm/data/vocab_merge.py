@@ -27,6 +27,7 @@ import numpy as np
 
 from dlrm.data.vocab import Encoding, compact, fill_table, table_paths, table_slots
 from dlrm.fsutil import atomic_path, atomic_write_json
+from dlrm.heap import release_freed_memory
 from dlrm.host import memory_bytes
 
 ENTRY_BYTES = 96  # peak bytes per counted (value, count) entry while a partition merges
@@ -111,6 +112,8 @@ def merge_partition(job: tuple[Any, ...], work: str, keys: list[str],
     keep = counts >= encodings[c].min_frequency
     with atomic_path(partition_path(Path(work), c, p)) as tmp:
         np.savez(tmp, values=values[keep], counts=counts[keep])
+    del values, counts, keep
+    release_freed_memory()  # the worker's next job is another partition, or the shards
 
 
 def vocab_path(work: Path, feature: str) -> Path:
@@ -150,6 +153,7 @@ def order_feature(job: tuple[str, int], work: str, encodings: dict[str, Encoding
     slots = table_slots(size)
     with _npy(keys_path, np.uint64, slots) as keys, _npy(ids_path, np.int32, slots, -1) as ids:
         fill_table(vocab, keys, ids, max(1, budget // TABLE_BATCH_BYTES))
+    release_freed_memory()
 
 
 class _npy:

@@ -15,6 +15,7 @@ every 0.2 s. Stages are told apart by the lines preprocessing prints as it enter
     same with shared pages, such as the memory-mapped lookup tables every worker reads,
     counted once);
   - peak disk under the output directory (staged rows, counts, shards, tables);
+  - I/O: bytes read and written by the tree's read and write calls;
   - rows/s (input rows over the stage's wall time).
 At the base size and 4x the loader (one pass over rank 0's training batches) and one
 training epoch (`configs/tiny.toml`, 2 ranks) join the table.
@@ -24,8 +25,8 @@ The projection fits each figure by least squares over the sizes, with the model 
 workers' counts and blocks), the distinct values (lookup tables, shared by the workers),
 or the merge's budget (`--memory-gib`, a quarter of the host's memory by default). It
 prints what each figure comes to at Criteo 1TB on this host and on a host with `--cores`
-cores and `--host-gib` memory, where the stages spread over the workers are assumed to
-scale with the cores (this host has 2).
+cores, `--host-gib` memory and a `--disk-gbps` disk, where the stages spread over the
+workers are assumed to scale with the cores (this host has 2) down to their I/O's time.
 """
 
 from __future__ import annotations
@@ -67,6 +68,22 @@ def tree_pss(root: int) -> int:
     return total
 
 
+def tree_io(root: int) -> int:
+    """Bytes read and written by ``root`` and its descendants so far (rchar + wchar: every
+    read and write call, served by the page cache or not; mapped files aside)."""
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/io") as f:
+                total += sum(int(x.split()[1]) for x in f if x.startswith(("rchar", "wchar")))
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def disk_bytes(path: Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -99,7 +116,8 @@ def preprocess(inputs: list[Path], out: Path, encoding: str, workers: int) -> di
     reader.start()
     samples = []
     while proc.poll() is None:
-        samples.append((time.time(), tree_rss(proc.pid), tree_pss(proc.pid), disk_bytes(out)))
+        samples.append((time.time(), tree_rss(proc.pid), tree_pss(proc.pid), disk_bytes(out),
+                        tree_io(proc.pid)))
         time.sleep(0.2)
     reader.join()
     end = time.time()
@@ -108,13 +126,19 @@ def preprocess(inputs: list[Path], out: Path, encoding: str, workers: int) -> di
     marks = [(start, "start-up"), *marks, (end, None)]
     stages = {}
     for (t0, name), (t1, _) in zip(marks, marks[1:], strict=False):
-        inside = [s for s in samples if t0 <= s[0] < t1] or [min(samples, key=lambda s: abs(
-            s[0] - t0))]
-        stages[name] = {"wall": t1 - t0, "rss": max(s[1] for s in inside),
-                        "pss": max(s[2] for s in inside), "disk": max(s[3] for s in inside)}
-    stages["all"] = {"wall": end - start, "rss": max(s[1] for s in samples),
-                     "pss": max(s[2] for s in samples), "disk": max(s[3] for s in samples)}
+        inside = [s for s in samples if t0 <= s[0] < t1]
+        before = [s[4] for s in samples if s[0] < t0] or [0]
+        stages[name] = {"wall": t1 - t0, **_peaks(inside),
+                        "io": max(inside[-1][4] - before[-1], 0) if inside else None}
+    stages["all"] = {"wall": end - start, **_peaks(samples), "io": samples[-1][4]}
     return stages
+
+
+def _peaks(samples: list[tuple]) -> dict[str, int | None]:
+    """Peak RSS, PSS and disk of ``samples``; None where a stage was shorter than the
+    polling interval and has none."""
+    return {k: max(s[i] for s in samples) if samples else None
+            for i, k in ((1, "rss"), (2, "pss"), (3, "disk"))}
 
 
 def fit(x: list[float], y: list[float], at: float) -> tuple[float, float, float]:
@@ -132,6 +156,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--cores", type=int, default=64, help="the projected host's cores")
     ap.add_argument("--host-gib", type=float, default=512, help="the projected host's memory")
+    ap.add_argument("--disk-gbps", type=float, default=3.0,
+                    help="the projected host's disk, GB/s (NVMe: about 3)")
     ap.add_argument("--work", default=None, help="directory for data and outputs (temporary)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_scale."))
@@ -141,7 +167,7 @@ def main() -> None:
     print(f"host: {os.cpu_count()} cores, {memory:.0f} GiB; {args.workers} workers; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"{'rows':>10} {'distinct':>10} {'enc':>5} {'stage':>8} {'wall s':>8} {'rows/s':>9} "
-          f"{'RSS MiB':>8} {'PSS MiB':>8} {'disk MiB':>9}")
+          f"{'RSS MiB':>8} {'PSS MiB':>8} {'disk MiB':>9} {'I/O MiB':>8}")
     for scale in args.scales:
         rows = args.base_rows * scale
         raw = work / f"raw_{scale}"
@@ -161,9 +187,11 @@ def main() -> None:
                 distinct = sum(c - 2 for c in manifest["cardinalities"])
             row = {"rows": lines, "text": text, "distinct": distinct, "stages": stages}
             for name, s in stages.items():
+                mib = {k: "-" if s[k] is None else f"{s[k] / 2**20:.0f}"
+                       for k in ("rss", "pss", "disk", "io")}
                 print(f"{lines:>10,} {distinct or 0:>10,} {enc:>5} {name:>8} {s['wall']:>8.1f} "
-                      f"{lines / s['wall']:>9,.0f} {s['rss'] / 2**20:>8.0f} "
-                      f"{s['pss'] / 2**20:>8.0f} {s['disk'] / 2**20:>9.0f}", flush=True)
+                      f"{lines / s['wall']:>9,.0f} {mib['rss']:>8} {mib['pss']:>8} "
+                      f"{mib['disk']:>9} {mib['io']:>8}", flush=True)
             if enc == "vocab" and scale in args.train_scales:
                 row["train"] = train(out, work / f"run_{scale}")
                 t = row["train"]
@@ -235,13 +263,14 @@ def project(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
           f"values, ~{TERABYTE_TEXT / 1e12:.1f} TB of text; there: {args.cores} cores, "
           f"{args.host_gib:.0f} GiB, {args.cores} workers")
     print("  wall: a + b x rows, divided by the workers where the stage is spread over them "
-          f"(there: x {args.cores / here:.0f} workers, assuming the stage scales with cores); "
+          f"(there: x {args.cores / here:.0f} workers, assuming the stage scales with cores), "
+          f"but no less than its I/O (a + b x rows) at {args.disk_gbps:g} GB/s; "
           "disk: a + b x rows")
     print("  memory (PSS): chunks = the largest size's per worker, x workers; tables = that "
           "+ b x distinct values; budget = a + b x distinct, at most a quarter of the host's "
           "memory; driver = the largest size's")
     print(f"{'enc':>5} {'stage':>8} {'model':>7} {'wall h here':>12} {'wall h there':>13} "
-          f"{'PSS GiB there':>14} {'disk GB':>8}")
+          f"{'PSS GiB there':>14} {'disk GB':>8} {'I/O TB':>7}")
     for enc, rows in results.items():
         if len(rows) < 2 or enc not in MODELS:
             continue
@@ -251,10 +280,12 @@ def project(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
         for stage, (spread, memory) in MODELS[enc].items():
             if not all(stage in r["stages"] for r in rows):
                 continue
-            fig = {k: [r["stages"][stage][k] for r in rows] for k in ("wall", "pss", "disk")}
+            fig = {k: [r["stages"][stage][k] or 0 for r in rows]
+                   for k in ("wall", "pss", "disk", "io")}
             wall = fit(n, fig["wall"], TERABYTE_ROWS)[2] if stage != "start-up" \
                 else fig["wall"][-1]
-            there = wall * here / args.cores if spread else wall
+            io = max(fit(n, fig["io"], TERABYTE_ROWS)[2], 0.0)
+            there = max(wall * here / args.cores if spread else wall, io / args.disk_gbps / 1e9)
             disk = max(fit(n, fig["disk"], TERABYTE_ROWS)[2], 0.0)
             last = fig["pss"][-1]
             if memory == "chunks":
@@ -269,7 +300,7 @@ def project(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
             total_wall, total_there = total_wall + wall, total_there + there
             peak_pss, peak_disk = max(peak_pss, pss), max(peak_disk, disk)
             print(f"{enc:>5} {stage:>8} {memory:>7} {wall / 3600:>12.2f} {there / 3600:>13.2f} "
-                  f"{pss / GIB:>14.1f} {disk / 1e9:>8.0f}")
+                  f"{pss / GIB:>14.1f} {disk / 1e9:>8.0f} {io / 1e12:>7.2f}")
         print(f"{enc:>5} {'all':>8} {'':>7} {total_wall / 3600:>12.2f} {total_there / 3600:>13.2f} "
               f"{peak_pss / GIB:>14.1f} {peak_disk / 1e9:>8.0f}")
 

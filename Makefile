@@ -21,3 +21,5 @@ bench: install
 	.venv/bin/python scripts/bench_train.py
 	.venv/bin/python scripts/bench_auc.py
 	.venv/bin/python scripts/bench_predict.py
+	.venv/bin/python scripts/bench_scale.py
+	.venv/bin/python scripts/bench_large_table.py

@@ -13,9 +13,10 @@ and converted by whole-array numpy operations on each column's bytes: no Python 
 
 1. ``vocab`` encoding only: every chunk is validated and transformed, its parsed rows
    staged (Arrow IPC, LZ4) and each categorical value counted per feature; the counts of
-   all chunks are merged exactly; each feature's vocabulary is the values seen at least
-   ``min_frequency`` times, by descending count (ties by value), capped at ``max_vocab``,
-   and is turned into a hash table.
+   all chunks are merged exactly, in partitions that keep each worker within its share
+   of ``Options.memory_gib`` (``vocab_merge``); each feature's vocabulary is the values
+   seen at least ``min_frequency`` times, by descending count (ties by value), capped at
+   ``max_vocab``, and is turned into a hash table.
 2. Every chunk is written as Parquet shards: ``hash`` validates and transforms it here,
    ``vocab`` reads its staged rows back and looks the ids up in the hash tables.
 
@@ -28,7 +29,8 @@ as ``line<TAB>reason<TAB>text``; the good rows around them are kept.
 The pieces, one job each: ``inputs`` (checks, headers, layout), ``chunks`` (cutting inputs,
 reading a chunk's lines), ``criteo_tsv`` / ``declared_reader`` with ``codecs`` (parsing
 and converting columns), ``rejects``, ``like`` (another dataset's encoding), ``staging``
-(rows kept between the two passes), ``vocab`` (ids), ``passes`` (what a worker does for
+(rows kept between the two passes), ``vocab`` (ids), ``vocab_merge`` (counts into
+vocabularies within a memory budget), ``passes`` (what a worker does for
 one chunk in each pass), ``shards`` (writing them, by time period where the schema has a
 time column) and ``timeline`` (a time column's periods, sorted where they came out of
 order); this module drives them and writes the manifest.

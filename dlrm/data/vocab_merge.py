@@ -17,9 +17,10 @@ result is the same vocabulary, id for id, whatever the budget.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,7 @@ def order_feature(job: tuple[str, int], work: str, encodings: dict[str, Encoding
     classes, sizes = classes[::-1].astype(np.int64), sizes[::-1]
     size = int(sizes.sum()) if not max_vocab else min(int(sizes.sum()), max_vocab)
     first = np.cumsum(sizes) - sizes  # the first id (less 2) of each count
-    with _npy(vocab_path(wd, feature), np.uint64, size) as vocab:
+    with _new_npy(vocab_path(wd, feature), np.uint64, size) as vocab:
         for p in range(parts):
             values, counts = partition(p)
             order = np.argsort(-counts, kind="stable")  # by count, values still ascending
@@ -151,34 +152,24 @@ def order_feature(job: tuple[str, int], work: str, encodings: dict[str, Encoding
     vocab = np.load(vocab_path(wd, feature), mmap_mode="r")
     keys_path, ids_path = table_paths(wd / TABLES, feature)
     slots = table_slots(size)
-    with _npy(keys_path, np.uint64, slots) as keys, _npy(ids_path, np.int32, slots, -1) as ids:
+    with (_new_npy(keys_path, np.uint64, slots) as keys,
+          _new_npy(ids_path, np.int32, slots, -1) as ids):
         fill_table(vocab, keys, ids, max(1, budget // TABLE_BATCH_BYTES))
     release_freed_memory()
 
 
-class _npy:
-    """A new .npy file of ``size`` elements, mapped for writing; renamed into place once
-    the block succeeds."""
-
-    def __init__(self, path: Path, dtype: Any, size: int, fill: int = 0):
-        self.path, self.tmp = path, path.with_name(f"{path.stem}.tmp.npy")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if size:
-            self.array = np.lib.format.open_memmap(self.tmp, "w+", dtype, (size,))
-            if fill:
-                self.array[:] = fill
-        else:  # an empty file cannot be mapped
-            self.array = np.zeros(0, dtype)
-
-    def __enter__(self) -> np.ndarray:
-        return self.array
-
-    def __exit__(self, kind: Any, *_: Any) -> None:
-        if kind is not None:
+@contextlib.contextmanager
+def _new_npy(path: Path, dtype: Any, size: int, fill: int = 0) -> Iterator[np.ndarray]:
+    """A new .npy file of ``size`` elements (each ``fill``), mapped for writing; in place
+    once the block succeeds."""
+    with atomic_path(path) as tmp:
+        if not size:  # an empty file cannot be mapped
+            yield np.zeros(0, dtype)
+            np.save(tmp, np.zeros(0, dtype))
             return
-        if isinstance(self.array, np.memmap):
-            self.array.flush()
-            del self.array
-        else:
-            np.save(self.tmp, self.array)
-        os.replace(self.tmp, self.path)
+        array = np.lib.format.open_memmap(tmp, "w+", dtype, (size,))
+        if fill:
+            array[:] = fill
+        yield array
+        array.flush()
+        del array

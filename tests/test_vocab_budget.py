@@ -90,3 +90,11 @@ def test_sigkill_in_the_merge_then_rerun_gives_the_same_dataset(raw, whole, tmp_
     log = dlrm(*_args(raw, killed, "--memory-gib", str(BUDGET_GIB))).stdout
     assert "resuming" in log
     assert dataset_state(killed) == dataset_state(whole)
+
+
+def test_a_negative_budget_is_refused_naming_the_flag(raw, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dlrm", *_args(raw, tmp_path / "out",
+                                                                "--memory-gib", "-1")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--memory-gib" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()

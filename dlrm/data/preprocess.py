@@ -133,6 +133,9 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
     """
     t0 = time.time()
     opts = options or Options(workers=workers)
+    if opts.memory_gib < 0:
+        raise PreprocessError(f"--memory-gib must be above 0 (or 0: a quarter of the host's "
+                              f"memory), got {opts.memory_gib}")
     paths = [Path(p) for p in inputs]
     ref = None
     if like is not None:

@@ -154,7 +154,7 @@ def order_feature(job: tuple[str, int], work: str, encodings: dict[str, Encoding
     slots = table_slots(size)
     with (_new_npy(keys_path, np.uint64, slots) as keys,
           _new_npy(ids_path, np.int32, slots, -1) as ids):
-        fill_table(vocab, keys, ids, max(1, budget // TABLE_BATCH_BYTES))
+        fill_table(vocab, keys, ids, max(4096, budget // TABLE_BATCH_BYTES))
     release_freed_memory()
 
 

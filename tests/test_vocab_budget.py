@@ -1,11 +1,12 @@
-"""Vocab counting in bounded memory: merging the counts under a budget far below the size
-of the distinct values gives the dataset an unbudgeted run gives, byte for byte and id
-for id; killed (SIGKILL, driver and workers) in the middle of the partitioned merge, the
-rerun finishes the same dataset."""
+"""Vocab counting in bounded memory: counting (spilled in runs) and merging the counts
+under a budget far below the size of the distinct values give the dataset an unbudgeted
+run gives, byte for byte and id for id; killed (SIGKILL, driver and workers) in the
+middle of the partitioned merge, the rerun finishes the same dataset."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,9 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pytest
-from helpers import REPO, dataset_state, dlrm
+from helpers import REPO, dataset_state, dlrm, quiet
 
+from dlrm.data.chunks import Options
+from dlrm.data.preprocess import preprocess
 from dlrm.data.synth import synth
+from dlrm.data.vocab import Encoding
 
 BUDGET_GIB = 0.0001  # ~105 KiB, shared by the 2 workers
 
@@ -65,6 +69,20 @@ def test_a_small_budget_gives_the_same_dataset(raw, whole, tmp_path):
     parts = int(log.split(" partitions")[0].rsplit(" ", 1)[1])
     assert parts > 10 * 26, log
     assert dataset_state(tmp_path / "small") == dataset_state(whole)
+
+
+def test_counting_spills_runs_under_a_small_budget_and_gives_the_same_dataset(raw, tmp_path):
+    """Read in 64 KiB blocks, a chunk's counts outgrow the budget's share and are spilled
+    as sorted runs, several per chunk; the merge reads them all alike."""
+    options = {"workers": 2, "chunk_bytes": 1 << 20, "block_bytes": 64 << 10}
+    encoding = Encoding(min_frequency=2, max_vocab=3000)
+    preprocess(raw, tmp_path / "whole", encoding=encoding, log=quiet, options=Options(**options))
+    said: list[str] = []
+    preprocess(raw, tmp_path / "spilled", encoding=encoding, log=said.append,
+               options=Options(**options, memory_gib=BUDGET_GIB))
+    runs, chunks = map(int, re.search(r"\((\d+) runs of (\d+) chunks\)", "".join(said)).groups())
+    assert runs > 3 * chunks, said
+    assert dataset_state(tmp_path / "spilled") == dataset_state(tmp_path / "whole")
 
 
 def test_sigkill_in_the_merge_then_rerun_gives_the_same_dataset(raw, whole, tmp_path):

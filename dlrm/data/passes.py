@@ -26,7 +26,7 @@ from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.data.shards import PeriodShards, Shards, remove_stale
 from dlrm.data.staging import IPC_OPTIONS, read_staged, stage_batch, staged_paths, staged_schema
 from dlrm.data.vocab import Encoder, compact
-from dlrm.data.vocab_merge import write_counts
+from dlrm.data.vocab_merge import mark_counted, write_run
 from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.heap import release_freed_memory
 
@@ -40,22 +40,37 @@ def _counted(block: Block, layout: Layout) -> Iterator[tuple[int, np.ndarray]]:
             yield f, values if layout.multi[f] else values[mask]
 
 
+SPILL = 4  # counting spills a run of counts once they hold a quarter of its budget
+
+
 def count_chunk(task: Task, opts: Options, work: str, layout: Layout, stage: bool,
-                progress: Any) -> None:
+                budget: int, progress: Any) -> None:
     """Pass 1 for one chunk: where it ``stage``s, its rejects, staged rows and summary;
-    then, last (the mark that the chunk's pass 1 is complete), its per-feature value
-    counts. Without staging, the second pass reads the text again and finds the rejects."""
+    then its per-feature value counts, spilled as a sorted run whenever they outgrow
+    ``budget`` / SPILL bytes, and, last (the mark that the chunk's pass 1 is complete),
+    the runs' index. Without staging, the second pass reads the text again and finds
+    the rejects."""
     work_dir = Path(work)
     staged, summary_path = staged_paths(work_dir, task)
     parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in layout.sparse]
+    runs: list[dict[str, list[int]]] = []
     summary: dict[str, Any] = {}
     report = Progress(progress)
+
+    def spill() -> None:
+        runs.append(write_run(work_dir, task.key, len(runs), {
+            c: compact(p) for c, p, enc in zip(layout.sparse, parts, layout.encodings,
+                                               strict=True) if enc.type == "vocab"}))
+        for p in parts:
+            p.clear()
 
     def count(block: Block) -> None:
         for f, values in _counted(block, layout):
             parts[f].append(value_counts(values))
             if len(parts[f]) >= 16:  # keep memory at the chunk's distinct values
                 parts[f] = [compact(parts[f])]
+        if SPILL * sum(v.nbytes + n.nbytes for p in parts for v, n in p) > budget:
+            spill()
 
     if stage:
         blocks = with_rejects(layout.blocks(task, opts, report),
@@ -69,11 +84,10 @@ def count_chunk(task: Task, opts: Options, work: str, layout: Layout, stage: boo
     else:
         for block in layout.blocks(task, opts, report):
             count(block)
-    write_counts(work_dir, task.key, {
-        c: compact(p) for c, p, enc in zip(layout.sparse, parts, layout.encodings, strict=True)
-        if enc.type == "vocab"})
+    if any(parts) or not runs:
+        spill()
+    mark_counted(work_dir, task.key, runs)
     report.flush()
-    parts.clear()
     release_freed_memory()  # the chunk's counts: the merge that follows needs the room
 
 

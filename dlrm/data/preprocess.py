@@ -78,6 +78,7 @@ from dlrm.data.vocab_merge import (
     order_feature,
     partition_path,
     plan_partitions,
+    runs_of,
     vocab_path,
 )
 from dlrm.fsutil import atomic_path, atomic_write_json
@@ -223,9 +224,10 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
                      or staged_paths(work, t)[0].exists()))]
             log(f"preprocess: counting the values of {len(todo)} chunks"
                 f"{' (staging their rows)' if staged else ''}")
-            _run(pool, count_chunk, todo, (opts, str(work), layout, staged), bar, updates)
-            vocabs = _merge(pool, tasks, work, layout, budget_bytes(opts.memory_gib) // workers,
-                            log)
+            budget = budget_bytes(opts.memory_gib) // workers
+            _run(pool, count_chunk, todo, (opts, str(work), layout, staged, budget), bar,
+                 updates)
+            vocabs = _merge(pool, tasks, work, layout, budget, log)
             tables = work / "tables"
         if vocabs:
             with atomic_path(out / VOCAB) as tmp:
@@ -258,8 +260,9 @@ def _merge(pool: ProcessPoolExecutor, tasks: list[Task], work: Path, layout: Lay
     chunks' counts, each process within ``budget`` bytes (see ``vocab_merge``)."""
     keys = [t.key for t in tasks]
     jobs = plan_partitions(work, keys, layout.sparse, layout.encodings, budget)
-    log(f"preprocess: merging the counts in {len(jobs)} partitions "
-        f"({budget / 2**20:.1f} MiB each process)")
+    runs = sum(len(runs_of(work, k)) for k in keys)
+    log(f"preprocess: merging the counts ({runs} runs of {len(keys)} chunks) in {len(jobs)} "
+        f"partitions ({budget / 2**20:.1f} MiB each process)")
     encodings = dict(zip(layout.sparse, layout.encodings, strict=True))
     todo = [j for j in jobs if not partition_path(work, j[0], j[1]).exists()]
     _run(pool, merge_partition, todo, (str(work), keys, encodings), None, None)

@@ -1,9 +1,10 @@
 """Vocabularies from the chunks' value counts, in memory bounded by a budget.
 
-Each chunk's counts lie on disk sorted by value (``write_counts``). A feature's values are
-cut into *partitions*, ranges of values, as many as the budget needs for the counted
-entries; one partition at a time (a process per partition, each with its share of the
-budget) gathers its slice of every chunk's counts, sums the counts of equal values and
+Each chunk's counts lie on disk sorted by value, in one or more runs: counting spills a
+run whenever the counts it holds outgrow its share of the budget (``write_run``). A
+feature's values are cut into *partitions*, ranges of values, as many as the budget needs
+for the counted entries; one partition at a time (a process per partition, each with its
+share of the budget) gathers its slice of every run, sums the counts of equal values and
 keeps those seen ``min_frequency`` times. Each partition's result is a file, written
 atomically, so a killed merge resumes at the partitions not yet done.
 
@@ -43,17 +44,22 @@ def budget_bytes(memory_gib: float | None) -> int:
     return int(memory_gib * 2**30) if memory_gib else memory_bytes() // 4
 
 
-def write_counts(work: Path, key: str, counts: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """A chunk's (values sorted ascending, counts) per feature, as two flat .npy files and,
-    last (the mark that they are complete), the features' offsets."""
+def write_run(work: Path, key: str, run: int,
+              counts: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, list[int]]:
+    """One run of a chunk's counts: (values sorted ascending, counts) per feature, as two
+    flat .npy files; returns each feature's offsets in them."""
     values = np.concatenate([v for v, _ in counts.values()] or [np.zeros(0, np.uint64)])
     n = np.concatenate([c for _, c in counts.values()] or [np.zeros(0, np.int64)])
     for name, array in (("values", values.astype(np.uint64)), ("counts", n.astype(np.int64))):
-        with atomic_path(work / COUNTS / f"{key}.{name}.npy") as tmp, open(tmp, "wb") as f:
+        with atomic_path(work / COUNTS / f"{key}.{run}.{name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, array)
     ends = np.cumsum([v.size for v, _ in counts.values()]).tolist()
-    atomic_write_json(counts_mark(work, key), {
-        c: [end - v.size, end] for (c, (v, _)), end in zip(counts.items(), ends, strict=True)})
+    return {c: [end - v.size, end] for (c, (v, _)), end in zip(counts.items(), ends, strict=True)}
+
+
+def mark_counted(work: Path, key: str, runs: list[dict[str, list[int]]]) -> None:
+    """The mark that a chunk's counts are complete: its runs' offsets, written last."""
+    atomic_write_json(counts_mark(work, key), {"runs": runs})
 
 
 def counts_mark(work: Path, key: str) -> Path:
@@ -61,17 +67,29 @@ def counts_mark(work: Path, key: str) -> Path:
 
 
 class _Counts:
-    """One chunk's counts of one feature, memory-mapped: ``values`` ascending, ``counts``."""
+    """One run of one chunk's counts of one feature, memory-mapped: ``values`` ascending,
+    ``counts``."""
 
-    def __init__(self, work: Path, key: str, feature: str):
-        start, end = json.loads(counts_mark(work, key).read_text())[feature]
-        self.values = np.load(work / COUNTS / f"{key}.values.npy", mmap_mode="r")[start:end]
-        self.counts = np.load(work / COUNTS / f"{key}.counts.npy", mmap_mode="r")[start:end]
+    def __init__(self, work: Path, key: str, run: int, span: list[int]):
+        start, end = span
+        stem = work / COUNTS / f"{key}.{run}"
+        self.values = np.load(f"{stem}.values.npy", mmap_mode="r")[start:end]
+        self.counts = np.load(f"{stem}.counts.npy", mmap_mode="r")[start:end]
 
     def between(self, lo: int | None, hi: int | None) -> tuple[np.ndarray, np.ndarray]:
         i = 0 if lo is None else int(np.searchsorted(self.values, np.uint64(lo)))
         j = self.values.size if hi is None else int(np.searchsorted(self.values, np.uint64(hi)))
         return np.array(self.values[i:j]), np.array(self.counts[i:j])
+
+
+def runs_of(work: Path, key: str) -> list[dict[str, list[int]]]:
+    return json.loads(counts_mark(work, key).read_text())["runs"]
+
+
+def _counted(work: Path, keys: list[str], feature: str) -> list[_Counts]:
+    """Every run of every chunk's counts of ``feature``."""
+    return [_Counts(work, k, r, spans[feature])
+            for k in keys for r, spans in enumerate(runs_of(work, k))]
 
 
 def plan_partitions(work: Path, keys: list[str], names: tuple[str, ...],
@@ -85,7 +103,7 @@ def plan_partitions(work: Path, keys: list[str], names: tuple[str, ...],
             continue
         path = work / VOCAB / c / "bounds.npy"
         if not path.exists():
-            chunks = [_Counts(work, k, c) for k in keys]
+            chunks = _counted(work, keys, c)
             entries = sum(x.values.size for x in chunks)
             parts = max(1, math.ceil(entries * ENTRY_BYTES / budget))
             stride = max(1, entries // SAMPLE)
@@ -109,7 +127,7 @@ def merge_partition(job: tuple[Any, ...], work: str, keys: list[str],
     """One partition: its slice of every chunk's counts, summed, the values seen
     ``min_frequency`` times kept (values ascending, their counts), written atomically."""
     c, p, lo, hi = job
-    values, counts = compact([_Counts(Path(work), k, c).between(lo, hi) for k in keys])
+    values, counts = compact([x.between(lo, hi) for x in _counted(Path(work), keys, c)])
     keep = counts >= encodings[c].min_frequency
     with atomic_path(partition_path(Path(work), c, p)) as tmp:
         np.savez(tmp, values=values[keep], counts=counts[keep])

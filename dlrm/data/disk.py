@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dlrm.data.chunks import Options, Task, source_name
+from dlrm.data.chunks import Options, PreprocessError, Task, source_name
 from dlrm.data.layout import Layout
 from dlrm.data.passes import encode
 from dlrm.data.staging import IPC_OPTIONS, stage_batch, staged_schema
@@ -133,3 +135,23 @@ def free_bytes(out: Path) -> tuple[int, Path]:
     while not where.exists():
         where = where.parent
     return shutil.disk_usage(where).free, where
+
+
+def choose_staging(paths: list[Path], layout: Layout, out: Path, stage: bool,
+                   log: Callable[[str], Any]) -> bool:
+    """Whether to stage the vocab encoding's parsed rows (``stage``: if asked and there is
+    a counting pass), by the free space of ``out``'s file system: staging where the shards
+    and the staged rows fit, parsing twice where only the shards fit; PreprocessError
+    naming both figures, before anything is written, where not even the shards fit."""
+    free, where = free_bytes(out)
+    if surely_fits(paths, layout, free):  # nothing to sample
+        return stage
+    needs = estimate(paths, layout)
+    if free < needs.shards:
+        raise PreprocessError(f"{out}: not enough disk: about {needs.shards:,} bytes needed "
+                              f"for the shards, {free:,} free on {where}")
+    if stage and free < needs.shards + needs.staged:
+        log(f"preprocess: {free:,} bytes free on {where}, short of the {needs.text()}: "
+            "parsing the inputs twice instead of staging them")
+        return False
+    return stage

@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from dlrm.data.chunks import Options, PreprocessError, Task, plan_tasks, source_name
 from dlrm.data.declared import SCHEMAS, Schema, load_schema
-from dlrm.data.disk import estimate, free_bytes, surely_fits
+from dlrm.data.disk import choose_staging
 from dlrm.data.inputs import check_inputs, layout_of
 from dlrm.data.layout import Layout
 from dlrm.data.like import VOCAB, Reference
@@ -69,18 +69,8 @@ from dlrm.data.passes import WORK, count_chunk, write_chunk
 from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.data.staging import staged_paths
 from dlrm.data.timeline import assemble_periods
-from dlrm.data.vocab import Encoder, Encoding, save_tables, table_paths
-from dlrm.data.vocab_merge import (
-    TABLES,
-    budget_bytes,
-    counts_mark,
-    merge_partition,
-    order_feature,
-    partition_path,
-    plan_partitions,
-    runs_of,
-    vocab_path,
-)
+from dlrm.data.vocab import Encoder, Encoding, save_tables
+from dlrm.data.vocab_merge import budget_bytes, counts_mark, merge_vocabularies
 from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.heap import keep_freed_memory
 
@@ -179,7 +169,8 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
     elif out.exists() and any(out.iterdir()):
         raise PreprocessError(f"{out} is not empty and holds no dlrm dataset; choose another --out")
     else:
-        plan["stage"] = _check_disk(paths, layout, out, opts, ref, log)
+        plan["stage"] = choose_staging(paths, layout, out,
+                                       bool(layout.vocab and ref is None and opts.stage), log)
 
     try:
         return _preprocess(paths, out, opts, layout, plan, t0, log, ref)
@@ -227,7 +218,9 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
             budget = budget_bytes(opts.memory_gib) // workers
             _run(pool, count_chunk, todo, (opts, str(work), layout, staged, budget), bar,
                  updates)
-            vocabs = _merge(pool, tasks, work, layout, budget, log)
+            vocabs = merge_vocabularies(
+                lambda fn, jobs, args: _run(pool, fn, jobs, args, None, None),
+                [t.key for t in tasks], work, layout, budget, log)
             tables = work / "tables"
         if vocabs:
             with atomic_path(out / VOCAB) as tmp:
@@ -252,45 +245,6 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
         f"{manifest['rows_rejected']} rejected {manifest['rejected_by_reason']} "
         f"in {manifest['seconds']:.1f}s -> {out}")
     return manifest
-
-
-def _merge(pool: ProcessPoolExecutor, tasks: list[Task], work: Path, layout: Layout,
-           budget: int, log: Callable[[str], Any]) -> dict[str, np.ndarray]:
-    """Every vocab feature's vocabulary (mapped from its file) and lookup table from the
-    chunks' counts, each process within ``budget`` bytes (see ``vocab_merge``)."""
-    keys = [t.key for t in tasks]
-    jobs = plan_partitions(work, keys, layout.sparse, layout.encodings, budget)
-    runs = sum(len(runs_of(work, k)) for k in keys)
-    log(f"preprocess: merging the counts ({runs} runs of {len(keys)} chunks) in {len(jobs)} "
-        f"partitions ({budget / 2**20:.1f} MiB each process)")
-    encodings = dict(zip(layout.sparse, layout.encodings, strict=True))
-    todo = [j for j in jobs if not partition_path(work, j[0], j[1]).exists()]
-    _run(pool, merge_partition, todo, (str(work), keys, encodings), None, None)
-    parts = Counter(j[0] for j in jobs)
-    todo = [(c, n) for c, n in parts.items() if not table_paths(work / TABLES, c)[1].exists()]
-    _run(pool, order_feature, todo, (str(work), encodings, budget), None, None)
-    return {c: np.load(vocab_path(work, c), mmap_mode="r") for c in parts}
-
-
-def _check_disk(paths: list[Path], layout: Layout, out: Path, opts: Options,
-                ref: Reference | None, log: Callable[[str], Any]) -> bool:
-    """Whether to stage the vocab encoding's parsed rows, by the free space of ``out``'s
-    file system: staging where the shards and the staged rows fit (unless ``opts.stage``
-    is off), parsing twice where only the shards fit; PreprocessError naming both figures,
-    before anything is written, where not even the shards fit."""
-    stage = bool(layout.vocab and ref is None and opts.stage)
-    free, where = free_bytes(out)
-    if surely_fits(paths, layout, free):  # nothing to sample
-        return stage
-    needs = estimate(paths, layout)
-    if free < needs.shards:
-        raise PreprocessError(f"{out}: not enough disk: about {needs.shards:,} bytes needed "
-                              f"for the shards, {free:,} free on {where}")
-    if stage and free < needs.shards + needs.staged:
-        log(f"preprocess: {free:,} bytes free on {where}, short of the {needs.text()}: "
-            "parsing the inputs twice instead of staging them")
-        return False
-    return stage
 
 
 def _standardize(layout: Layout, sums: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:

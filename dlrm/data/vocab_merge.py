@@ -21,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dlrm.data.layout import Layout
 from dlrm.data.vocab import Encoding, compact, fill_table, table_paths, table_slots
 from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.heap import release_freed_memory
@@ -191,3 +193,23 @@ def _new_npy(path: Path, dtype: Any, size: int, fill: int = 0) -> Iterator[np.nd
         yield array
         array.flush()
         del array
+
+
+def merge_vocabularies(run: Callable[[Callable, list, tuple], None], keys: list[str],
+                       work: Path, layout: Layout, budget: int,
+                       log: Callable[[str], Any]) -> dict[str, np.ndarray]:
+    """Every vocab feature's vocabulary (mapped from its file) and lookup table from the
+    counts of the chunks ``keys``, each process within ``budget`` bytes. ``run(fn, jobs,
+    args)`` runs ``fn(job, *args, None)`` for every job on the worker pool."""
+    jobs = plan_partitions(work, keys, layout.sparse, layout.encodings, budget)
+    runs = sum(len(runs_of(work, k)) for k in keys)
+    log(f"preprocess: merging the counts ({runs} runs of {len(keys)} chunks) in {len(jobs)} "
+        f"partitions ({budget / 2**20:.1f} MiB each process)")
+    encodings = dict(zip(layout.sparse, layout.encodings, strict=True))
+    run(merge_partition, [j for j in jobs if not partition_path(work, j[0], j[1]).exists()],
+        (str(work), keys, encodings))
+    parts = Counter(j[0] for j in jobs)
+    run(order_feature, [(c, n) for c, n in parts.items()
+                        if not table_paths(work / TABLES, c)[1].exists()],
+        (str(work), encodings, budget))
+    return {c: np.load(vocab_path(work, c), mmap_mode="r") for c in parts}

@@ -41,8 +41,8 @@ COUNTS, VOCAB, TABLES = "counts", "vocab", "tables"
 
 
 def budget_bytes(memory_gib: float | None) -> int:
-    """The merge's memory budget: ``memory_gib``, or a quarter of this host's memory (as
-    its cgroup allows)."""
+    """The memory budget of counting and merging, all workers together: ``memory_gib``, or
+    a quarter of this host's memory (as its cgroup allows)."""
     return int(memory_gib * 2**30) if memory_gib else memory_bytes() // 4
 
 
@@ -126,7 +126,7 @@ def partition_path(work: Path, feature: str, index: int) -> Path:
 
 def merge_partition(job: tuple[Any, ...], work: str, keys: list[str],
                     encodings: dict[str, Encoding], progress: Any) -> None:
-    """One partition: its slice of every chunk's counts, summed, the values seen
+    """One partition: its slice of every run of every chunk's counts, summed, the values seen
     ``min_frequency`` times kept (values ascending, their counts), written atomically."""
     c, p, lo, hi = job
     values, counts = compact([x.between(lo, hi) for x in _counted(Path(work), keys, c)])

@@ -53,35 +53,28 @@ STAGES = {"counting": "count", "merging": "merge", "writing": "write", "assembli
 GIB = 2**30
 
 
-def tree_pss(root: int) -> int:
-    """Bytes of PSS summed over ``root`` and its descendants (smaps_rollup)."""
-    total, todo = 0, [root]
+def _proc_sum(pid: int, name: str, keys: tuple[str, ...]) -> int:
+    """The sum of the numbers on the lines of ``/proc/PID/NAME`` that start with ``keys``."""
+    with open(f"/proc/{pid}/{name}") as f:
+        return sum(int(x.split()[1]) for x in f if x.startswith(keys))
+
+
+def tree_pss_io(root: int) -> tuple[int, int]:
+    """Over ``root`` and its descendants: bytes of PSS (smaps_rollup), and bytes read and
+    written so far (rchar + wchar: every read and write call, served by the page cache or
+    not; mapped files aside)."""
+    pss = io = 0
+    todo = [root]
     while todo:
         pid = todo.pop()
         try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += next(int(x.split()[1]) for x in f if x.startswith("Pss:")) * 1024
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                todo += [int(c) for c in f.read().split()]
-        except (OSError, StopIteration, ValueError):
-            continue
-    return total
-
-
-def tree_io(root: int) -> int:
-    """Bytes read and written by ``root`` and its descendants so far (rchar + wchar: every
-    read and write call, served by the page cache or not; mapped files aside)."""
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        try:
-            with open(f"/proc/{pid}/io") as f:
-                total += sum(int(x.split()[1]) for x in f if x.startswith(("rchar", "wchar")))
+            pss += _proc_sum(pid, "smaps_rollup", ("Pss:",)) * 1024
+            io += _proc_sum(pid, "io", ("rchar", "wchar"))
             with open(f"/proc/{pid}/task/{pid}/children") as f:
                 todo += [int(c) for c in f.read().split()]
         except (OSError, ValueError):
             continue
-    return total
+    return pss, io
 
 
 def disk_bytes(path: Path) -> int:
@@ -116,8 +109,8 @@ def preprocess(inputs: list[Path], out: Path, encoding: str, workers: int) -> di
     reader.start()
     samples = []
     while proc.poll() is None:
-        samples.append((time.time(), tree_rss(proc.pid), tree_pss(proc.pid), disk_bytes(out),
-                        tree_io(proc.pid)))
+        pss, io = tree_pss_io(proc.pid)
+        samples.append((time.time(), tree_rss(proc.pid), pss, disk_bytes(out), io))
         time.sleep(0.2)
     reader.join()
     end = time.time()

@@ -326,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="vocab: parse the inputs twice instead of staging the parsed rows "
                         "on disk (chosen anyway when the disk has no room for them)")
     p.add_argument("--memory-gib", type=float, default=0,
-                   help="vocab: memory budget of merging the counts, shared by the workers "
-                        "(default: a quarter of the host's memory); the vocabularies do "
-                        "not depend on it")
+                   help="vocab: memory budget of counting and merging the values, shared "
+                        "by the workers (default: a quarter of the host's memory); the "
+                        "vocabularies do not depend on it")
     p.set_defaults(func=_preprocess)
 
     p = sub.add_parser("train", help="train (one rank; under torchrun one of N)",

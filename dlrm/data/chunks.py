@@ -31,7 +31,7 @@ class Options:
     block_bytes: int = 16 << 20  # each chunk is read this much at a time
     max_line_bytes: int = 64 << 10  # longer lines are rejected (Criteo lines are < 1 KiB)
     stage: bool = True  # vocab: stage parsed rows for the second pass (if the disk has room)
-    memory_gib: float = 0  # vocab: the merge's memory budget; 0: a quarter of the host's
+    memory_gib: float = 0  # vocab: counting and merging's budget; 0: a quarter of the host's
 
 
 def source_name(path: Path) -> str:

@@ -70,7 +70,7 @@ from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.data.staging import staged_paths
 from dlrm.data.timeline import assemble_periods
 from dlrm.data.vocab import Encoder, Encoding, save_tables
-from dlrm.data.vocab_merge import budget_bytes, counts_mark, merge_vocabularies
+from dlrm.data.vocab_merge import TABLES, budget_bytes, counts_mark, merge_vocabularies
 from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.heap import keep_freed_memory
 
@@ -201,10 +201,10 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
     with manager, ProcessPoolExecutor(workers, mp_context=ctx,
                                                 initializer=keep_freed_memory) as pool:
         updates = manager.Queue() if bar is not None else None
-        tables, vocabs = None, {}
+        tables = work / TABLES if layout.vocab else None
+        vocabs: dict[str, np.ndarray] = {}
         if ref is not None and layout.vocab:
             vocabs = ref.vocabs()
-            tables = work / "tables"
             save_tables(vocabs, tables)
         elif layout.vocab:
             # A chunk is counted once its counts exist; its staged rows are needed until
@@ -221,7 +221,6 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
             vocabs = merge_vocabularies(
                 lambda fn, jobs, args: _run(pool, fn, jobs, args, None, None),
                 [t.key for t in tasks], work, layout, budget, log)
-            tables = work / "tables"
         if vocabs:
             with atomic_path(out / VOCAB) as tmp:
                 if ref is not None:  # the same bytes, so that its checksum still matches

@@ -61,7 +61,7 @@ def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
         schema = (load_schema(args.schema) if args.schema
                   else None if args.like else load_schema("criteo"))
         preprocess(args.input, args.out, encoding=encoding, options=options, schema=schema,
-                   like=args.like)
+                   like=args.like, vocab_from=args.vocab_from)
     except (PreprocessError, SchemaError) as e:
         return _error("preprocess", e)
     return 0
@@ -329,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="vocab: memory budget of counting and merging the values, shared "
                         "by the workers (default: a quarter of the host's memory); the "
                         "vocabularies do not depend on it")
+    p.add_argument("--vocab-from", nargs="+", metavar="SPEC",
+                   help="vocab: count the values of these rows only, named as the config's "
+                        "split sources (day_0, *[0:0.8], 2014-10-21[0:0.5]); every other "
+                        "value is out of vocabulary (default: the default split's training "
+                        "rows: every source or period but the last, or the first 6/7 of a "
+                        "single one). Training refuses val or test rows counted here")
     p.set_defaults(func=_preprocess)
 
     p = sub.add_parser("train", help="train (one rank; under torchrun one of N)",

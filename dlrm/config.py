@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +30,21 @@ class DataConfig:
     """Preprocessed dataset directory (holds manifest.json)."""
     batch_size: int = 2048
     """Training batch size per rank."""
-    train_sources: list[str] = field(default_factory=list)
-    """Training sources (manifest names, or `name[a:b]` row fractions); empty: all but the last."""
-    val_sources: list[str] = field(default_factory=list)
-    """Validation sources; empty: first half of the last source (torchrec_dlrm convention)."""
-    test_sources: list[str] = field(default_factory=list)
-    """Test sources; empty: second half of the last source (torchrec_dlrm convention)."""
+    train_sources: list[str] | None = None
+    """Training sources (manifest names, or `name[a:b]` row fractions); absent: all but the
+    last (torchrec_dlrm convention)."""
+    val_sources: list[str] | str | None = None
+    """Validation sources; absent: first half of the last source (torchrec_dlrm
+    convention); "none": no validation."""
+    test_sources: list[str] | str | None = None
+    """Test sources; absent: second half of the last source (torchrec_dlrm convention);
+    "none": no test."""
+    allow_overlap: bool = False
+    """Let two of train, val and test share rows (a deliberate overlap; otherwise an error)."""
+    oov_dropout: dict[str, float] = field(default_factory=dict)
+    """Per vocab feature, the share of training rows whose id is replaced by the
+    out-of-vocabulary id, e.g. {user_id = 0.1}, so that the OOV row trains for values
+    first seen after training; empty: none."""
     shuffle_buffer: int = 0
     """Training rows shuffled through a seeded buffer (row group order too); 0: in order."""
     shuffle_seed: int = 0
@@ -114,6 +124,11 @@ class OptimConfig:
     """LR schedule: steps of polynomial decay to 0 (then held); 0: no decay."""
     decay_power: float = 2.0
     """LR schedule: power of the polynomial decay (MLPerf: 2)."""
+    weight_decay: float = 0.0
+    """L2 penalty of the dense optimizer (added to the gradient, as torch's optimizers do)."""
+    embedding_weight_decay: float = 0.0
+    """L2 penalty on the embedding rows a batch touches, applied by fbgemm's fused kernel:
+    rowwise_adagrad (L2 mode), adagrad and adam; sgd has none."""
 
 
 @dataclass
@@ -135,6 +150,17 @@ class TrainConfig:
     """cpu, cuda or auto (cuda when available); the backend follows: gloo / nccl."""
     target_auc: float = 0.0
     """Stop once a validation AUC reaches this (MLPerf: 0.80275); 0: run every epoch."""
+    target_rmse: float = 0.0
+    """Regression label: stop once a validation RMSE falls to this; 0: run every epoch."""
+    best_metric: str = "auto"
+    """The validation metric early_stopping and keep_best follow: auc (higher is better),
+    logloss, rmse or mae (lower); auto: auc for a binary label, rmse for a regression."""
+    early_stopping: int = 0
+    """Stop after this many validations in a row without a better best_metric (patience);
+    validation runs at every epoch's end and every eval_every steps. 0: off."""
+    keep_best: bool = False
+    """Keep the checkpoint of the best validation as RUN/checkpoints/best; the final val and
+    test metrics are then the best checkpoint's."""
     autocast: str = "none"
     """Mixed precision of the dense part: none or bf16 (GPU only; tables are unaffected)."""
     checkpoint_every: int = 0
@@ -180,12 +206,23 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 COMPUTE_KERNELS = ("fused", "fused_uvm", "fused_uvm_caching")
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 DEVICES = ("auto", "cpu", "cuda")
+BEST_METRICS = ("auto", "auc", "logloss", "rmse", "mae")
 
 
 def check_type(key: str, value: Any, annotation: Any) -> Any:
-    """Returns ``value`` as the type ``annotation`` (an int is a float, a bool is no int),
-    or raises ConfigError naming ``key``."""
+    """Returns ``value`` as the type ``annotation`` (an int is a float, a bool is no int;
+    of a union, the first arm that takes it), or raises ConfigError naming ``key``."""
     origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        arms = [a for a in typing.get_args(annotation) if a is not type(None)]
+        for arm in arms:
+            try:
+                return check_type(key, value, arm)
+            except ConfigError:
+                pass
+        names = " or ".join("a list" if typing.get_origin(a) is list else a.__name__
+                            for a in arms)
+        raise ConfigError(f"{key}: expected {names}, got {value!r}")
     if origin is dict:
         _, item = typing.get_args(annotation)
         if not isinstance(value, dict):
@@ -312,10 +349,10 @@ def validate(config: Config) -> None:
     need(m.embedding_dtype in ("fp32", "fp16"), "model.embedding_dtype",
          f"must be fp32 or fp16, got {m.embedding_dtype!r}")
     sh = config.sharding
-    for key, types in [("sharding.sharding_types", sh.sharding_types),
+    for key, kinds in [("sharding.sharding_types", sh.sharding_types),
                        *((f"sharding.table_sharding_types.{f}", v)
                          for f, v in sh.table_sharding_types.items())]:
-        for st in types:
+        for st in kinds:
             need(st != "data_parallel", key,
                  "data_parallel is not offered: torchrec trains a data-parallel table with "
                  "the dense optimizer, not the embedding optimizer")
@@ -337,6 +374,30 @@ def validate(config: Config) -> None:
          f"must be >= optim.warmup_steps={o.warmup_steps}, got {o.decay_start}")
     need(o.decay_power > 0, "optim.decay_power", f"must be positive, got {o.decay_power}")
     need(0 <= t.target_auc < 1, "train.target_auc", f"must be in [0, 1), got {t.target_auc}")
+    need(t.target_rmse >= 0, "train.target_rmse", f"must be >= 0, got {t.target_rmse}")
+    need(t.best_metric in BEST_METRICS, "train.best_metric",
+         f"must be one of {BEST_METRICS}, got {t.best_metric!r}")
+    need(t.early_stopping >= 0, "train.early_stopping",
+         f"must be >= 0 (validations without improvement), got {t.early_stopping}")
+    for key in ("weight_decay", "embedding_weight_decay"):
+        need(getattr(o, key) >= 0, f"optim.{key}", f"must be >= 0, got {getattr(o, key)}")
+    need(not o.embedding_weight_decay or o.embedding_optimizer != "sgd",
+         "optim.embedding_weight_decay", "fbgemm's fused SGD has no weight decay; use "
+         "rowwise_adagrad, adagrad or adam")
+    for split in ("train", "val", "test"):
+        key, specs = f"data.{split}_sources", getattr(d, f"{split}_sources")
+        need(specs != [], key, 'an empty list names no rows: leave the key out for the '
+             'default split' + ('' if split == "train" else ', or say "none" for no ' + split))
+        need(not isinstance(specs, str) or (specs == "none" and split != "train"), key,
+             f'expected a list of sources{"" if split == "train" else " or none"}, '
+             f'got {specs!r}')
+    no_val = d.val_sources == "none"
+    for key, on in [("train.early_stopping", t.early_stopping), ("train.keep_best", t.keep_best),
+                    ("train.target_auc", t.target_auc), ("train.target_rmse", t.target_rmse),
+                    ("train.eval_every", t.eval_every)]:
+        need(not (on and no_val), key, 'needs validation rows, but data.val_sources = "none"')
+    for f, p in d.oov_dropout.items():
+        need(0 <= p < 1, f"data.oov_dropout.{f}", f"must be in [0, 1), got {p}")
     need(t.autocast in ("none", "bf16"), "train.autocast",
          f"must be none or bf16, got {t.autocast!r}")
     need(t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
@@ -371,10 +432,20 @@ def check_features(config: Config, features: Features) -> None:
         if value and len(value) != n:
             raise ConfigError(f"{key}: must have one entry per categorical feature of the "
                               f"dataset ({n}: {', '.join(names)}), got {len(value)}")
-    for f in config.sharding.table_sharding_types:
-        if f not in names:
-            raise ConfigError(f"sharding.table_sharding_types.{f}: unknown feature, the "
-                              f"dataset's are {', '.join(names)}")
+    for key, named in [("sharding.table_sharding_types", config.sharding.table_sharding_types),
+                       ("data.oov_dropout", config.data.oov_dropout)]:
+        for f in named:
+            if f not in names:
+                raise ConfigError(f"{key}.{f}: unknown feature, the dataset's are "
+                                  f"{', '.join(names)}")
+    t, kind = config.train, features.label_kind
+    fits = {"binary": ("auto", "auc", "logloss"), "regression": ("auto", "rmse", "mae")}[kind]
+    for key, bad in [("train.best_metric", t.best_metric not in fits),
+                     ("train.target_auc", bool(t.target_auc) and kind != "binary"),
+                     ("train.target_rmse", bool(t.target_rmse) and kind != "regression")]:
+        if bad:
+            raise ConfigError(f"{key}: the dataset's label is a {kind} one, whose "
+                              f"validation metrics are {', '.join(fits[1:])}")
 
 
 def to_toml(config: Config) -> str:
@@ -396,6 +467,7 @@ def to_toml(config: Config) -> str:
         lines.append(f"[{f.name}]")
         section = getattr(config, f.name)
         for g in dataclasses.fields(section):
-            lines.append(f"{g.name} = {fmt(getattr(section, g.name))}")
+            if getattr(section, g.name) is not None:  # None: absent, the default applies
+                lines.append(f"{g.name} = {fmt(getattr(section, g.name))}")
         lines.append("")
     return "\n".join(lines)

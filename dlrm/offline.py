@@ -23,7 +23,8 @@ from dlrm.data.like import check_same_encoding
 from dlrm.data.loader import ParquetBatches
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import Features
-from dlrm.data.splits import ALL, resolve_split
+from dlrm.data.split_checks import check_vocab_rows
+from dlrm.data.splits import ALL, resolve_split, row_ranges
 from dlrm.dist import init_distributed, resolve_device
 from dlrm.evaluate import gather_predictions, predict
 from dlrm.fsutil import atomic_path, atomic_write_json
@@ -70,13 +71,18 @@ class Offline:
         position = read_marker(self.checkpoint)["position"]  # CheckpointError if absent
         config = run_config(self.checkpoint)
         manifest = load_manifest(data)
-        check_same_encoding(config.data.path, manifest, str(data))
+        check_same_encoding(config.data.path, manifest, str(data),
+                            position.get("label_kind"))
         config.data = dataclasses.replace(config.data, path=str(data))
         features = Features.of(manifest)
         sizes = position["table_sizes"]
         check_tables_hold(features, sizes, manifest["cardinalities"],
                           f"{data} against the tables of {self.checkpoint}")
-        segments = resolve_split(data, manifest, split_specs_for(config, manifest, split))
+        specs = split_specs_for(config, manifest, split)
+        if split in ("val", "test"):  # its rows must not have been counted as training's
+            check_vocab_rows(manifest, {split: row_ranges(manifest, specs)}, str(data),
+                             (split,))
+        segments = resolve_split(data, manifest, specs)
         # The run's device where this host has it (a GPU-trained run evaluates on CPU too).
         config.train.device = resolve_device(
             config.train.device if torch.cuda.is_available() else "cpu")

@@ -20,7 +20,8 @@ from dlrm.config import Config, DataConfig, check_features, to_toml
 from dlrm.data.loader import ParquetBatches
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import Features
-from dlrm.data.splits import default_split_specs, resolve_split
+from dlrm.data.split_checks import check_overlaps, check_vocab_rows
+from dlrm.data.splits import default_split_specs, resolve_split, row_ranges
 from dlrm.dist import broadcast_object, gather_object, init_distributed, resolve_device
 from dlrm.evaluate import evaluate
 from dlrm.fsutil import atomic_write_json, atomic_write_text
@@ -43,29 +44,36 @@ logger = logging.getLogger(__name__)
 
 
 def split_specs(cfg: DataConfig, manifest: dict[str, Any]) -> dict[str, list[str]]:
-    """Sources of each split: the config's, else the torchrec_dlrm convention."""
+    """Sources of each split: the config's, else (key absent) the torchrec_dlrm
+    convention; ``"none"`` is no rows."""
     given = {"train": cfg.train_sources, "val": cfg.val_sources, "test": cfg.test_sources}
-    if all(given.values()):
-        return given
     defaults = default_split_specs(manifest)
-    return {s: given[s] or defaults[s] for s in SPLITS}
+    return {s: defaults[s] if given[s] is None else [] if given[s] == "none" else given[s]
+            for s in SPLITS}
 
 
 def check_data(cfg: DataConfig) -> dict[str, Any]:
-    """Everything about the data that can be wrong, checked before any process group starts.
+    """Everything about the data that can be wrong, checked before any process group starts:
+    the split sources, their overlaps, and the rows the vocabularies were counted on.
 
     Raises:
-        ValueError: naming ``data.path`` or the bad split source.
+        ValueError: naming ``data.path``, the bad split source, or the splits that share
+            rows (or were counted by the vocabulary) and the rows.
     """
     try:
         manifest = load_manifest(cfg.path)
     except Exception as e:
         raise ValueError(f"data.path: {e}") from None
-    try:
-        for specs in split_specs(cfg, manifest).values():
-            resolve_split(cfg.path, manifest, specs)
-    except ValueError as e:
-        raise ValueError(f"data: {e}") from None
+    specs = split_specs(cfg, manifest)
+    ranges = {}
+    for split, spec in specs.items():
+        try:
+            ranges[split] = row_ranges(manifest, spec)
+        except ValueError as e:
+            raise ValueError(f"data.{split}_sources: {e}") from None
+    if not cfg.allow_overlap:
+        check_overlaps(manifest, specs, ranges)
+    check_vocab_rows(manifest, ranges, f"{cfg.path}")
     try:
         Features.of(manifest)
     except ValueError as e:
@@ -82,9 +90,6 @@ def preflight(config: Config) -> dict[str, Any]:
     manifest = check_data(config.data)
     features = Features.of(manifest)
     check_features(config, features)
-    if config.train.target_auc and features.label_kind != "binary":
-        raise ValueError(f"train.target_auc: the label of {config.data.path} is a "
-                         f"{features.label_kind} one, which has no AUC")
     table_sizes(config.model, features, manifest["cardinalities"])
     check_device(config)
     return manifest
@@ -211,7 +216,7 @@ class Trainer:
         position = {"step": self.step, "epoch": epoch, "batch": batch,
                     "world_size": self.dist.world_size,
                     "batch_size": self.config.data.batch_size, "rng": rng,
-                    "table_sizes": self.table_sizes}
+                    "table_sizes": self.table_sizes, "label_kind": self.features.label_kind}
         start = time.perf_counter()
         path = self.checkpointer.save(self.step, self._state(), position)
         self.log.event("checkpoint", step=self.step, path=str(path),

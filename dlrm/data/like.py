@@ -11,6 +11,7 @@ of its vocabularies, so that a checkpoint is never scored on ids of another voca
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class Reference:
     encoding: Encoding | None  # Criteo's one for all; None: the schema's per feature
     standardize: dict[str, Any]
     vocab_sha256: str | None  # None: hash encoding only, no vocabularies
+    vocab_from: dict[str, Any]  # the rows its vocabularies were counted on ({}: unrecorded)
 
     @classmethod
     def of(cls, dataset: str | Path, manifest: dict[str, Any]) -> Reference:
@@ -56,7 +58,8 @@ class Reference:
         schema, encoding = schema_of(manifest)
         vocab = path / VOCAB
         return cls(path, schema, encoding, manifest["schema"].get("standardize", {}),
-                   file_sha256(vocab) if vocab.is_file() else None)
+                   file_sha256(vocab) if vocab.is_file() else None,
+                   manifest.get("vocab_from", {}))
 
     def vocabs(self) -> dict[str, np.ndarray]:
         """Each vocab-encoded feature's values in id order, as the dataset holds them."""
@@ -68,10 +71,13 @@ class Reference:
         return {"dataset": str(self.path), "vocab_sha256": self.vocab_sha256}
 
 
-def check_same_encoding(trained_on: str | Path, manifest: dict[str, Any], where: str) -> None:
+def check_same_encoding(trained_on: str | Path, manifest: dict[str, Any], where: str,
+                        kind: str | None = None) -> None:
     """A dataset made ``--like`` another must be scored by a model trained on that one's
     ids: the vocabularies must be the same file, where the training dataset is still
-    there to compare. ValueError naming both otherwise."""
+    there to compare; and its label of the model's ``kind`` (see ``check_label_kind``).
+    ValueError naming both otherwise."""
+    check_label_kind(trained_on, manifest, where, kind)
     like = manifest.get("like")
     vocab = Path(trained_on) / VOCAB
     if like is None or not vocab.is_file() or like["vocab_sha256"] is None:
@@ -80,3 +86,21 @@ def check_same_encoding(trained_on: str | Path, manifest: dict[str, Any], where:
         raise ValueError(f"{where}: the dataset was encoded like {like['dataset']}, whose "
                          f"vocabularies differ from those of the run's training data "
                          f"{trained_on}; preprocess it --like {trained_on}")
+
+
+def label_kind(manifest: dict[str, Any]) -> str:
+    return manifest["schema"].get("label_kind", "binary")
+
+
+def check_label_kind(trained_on: str | Path, manifest: dict[str, Any], where: str,
+                     kind: str | None = None) -> None:
+    """A model trained for one label kind (``kind``, else that of its training dataset,
+    where it is still there) refuses data of another: ValueError naming both."""
+    if kind is None:
+        path = Path(trained_on) / "manifest.json"
+        if not path.is_file():
+            return
+        kind = label_kind(json.loads(path.read_text()))
+    if label_kind(manifest) != kind:
+        raise ValueError(f"{where}: its label is a {label_kind(manifest)} one, but the model "
+                         f"was trained on {trained_on} for a {kind} label")

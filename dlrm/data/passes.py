@@ -27,50 +27,86 @@ from dlrm.data.shards import PeriodShards, Shards, remove_stale
 from dlrm.data.staging import IPC_OPTIONS, read_staged, stage_batch, staged_paths, staged_schema
 from dlrm.data.vocab import Encoder, compact
 from dlrm.data.vocab_merge import mark_counted, write_run
+from dlrm.data.vocab_rows import RECOUNT, row_mask, save_times
 from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.heap import release_freed_memory
 
 WORK = "_work"  # in-progress state; removed once the manifest is written
 
 
-def _counted(block: Block, layout: Layout) -> Iterator[tuple[int, np.ndarray]]:
-    """(feature, values to count) of the block's vocab-encoded features."""
+def _counted(block: Block, layout: Layout,
+             rows: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(feature, values to count) of the block's vocab-encoded features; of the ``rows``
+    (a mask) only, where given."""
     for f, (values, mask) in enumerate(block.hex):
-        if layout.encodings[f].type == "vocab":
-            yield f, values if layout.multi[f] else values[mask]
+        if layout.encodings[f].type != "vocab":
+            continue
+        if layout.multi[f]:  # mask: each row's bag length
+            yield f, values if rows is None else values[np.repeat(rows, mask)]
+        else:
+            yield f, values[mask if rows is None else mask & rows]
 
 
 SPILL = 4  # counting spills a run of counts once they hold a quarter of its budget
 
 
-def count_chunk(task: Task, opts: Options, work: str, layout: Layout, stage: bool,
-                budget: int, progress: Any) -> None:
-    """Pass 1 for one chunk: where it ``stage``s, its rejects, staged rows and summary;
-    then its per-feature value counts, spilled as a sorted run whenever they outgrow
-    ``budget`` / SPILL bytes, and, last (the mark that the chunk's pass 1 is complete),
-    the runs' index. Without staging, the second pass reads the text again and finds
-    the rejects."""
-    work_dir = Path(work)
-    staged, summary_path = staged_paths(work_dir, task)
-    parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in layout.sparse]
-    runs: list[dict[str, list[int]]] = []
-    summary: dict[str, Any] = {}
-    report = Progress(progress)
+class _Counter:
+    """A chunk's per-feature value counts, spilled as a sorted run whenever they outgrow
+    ``budget`` / SPILL bytes; ``finish`` writes, last, the runs' index (the mark that the
+    chunk's counts are complete)."""
 
-    def spill() -> None:
-        runs.append(write_run(work_dir, task.key, len(runs), {
-            c: compact(p) for c, p, enc in zip(layout.sparse, parts, layout.encodings,
+    def __init__(self, work: Path, key: str, layout: Layout, budget: int) -> None:
+        self.work, self.key, self.layout, self.budget = work, key, layout, budget
+        self.parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in layout.sparse]
+        self.runs: list[dict[str, list[int]]] = []
+
+    def _spill(self) -> None:
+        layout = self.layout
+        self.runs.append(write_run(self.work, self.key, len(self.runs), {
+            c: compact(p) for c, p, enc in zip(layout.sparse, self.parts, layout.encodings,
                                                strict=True) if enc.type == "vocab"}))
-        for p in parts:
+        for p in self.parts:
             p.clear()
 
-    def count(block: Block) -> None:
-        for f, values in _counted(block, layout):
+    def count(self, block: Block, rows: np.ndarray | None = None) -> None:
+        parts = self.parts
+        for f, values in _counted(block, self.layout, rows):
             parts[f].append(value_counts(values))
             if len(parts[f]) >= 16:  # keep memory at the chunk's distinct values
                 parts[f] = [compact(parts[f])]
-        if SPILL * sum(v.nbytes + n.nbytes for p in parts for v, n in p) > budget:
-            spill()
+        if SPILL * sum(v.nbytes + n.nbytes for p in parts for v, n in p) > self.budget:
+            self._spill()
+
+    def finish(self) -> None:
+        if any(self.parts) or not self.runs:
+            self._spill()
+        mark_counted(self.work, self.key, self.runs)
+        release_freed_memory()  # the chunk's counts: the merge that follows needs the room
+
+
+def _times(block: Block) -> np.ndarray:
+    """Each row's time, 0 without a time column (rows are then ordered by input alone)."""
+    return block.time if block.time is not None else np.zeros(block.label.size, np.int64)
+
+
+def count_chunk(task: Task, opts: Options, work: str, layout: Layout, stage: bool,
+                budget: int, counted: frozenset[str], progress: Any) -> None:
+    """Pass 1 for one chunk: where it ``stage``s, its rejects, staged rows and summary;
+    its rows' times (``vocab_rows``); then, if it is one of those ``counted``, its
+    per-feature value counts; last, the counts' mark (empty if it counts nothing).
+    Without staging, the second pass reads the text again and finds the rejects."""
+    work_dir = Path(work)
+    counts = task.key in counted
+    staged, summary_path = staged_paths(work_dir, task)
+    counter = _Counter(work_dir, task.key, layout, budget)
+    summary: dict[str, Any] = {}
+    report = Progress(progress)
+    times = []
+
+    def count(block: Block) -> None:
+        times.append(_times(block))
+        if counts:
+            counter.count(block)
 
     if stage:
         blocks = with_rejects(layout.blocks(task, opts, report),
@@ -84,11 +120,26 @@ def count_chunk(task: Task, opts: Options, work: str, layout: Layout, stage: boo
     else:
         for block in layout.blocks(task, opts, report):
             count(block)
-    if any(parts) or not runs:
-        spill()
-    mark_counted(work_dir, task.key, runs)
+    save_times(work_dir, task.key, np.concatenate(times) if times else np.zeros(0, np.int64))
+    counter.finish()
     report.flush()
-    release_freed_memory()  # the chunk's counts: the merge that follows needs the room
+
+
+def recount_chunk(job: tuple[Task, list[Any]], opts: Options, work: str, layout: Layout,
+                  staged: bool, budget: int, progress: Any) -> None:
+    """A chunk across a bound of the counted rows, counted again: only its rows inside
+    ``ranges`` (``job``: the chunk and its ranges, see ``vocab_rows.row_mask``), from its
+    staged rows or its text, as the counts ``KEY.vocab``."""
+    task, ranges = job
+    work_dir = Path(work)
+    counter = _Counter(work_dir, f"{task.key}.{RECOUNT}", layout, budget)
+    blocks = (read_staged(staged_paths(work_dir, task)[0], layout) if staged
+              else layout.blocks(task, opts, lambda n: None))
+    seen: dict[int, int] = {}
+    for block in blocks:
+        counter.count(block, row_mask(_times(block), seen, [tuple(map(tuple, r))
+                                                            for r in ranges]))
+    counter.finish()
 
 
 def value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

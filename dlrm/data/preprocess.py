@@ -65,12 +65,14 @@ from dlrm.data.disk import choose_staging
 from dlrm.data.inputs import check_inputs, layout_of
 from dlrm.data.layout import Layout
 from dlrm.data.like import VOCAB, Reference
-from dlrm.data.passes import WORK, count_chunk, write_chunk
+from dlrm.data.passes import WORK, count_chunk, recount_chunk, write_chunk
 from dlrm.data.schema import MISSING_ID, OOV_ID
+from dlrm.data.splits import split_units
 from dlrm.data.staging import staged_paths
 from dlrm.data.timeline import assemble_periods
 from dlrm.data.vocab import Encoder, Encoding, save_tables
 from dlrm.data.vocab_merge import TABLES, budget_bytes, counts_mark, merge_vocabularies
+from dlrm.data.vocab_rows import RECOUNT, check_units, counts_source, select, times_path
 from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.heap import keep_freed_memory
 
@@ -106,13 +108,16 @@ def _run(pool: ProcessPoolExecutor, fn: Callable, tasks: list[Task], args: tuple
 def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
                encoding: Encoding | None = None, log: Callable[[str], Any] = print,
                options: Options | None = None, schema: Schema | None = None,
-               like: str | Path | None = None) -> dict[str, Any]:
+               like: str | Path | None = None,
+               vocab_from: list[str] | None = None) -> dict[str, Any]:
     """Preprocesses ``inputs`` into the dataset directory ``out``; returns the manifest.
 
     ``schema``: the layout of the inputs (default: ``configs/schemas/criteo.toml``);
     ``encoding``, when given, is every categorical feature's. ``like``: a dataset whose
     schema, encoding, vocabularies and dense statistics are applied instead (see
-    ``dlrm.data.like``); nothing is counted.
+    ``dlrm.data.like``); nothing is counted. ``vocab_from``: the rows the vocabularies
+    are counted on, as split sources (default: the default split's training rows; see
+    ``dlrm.data.vocab_rows``); every other value is out of vocabulary.
 
     A rerun over a complete dataset made from the same (unchanged) inputs with the same
     encoding returns its manifest without redoing anything; a rerun over an interrupted
@@ -135,6 +140,9 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
                                   "give no other")
         ref = Reference.of(like, load_manifest(like))
         schema, encoding = ref.schema, ref.encoding
+        if vocab_from is not None:
+            raise PreprocessError("--like takes the vocabularies of its dataset, counted on "
+                                  "its rows; --vocab-from has nothing to count")
     check_inputs(paths, encoding)
     layout = layout_of(schema or load_schema(SCHEMAS / "criteo.toml"), encoding, paths)
     out = Path(out)
@@ -144,12 +152,15 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
         plan["schema"] = layout.schema.to_json()
     if ref is not None:
         plan["like"] = ref.to_json()
+    if layout.vocab and ref is None:
+        plan["vocab_from"] = vocab_from
 
     if (out / MANIFEST).exists():
         old = load_manifest(out)
         same = (old.get("encoding") == plan["encoding"]
                 and old["schema"].get("declared") == plan.get("schema")
                 and old.get("like") == plan.get("like")
+                and _same_vocab_rows(old, plan)
                 and [{k: s[k] for k in ("path", "bytes", "mtime_ns")} for s in old["sources"]]
                 == plan["sources"])
         if same:
@@ -203,24 +214,43 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
         updates = manager.Queue() if bar is not None else None
         tables = work / TABLES if layout.vocab else None
         vocabs: dict[str, np.ndarray] = {}
+        selection, record = None, None
         if ref is not None and layout.vocab:
             vocabs = ref.vocabs()
+            record = {"like": str(ref.path), **ref.vocab_from}
             save_tables(vocabs, tables)
         elif layout.vocab:
             # A chunk is counted once its counts exist; its staged rows are needed until
             # the chunk is written (an unfinished run of an older version had none).
             todo = [t for t in by_size if not (
-                counts_mark(work, t.key).exists()
+                counts_mark(work, t.key).exists() and times_path(work, t.key).exists()
                 and (not staged or (work / "done" / f"{t.key}.json").exists()
                      or staged_paths(work, t)[0].exists()))]
+            counted = frozenset(t.key for t in tasks
+                                if counts_source(plan["vocab_from"], layout, t))
             log(f"preprocess: counting the values of {len(todo)} chunks"
                 f"{' (staging their rows)' if staged else ''}")
             budget = budget_bytes(opts.memory_gib) // workers
-            _run(pool, count_chunk, todo, (opts, str(work), layout, staged, budget), bar,
-                 updates)
+            _run(pool, count_chunk, todo, (opts, str(work), layout, staged, budget, counted),
+                 bar, updates)
+            try:
+                selection = select(work, tasks, layout, plan["vocab_from"], counted)
+            except ValueError as e:
+                raise PreprocessError(str(e)) from None
+            record = selection.record
+            if not record["rows_counted"]:
+                raise PreprocessError(f"--vocab-from {' '.join(record['specs'])}: names no "
+                                      "rows, so no value would have an id")
+            again = [(t, selection.partial[t.key]) for t in by_size if t.key in selection.partial
+                     and not counts_mark(work, f"{t.key}.{RECOUNT}").exists()]
+            log(f"preprocess: vocabularies from {record['rows_counted']} rows "
+                f"({' '.join(record['specs'])}); {len(selection.partial)} chunks hold rows "
+                "on both sides and are counted again")
+            _run(pool, recount_chunk, again, (opts, str(work), layout, staged, budget), None,
+                 None)
             vocabs = merge_vocabularies(
                 lambda fn, jobs, args: _run(pool, fn, jobs, args, None, None),
-                [t.key for t in tasks], work, layout, budget, log)
+                selection.keys(), work, layout, budget, log)
         if vocabs:
             with atomic_path(out / VOCAB) as tmp:
                 if ref is not None:  # the same bytes, so that its checksum still matches
@@ -238,7 +268,9 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
         bar.close()
 
     log("preprocess: assembling the rejects and the manifest")
-    manifest = _finish(paths, tasks, out, layout, cardinalities, t0, log, ref)
+    manifest = _finish(paths, tasks, out, layout, cardinalities, t0, log, ref, record)
+    if selection is not None:
+        check_units(selection, split_units(manifest))
     read = manifest["rows_accepted"] + manifest["rows_rejected"]
     log(f"preprocess: {read} rows read, {manifest['rows_accepted']} accepted, "
         f"{manifest['rows_rejected']} rejected {manifest['rejected_by_reason']} "
@@ -288,9 +320,10 @@ def _schema_json(layout: Layout) -> dict[str, Any]:
 
 def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
             cardinalities: list[int], t0: float, log: Callable[[str], Any],
-            ref: Reference | None) -> dict[str, Any]:
+            ref: Reference | None, vocab_from: dict[str, Any] | None) -> dict[str, Any]:
     """Per-source rejects with file-wide line numbers, the periods of a time column,
-    then the manifest, then cleanup."""
+    then the manifest (``vocab_from``: the rows the vocabularies were counted on), then
+    cleanup."""
     work = out / WORK
     sources = []
     sums: dict[str, np.ndarray] = {}  # per source: each dense feature's rows, sum, squares
@@ -336,6 +369,7 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
         **({"like": ref.to_json()} if ref is not None else {}),
         "cardinalities": cardinalities,
         "oov_rate": _oov_rates(layout, dones),
+        **({"vocab_from": vocab_from} if vocab_from is not None else {}),
         "sources": sources,
         **({"periods": periods} if periods is not None else {}),
         "rows_accepted": sum(s["rows_accepted"] for s in sources),
@@ -358,6 +392,17 @@ def _oov_rates(layout: Layout, dones: list[dict[str, Any]]) -> dict[str, float]:
     return {c: round(float(oov / values), 6) if values else 0.0
             for c, e, (values, oov) in zip(layout.sparse, layout.encodings, counts, strict=True)
             if e.type == "vocab"}
+
+
+def _same_vocab_rows(old: dict[str, Any], plan: dict[str, Any]) -> bool:
+    """Whether a complete dataset's vocabularies were counted on the rows a rerun asks for
+    (one from before the record: only if it asks for the default)."""
+    if "vocab_from" not in plan:
+        return True
+    record = old.get("vocab_from", {"default": True})
+    if plan["vocab_from"] is None:
+        return bool(record.get("default"))
+    return record.get("specs") == plan["vocab_from"]
 
 
 def load_manifest(dataset: str | Path) -> dict[str, Any]:

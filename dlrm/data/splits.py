@@ -50,27 +50,34 @@ def default_split_specs(manifest: dict[str, Any]) -> dict[str, list[str]]:
     return {"train": names[:-1], "val": [f"{names[-1]}[0:0.5]"], "test": [f"{names[-1]}[0.5:1]"]}
 
 
-def resolve_split(dataset: str | Path, manifest: dict[str, Any], specs: list[str]) -> list[Segment]:
-    """Turns specs (``name`` or ``name[a:b]``; a, b fractions of its rows such as 0.5 or
-    6/7, exact, so that adjacent ranges never share a row; ``*`` for all units in
-    order) into segments."""
-    units = split_units(manifest)
-    by_name = {s["name"]: s for s in units}
-    by_name[ALL] = {"rows_accepted": sum(s["rows_accepted"] for s in units),
-                    "files": [f for s in units for f in s["files"]]}
-    segments: list[Segment] = []
+def spec_name(spec: str) -> str | None:
+    """The unit a spec names (``*`` for all); None if it is no spec."""
+    m = _SPEC.match(spec) if isinstance(spec, str) else None
+    return m["name"] if m else None
+
+
+def unit_ranges(units: list[dict[str, Any]], specs: list[str], kind: str = "sources",
+                ) -> list[tuple[int, int]]:
+    """Each spec (``name`` or ``name[a:b]``; a, b fractions of its rows such as 0.5 or 6/7,
+    exact, so that adjacent ranges never share a row; ``*`` for all units in order) as a
+    range ``[lo, hi)`` of global rows: the rows of all ``units`` (each with its
+    ``rows_accepted``) numbered in order. ``kind`` names the units in errors."""
+    offsets, start = {}, 0
+    for u in units:
+        offsets[u["name"]] = (start, u["rows_accepted"])
+        start += u["rows_accepted"]
+    offsets[ALL] = (0, start)
+    ranges = []
     for spec in specs:
-        m = _SPEC.match(spec)
-        if not m or m["name"] not in by_name:
-            names = [s["name"] for s in units]
+        m = _SPEC.match(spec) if isinstance(spec, str) else None
+        if not m or m["name"] not in offsets:
+            names = [u["name"] for u in units]
             shown = names if len(names) <= 12 else [*names[:5], "...", *names[-5:]]
             raise ValueError(
                 f"split source {spec!r}: expected NAME or NAME[a:b] with NAME * (all) or "
-                f"one of the dataset's {'periods' if 'periods' in manifest else 'sources'} "
-                f"{shown}"
+                f"one of the dataset's {kind} {shown}"
             )
-        source = by_name[m["name"]]
-        n = source["rows_accepted"]
+        offset, n = offsets[m["name"]]
         try:
             a = Fraction(m["a"] or "0")
             b = Fraction(m["b"] or "1")
@@ -78,14 +85,83 @@ def resolve_split(dataset: str | Path, manifest: dict[str, Any], specs: list[str
             a = b = Fraction(-1)
         if not 0 <= a <= b <= 1:
             raise ValueError(f"split source {spec!r}: need fractions 0 <= a <= b <= 1")
-        lo, hi = math.floor(a * n), math.floor(b * n)  # exact: [0.5:1] starts at n // 2
+        # exact: [0.5:1] starts at n // 2
+        ranges.append((offset + math.floor(a * n), offset + math.floor(b * n)))
+    return ranges
+
+
+def row_ranges(manifest: dict[str, Any], specs: list[str]) -> list[tuple[int, int]]:
+    """The global row ranges ``[lo, hi)`` that ``specs`` name in a dataset (see
+    :func:`unit_ranges`), in the order of ``split_units``."""
+    kind = "periods" if "periods" in manifest else "sources"
+    return unit_ranges(split_units(manifest), specs, kind)
+
+
+def resolve_split(dataset: str | Path, manifest: dict[str, Any], specs: list[str]) -> list[Segment]:
+    """Turns specs (see :func:`unit_ranges`) into segments of the dataset's files."""
+    files = [f for s in split_units(manifest) for f in s["files"]]
+    segments: list[Segment] = []
+    for lo, hi in row_ranges(manifest, specs):
         offset = 0
-        for f in source["files"]:
+        for f in files:
             s, e = max(lo - offset, 0), min(hi - offset, f["rows"])
             if s < e:
                 segments.append(Segment(Path(dataset) / f["path"], s, e))
             offset += f["rows"]
     return segments
+
+
+def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Row ranges as disjoint, sorted ones covering the same rows."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(r for r in ranges if r[0] < r[1]):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def intersection(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The rows two lists of ranges share, as disjoint sorted ranges."""
+    return merged([(max(x, y), min(p, q)) for x, p in merged(a) for y, q in merged(b)
+                   if max(x, y) < min(p, q)])
+
+
+def difference(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The rows of ``a`` that ``b`` lacks, as disjoint sorted ranges."""
+    out = []
+    for lo, hi in merged(a):
+        for y, q in merged(b):
+            if q <= lo or y >= hi:
+                continue
+            if y > lo:
+                out.append((lo, y))
+            lo = max(lo, q)
+        if lo < hi:
+            out.append((lo, hi))
+    return out
+
+
+def count_rows(ranges: list[tuple[int, int]]) -> int:
+    return sum(hi - lo for lo, hi in merged(ranges))
+
+
+def describe(manifest: dict[str, Any], ranges: list[tuple[int, int]]) -> str:
+    """Rows as a reader finds them: ``N rows (rows a..b-1 of period P, ...)``, the first
+    few ranges named by the units they fall in."""
+    units, parts, start = split_units(manifest), [], 0
+    bounds = []
+    for u in units:
+        bounds.append((start, start + u["rows_accepted"], u["name"]))
+        start += u["rows_accepted"]
+    for lo, hi in merged(ranges)[:3]:
+        for s, e, name in bounds:
+            a, b = max(lo, s), min(hi, e)
+            if a < b:
+                parts.append(f"{name} rows {a - s}..{b - s - 1}")
+    more = ", ..." if len(merged(ranges)) > 3 else ""
+    return f"{count_rows(ranges)} rows ({', '.join(parts[:4])}{more})"
 
 
 def take_rows(segments: list[Segment], start: int, stop: int) -> list[Segment]:

@@ -1,0 +1,82 @@
+"""Checks of a run's splits against each other and against the rows a dataset's
+vocabularies were counted on (``manifest["vocab_from"]``, see ``dlrm.data.vocab_rows``).
+
+No row may be in two of train, val and test unless ``data.allow_overlap`` says so; no val
+or test row may have been counted by the vocabulary, or its values would have ids (and
+rows in the tables) of their own that a model could only have learnt by seeing them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+from dlrm.data.splits import count_rows, describe, difference, intersection, merged
+
+logger = logging.getLogger(__name__)
+
+
+def check_overlaps(manifest: dict[str, Any], specs: dict[str, list[str]],
+                   ranges: dict[str, list[tuple[int, int]]]) -> None:
+    """Raises ValueError naming two splits (or one split twice) that share rows."""
+    for split, r in ranges.items():
+        if count_rows(r) != sum(hi - lo for lo, hi in r):
+            twice = merged([x for a, b in itertools.combinations(r, 2)
+                            for x in intersection([a], [b])])
+            raise ValueError(f"data.{split}_sources: {specs[split]} name "
+                             f"{describe(manifest, twice)} twice")
+    for a, b in itertools.combinations(ranges, 2):
+        shared = intersection(ranges[a], ranges[b])
+        if shared:
+            raise ValueError(
+                f"data.{a}_sources {specs[a]} and data.{b}_sources {specs[b]} share "
+                f"{describe(manifest, shared)}: no row may be in two splits (set "
+                "data.allow_overlap = true for a deliberate overlap)")
+
+
+def counted_rows(manifest: dict[str, Any]) -> list[tuple[int, int]] | None:
+    """The rows of this dataset its vocabularies were counted on; None where unknown (a
+    dataset from before the record) or where no row of it was (hash encoding only, or a
+    vocabulary taken ``--like`` from another dataset)."""
+    record = manifest.get("vocab_from")
+    if record is None or "like" in record:
+        return None
+    return [tuple(r) for r in record["rows"]]
+
+
+def has_vocab(manifest: dict[str, Any]) -> bool:
+    enc = manifest.get("encoding", {})
+    encodings = [enc] if "type" in enc else list(enc.values())
+    return any(e.get("type") == "vocab" for e in encodings)
+
+
+def check_vocab_rows(manifest: dict[str, Any], ranges: dict[str, list[tuple[int, int]]],
+                     dataset: str, splits: tuple[str, ...] = ("val", "test")) -> None:
+    """Raises ValueError if rows of ``splits`` were counted by the vocabulary (a leak);
+    warns where training rows were not counted, or where the dataset does not say."""
+    if not has_vocab(manifest):
+        return
+    if "vocab_from" not in manifest:
+        logger.warning("%s: the manifest does not record which rows its vocabularies were "
+                       "counted on (made before --vocab-from): they may hold ids that only "
+                       "val or test rows have; preprocess again to be sure", dataset)
+        return
+    counted = counted_rows(manifest)
+    if counted is None:
+        return
+    record = manifest["vocab_from"]
+    for split in splits:
+        leaked = intersection(counted, ranges.get(split, []))
+        if leaked:
+            raise ValueError(
+                f"data.{split}_sources: {describe(manifest, leaked)} were counted by the "
+                f"vocabularies of {dataset} (dlrm preprocess --vocab-from "
+                f"{' '.join(record['specs'])}): their values have ids of their own, a leak "
+                f"of {split} rows into training. Preprocess with --vocab-from naming the "
+                "training rows only")
+    missed = difference(ranges.get("train", []), counted)
+    if missed:
+        logger.warning("%s: %s of the training rows were not counted by the vocabularies "
+                       "(--vocab-from %s): values only they hold are out of vocabulary",
+                       dataset, describe(manifest, missed), " ".join(record["specs"]))

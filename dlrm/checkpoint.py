@@ -205,10 +205,12 @@ class Checkpointer:
                  if p.is_dir() and p.name.startswith(_PREFIX) and p.name[5:].isdigit()]
         return sorted(found, key=lambda p: int(p.name[5:]))
 
-    def save(self, step: int, state: dict[str, Any], position: dict[str, Any]) -> Path:
+    def save(self, step: int, state: dict[str, Any], position: dict[str, Any],
+             name: str | None = None) -> Path:
         """Writes ``state`` (DCP-compatible: state dicts of the model and optimizers) and
-        ``position`` (JSON: step, epoch, batches consumed...). Returns the checkpoint."""
-        final = self.directory / f"{_PREFIX}{step:09d}"
+        ``position`` (JSON: step, epoch, batches consumed...). Returns the checkpoint:
+        ``step-N``, or ``name``, which is neither resumed from nor pruned."""
+        final = self.directory / (name or f"{_PREFIX}{step:09d}")
         partial = final.with_name(final.name + ".partial")
         rank = dist.get_rank()
         if rank == 0:

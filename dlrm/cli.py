@@ -77,7 +77,18 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
         preflight(config)  # before any process group starts
     except (ConfigError, ValueError) as e:
-        return _error("train", e)
+        # Under torchrun every rank finds the same error: one of them says it.
+        if int(os.environ.get("RANK", "0")) == 0:
+            return _error("train", e)
+        return 2
+    if args.nproc_per_node:
+        # The config is good: torchrun starts the ranks, and its exit is ours.
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={args.nproc_per_node}", "-m", "dlrm", "train",
+                "--config", args.config, *(["--run-dir", args.run_dir] if args.run_dir else []),
+                *overrides]
+        sys.stdout.flush()
+        os.execv(sys.executable, argv)
     from dlrm.checkpoint import CheckpointError
     from dlrm.train import train
 
@@ -149,6 +160,8 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
 
     try:
         args.split = args.split or default_split(args.data)
+        if args.ranking:
+            return _ranking(args)
         report = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.out,
                                      args.batch_size)
     except _offline_errors() as e:
@@ -158,6 +171,24 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
               f"split {args.split}, {report['world_size']} rank(s):")
         print(format_metrics(report["metrics"]))
         print(json.dumps({"event": "evaluate", "split": args.split, **report["metrics"]}))
+    return 0
+
+
+def _ranking(args: argparse.Namespace) -> int:
+    from dlrm.offline import format_metrics
+    from dlrm.ranking import rank_checkpoint
+
+    if min(args.k) < 1 or args.ranking_candidates < 0:
+        raise ValueError("--k must be positive and --ranking-candidates >= 0")
+    report = rank_checkpoint(args.checkpoint, args.data, args.split, tuple(args.k),
+                             args.ranking_candidates, args.ranking_seed, args.relevant,
+                             args.out, args.batch_size)
+    if report is not None:  # rank 0
+        print(f"{report['checkpoint']} (step {report['step']}) on {args.data} split "
+              f"{args.split}: ranking {report['protocol']}; relevant: {report['relevant']}")
+        print(format_metrics(report["metrics"]))
+        print(json.dumps({"event": "ranking", "split": args.split,
+                          "protocol": report["protocol"], **report["metrics"]}))
     return 0
 
 
@@ -180,7 +211,7 @@ def _export(args: argparse.Namespace, rest: list[str]) -> int:
     from dlrm.export import export
 
     try:
-        info = export(args.checkpoint, args.out, args.tables)
+        info = export(args.checkpoint, args.out, args.tables, clip=not args.no_clip)
     except _offline_errors() as e:
         return _error("export", e)
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
@@ -344,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", default=None, metavar="auto|none|PATH",
                    help="same as --train.resume: auto (default) goes on from the newest "
                         "complete checkpoint in the run directory")
+    p.add_argument("--nproc-per-node", type=int, default=0, metavar="N",
+                   help="check the config, then start N ranks on this host with torchrun "
+                        "(torchrun --standalone --nproc_per_node N -m dlrm train ...)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("plan", help="sharding plan and memory per rank for a cluster that "
@@ -372,6 +406,22 @@ def main(argv: list[str] | None = None) -> int:
                        help="JSON report (evaluate) / Parquet file (score)")
         p.add_argument("--batch-size", type=int, default=0,
                        help="per rank (default: the run's eval batch size)")
+        if name == "evaluate":
+            p.add_argument("--ranking", action="store_true",
+                           help="schemas with [roles]: recall@K and NDCG@K of ranking items "
+                                "for each user of the split (written to "
+                                "RUN/eval/ranking-SPLIT.json unless --out)")
+            p.add_argument("--k", type=int, nargs="+", default=[10, 20], metavar="K",
+                           help="--ranking: the cut-offs (default 10 20)")
+            p.add_argument("--ranking-candidates", type=int, default=0, metavar="N",
+                           help="--ranking: rank each user's relevant items among N items "
+                                "sampled from the rest (default 0: among every item of the "
+                                "training rows)")
+            p.add_argument("--ranking-seed", type=int, default=0,
+                           help="--ranking: seed of the sampled candidates")
+            p.add_argument("--relevant", type=float, default=None,
+                           help="--ranking: a row is relevant if its label is at least this "
+                                "(default: 1 for a click, 4 for a rating)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("export", help="a checkpoint -> a model directory that scores raw "
@@ -381,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tables", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
                    help="precision of the embedding tables (TorchRec's quantized "
                         "EmbeddingBagCollection below fp32); the MLPs stay fp32")
+    p.add_argument("--no-clip", action="store_true",
+                   help="regression: predictions as the model makes them, instead of kept "
+                        "within the smallest and largest label of the training rows")
     p.set_defaults(func=_export)
 
     def model_command(name: str, func, text: str) -> argparse.ArgumentParser:

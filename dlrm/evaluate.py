@@ -15,7 +15,7 @@ from torchrec.distributed.train_pipeline import EvalPipelineSparseDist
 from dlrm.data.loader import PAD_LABEL
 from dlrm.dist import broadcast_object
 from dlrm.metrics import curves as split_curves
-from dlrm.metrics import split_metrics
+from dlrm.metrics import regression_curves, split_metrics
 
 
 @torch.no_grad()
@@ -73,15 +73,16 @@ def gather_predictions(logits: torch.Tensor, labels: torch.Tensor,
 def gather_metrics(logits: torch.Tensor, labels: torch.Tensor, curves: bool = False,
                    kind: str = "binary") -> dict[str, Any]:
     """Exact metrics over the predictions of all ranks together (computed on rank 0,
-    the same on every rank); with ``curves``, also the ROC and calibration curves (of a
-    binary label)."""
+    the same on every rank); with ``curves``, also the ROC and calibration curves of a
+    binary label, or a regression's predicted-against-actual and residual curves."""
     got = gather_predictions(logits, labels)
     result = None
     if got is not None:
         y, z = got
         result = split_metrics(kind, y, z)
-        if curves and kind == "binary":
-            result["curves"] = split_curves(y, z)
+        if curves:
+            result["curves"] = split_curves(y, z) if kind == "binary" \
+                else regression_curves(y, z)
     return broadcast_object(result)
 
 

@@ -45,6 +45,7 @@ from dlrm.config import ModelConfig
 from dlrm.data.like import VOCAB, schema_of
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import Features
+from dlrm.data.splits import resolve_split, split_specs
 from dlrm.data.vocab import save_tables
 from dlrm.fsutil import atomic_write_json
 from dlrm.model import DLRMTrain, build_model
@@ -92,9 +93,12 @@ def _quantize(model: DLRMTrain, precision: str) -> None:
                             output_dtype=torch.float)
 
 
-def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32") -> dict[str, Any]:
+def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
+           clip: bool = True) -> dict[str, Any]:
     """Writes the model directory ``out`` from ``checkpoint`` (``RUN/checkpoints/step-N``,
-    its run's ``config.toml`` and training dataset beside it); returns ``model.json``."""
+    its run's ``config.toml`` and training dataset beside it); returns ``model.json``.
+    ``clip``: a regression's predictions are kept within the labels of its training rows
+    (``model.json``'s ``prediction_range``)."""
     from dlrm.offline import run_config
 
     if tables not in PRECISIONS:
@@ -114,6 +118,9 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32") -> dic
             "step": marker["position"]["step"], "model": dataclasses.asdict(config.model),
             "table_sizes": marker["position"]["table_sizes"], "trained_on": str(data.resolve()),
             "dataset": dataset}
+    if manifest["schema"].get("label_kind") == "regression":
+        train = split_specs(config.data, manifest)["train"]
+        info["prediction_range"] = label_range(data, manifest, train) if clip else None
     model = _float_model(info)
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
@@ -132,12 +139,24 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32") -> dic
     if schema.item:  # the candidates `dlrm recommend` scores by default
         from dlrm.recommend import ITEMS, items_of_dataset
 
-        pq.write_table(items_of_dataset(data, manifest, schema, vocabs), tmp / ITEMS)
+        train = split_specs(config.data, manifest)["train"]  # the items the model trained on
+        pq.write_table(items_of_dataset(data, manifest, schema, vocabs, train), tmp / ITEMS)
     atomic_write_json(tmp / MODEL_JSON, info)
     if out.exists():
         out.rmdir()
     tmp.rename(out)
     return info
+
+
+def label_range(data: Path, manifest: dict[str, Any], specs: list[str]) -> list[float]:
+    """The smallest and largest label of the rows ``specs`` name."""
+    label, lo, hi = manifest["schema"]["label"], np.inf, -np.inf
+    for segment in resolve_split(data, manifest, specs):
+        column = pq.read_table(segment.path, columns=[label]).column(label)
+        values = column.slice(segment.start, segment.stop - segment.start).to_numpy()
+        if values.size:
+            lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+    return [lo, hi]
 
 
 def load_exported(path: str | Path) -> Exported:

@@ -120,6 +120,25 @@ def curves(labels: np.ndarray, logits: np.ndarray) -> dict[str, dict[str, list]]
     return {"roc": roc_points(labels, logits), "calibration": reliability(labels, sigmoid(logits))}
 
 
+def regression_curves(labels: np.ndarray, predictions: np.ndarray, bins: int = 20,
+                      points: int = 2000) -> dict[str, dict[str, list]]:
+    """What ``dlrm report`` plots of a regression: predicted against actual (rows bucketed
+    by prediction into ``bins`` equal-count bins: each bin's mean prediction and mean label),
+    a histogram of the residuals (prediction - label), and an even sample of ``points``
+    (label, prediction) pairs."""
+    labels = np.asarray(labels, dtype=np.float64).ravel()
+    predictions = np.asarray(predictions, dtype=np.float64).ravel()
+    binned = reliability(labels, predictions, bins)
+    residual = predictions - labels
+    counts, edges = np.histogram(residual, bins=40) if residual.size else (np.zeros(0), [0.0])
+    take = np.linspace(0, max(labels.size - 1, 0), min(points, labels.size)).astype(np.int64)
+    return {"binned": binned,
+            "residuals": {"edges": [round(float(e), 6) for e in edges],
+                          "counts": [int(c) for c in counts]},
+            "sample": {"label": labels[take].round(6).tolist(),
+                       "prediction": predictions[take].round(6).tolist()}}
+
+
 def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = 20) -> dict[str, list]:
     """Calibration curve: rows bucketed by predicted probability into ``bins`` equal-count
     bins; each bin's mean prediction, observed click rate and size."""

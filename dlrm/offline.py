@@ -24,11 +24,11 @@ from dlrm.data.loader import ParquetBatches
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import Features
 from dlrm.data.split_checks import check_vocab_rows
-from dlrm.data.splits import ALL, resolve_split, row_ranges
+from dlrm.data.splits import ALL, resolve_split, row_ranges, split_specs
 from dlrm.dist import init_distributed, resolve_device
 from dlrm.evaluate import gather_predictions, predict
 from dlrm.fsutil import atomic_path, atomic_write_json
-from dlrm.metrics import curves, sigmoid, split_metrics
+from dlrm.metrics import curves, regression_curves, sigmoid, split_metrics
 from dlrm.model import check_tables_hold
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
@@ -48,8 +48,6 @@ def split_specs_for(config: Config, manifest: dict[str, Any], split: str) -> lis
     convention), or every row for ``all``."""
     if split == "all":
         return [ALL]
-    from dlrm.train import split_specs
-
     return split_specs(config.data, manifest)[split]
 
 
@@ -98,6 +96,8 @@ class Offline:
         self.model.load_state_dict(state["model"])
         self.step = position["step"]
         self.label_kind = features.label_kind
+        self.config, self.manifest, self.features, self.batch_size = config, manifest, features, bs
+        self.segments, self.split_specs = segments, split_specs(config.data, manifest)
         self.batches = ParquetBatches(
             segments, bs, self.dist.rank, self.dist.world_size, pad=True, features=features,
             multi_hot_sizes=config.data.multi_hot_sizes,
@@ -122,8 +122,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "
     report = {"checkpoint": str(offline.checkpoint), "step": offline.step, "data": str(data),
               "split": split, "world_size": offline.dist.world_size,
               "metrics": split_metrics(kind, labels, logits)}
-    if kind == "binary":
-        report["curves"] = curves(labels, logits)
+    report["curves"] = curves(labels, logits) if kind == "binary" \
+        else regression_curves(labels, logits)
     if out is not None:
         atomic_write_json(Path(out), report)
     return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -18,12 +19,13 @@ def _embedding_optimizer(cfg: OptimConfig) -> tuple[type[torch.optim.Optimizer],
     # torchrec maps these classes onto fbgemm's fused kernels: RowWiseAdagrad →
     # EXACT_ROWWISE_ADAGRAD, Adagrad → EXACT_ADAGRAD (torchrec_dlrm / MLPerf), Adam → ADAM,
     # SGD → EXACT_SGD.
+    decay = {"weight_decay": cfg.embedding_weight_decay} if cfg.embedding_weight_decay else {}
     if cfg.embedding_optimizer == "rowwise_adagrad":
-        return RowWiseAdagrad, {"lr": cfg.embedding_lr, "eps": cfg.eps}
+        return RowWiseAdagrad, {"lr": cfg.embedding_lr, "eps": cfg.eps, **decay}
     if cfg.embedding_optimizer == "adagrad":
-        return torch.optim.Adagrad, {"lr": cfg.embedding_lr, "eps": cfg.eps}
+        return torch.optim.Adagrad, {"lr": cfg.embedding_lr, "eps": cfg.eps, **decay}
     if cfg.embedding_optimizer == "adam":
-        return torch.optim.Adam, {"lr": cfg.embedding_lr, "eps": cfg.eps}
+        return torch.optim.Adam, {"lr": cfg.embedding_lr, "eps": cfg.eps, **decay}
     return torch.optim.SGD, {"lr": cfg.embedding_lr}
 
 
@@ -39,6 +41,12 @@ def apply_embedding_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> None:
     for module in model.modules():
         if isinstance(module, EmbeddingBagCollection):
             apply_optimizer_in_backward(cls, module.parameters(), kwargs)
+            if "weight_decay" in kwargs:
+                # fbgemm applies weight_decay only in a weight_decay_mode, which the torch
+                # optimizer built here would refuse: it goes to the kernel's arguments,
+                # which the sharder reads from each parameter's kwargs.
+                for param in module.parameters():
+                    param._optimizer_kwargs[0]["weight_decay_mode"] = WeightDecayMode.L2
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> CombinedOptimizer:
@@ -47,10 +55,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> CombinedOptimiz
     dense = dict(in_backward_optimizer_filter(model.named_parameters()))
     # fused: one kernel over all parameters instead of a handful of ops per tensor (on
     # CPU 4x faster for Adagrad, which is much of a step's overhead beside the MLPs).
+    wd = cfg.weight_decay
     make = {
-        "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=cfg.dense_lr, eps=cfg.eps, fused=True),
-        "adam": lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr, eps=cfg.eps, fused=True),
-        "sgd": lambda ps: torch.optim.SGD(ps, lr=cfg.dense_lr, fused=True),
+        "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=cfg.dense_lr, eps=cfg.eps,
+                                                  weight_decay=wd, fused=True),
+        "adam": lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr, eps=cfg.eps, weight_decay=wd,
+                                            fused=True),
+        "sgd": lambda ps: torch.optim.SGD(ps, lr=cfg.dense_lr, weight_decay=wd, fused=True),
     }[cfg.dense_optimizer]
     dense_opt = KeyedOptimizerWrapper(dense, make)
     return CombinedOptimizer([("embedding", model.fused_optimizer), ("dense", dense_opt)])

@@ -77,7 +77,10 @@ class Scorer:
                 out = self.exported.model.model(batch.dense_features, batch.sparse_features)
                 outputs.append(out.reshape(-1).numpy())
         raw = np.concatenate(outputs) if outputs else np.zeros(0, np.float32)
-        return rows.labels, raw if self.regression else sigmoid(raw).astype(np.float32)
+        if not self.regression:
+            return rows.labels, sigmoid(raw).astype(np.float32)
+        bounds = self.exported.info.get("prediction_range")  # None: exported unclipped
+        return rows.labels, raw if bounds is None else np.clip(raw, *bounds)
 
 
 def layout_for(exported: Exported, paths: list[Path] | None) -> Layout:

@@ -30,10 +30,11 @@ KEY = "item"
 
 
 def items_of_dataset(data: Path, manifest: dict[str, Any], schema: Schema,
-                     vocabs: dict[str, np.ndarray]) -> pa.Table:
-    """Every distinct item (by its key's id) of a dataset, its features as first seen."""
+                     vocabs: dict[str, np.ndarray], specs: list[str] = (ALL,)) -> pa.Table:
+    """Every distinct item (by its key's id) of the rows ``specs`` name in a dataset (the
+    training split), its features as first seen there."""
     key, parts, seen = schema.item[0], [], np.zeros(0, np.int64)
-    for segment in resolve_split(data, manifest, [ALL]):
+    for segment in resolve_split(data, manifest, list(specs)):
         table = pq.read_table(segment.path, columns=list(schema.item))
         table = table.slice(segment.start, segment.stop - segment.start)
         ids = table.column(key).to_numpy()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -58,6 +59,33 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _regression_figures(last: dict[str, Any], out: Path) -> list[tuple[str, str]]:
+    """Predicted against actual, and the residuals, of a regression's final evaluation."""
+    m, curves, split = last["metrics"], last["curves"], last["split"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    sample, binned = curves["sample"], curves["binned"]
+    ax.scatter(sample["label"], sample["prediction"], s=4, alpha=0.25, label="rows (sample)")
+    ax.plot(binned["observed"], binned["predicted"], marker="o", ms=3, c="C1",
+            label="bins by prediction (mean label, mean prediction)")
+    lo = min(sample["label"] + sample["prediction"], default=0.0)
+    hi = max(sample["label"] + sample["prediction"], default=1.0)
+    ax.plot([lo, hi], [lo, hi], ls="--", c="grey", lw=0.8, label="perfect")
+    ax.set(xlabel="actual", ylabel="predicted",
+           title=f"Predicted vs actual ({split}, RMSE {m['rmse']:.4f})")
+    ax.legend(loc="upper left", fontsize=7)
+    save_figure(fig, out / "predicted.png")
+    res = curves["residuals"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    edges = res["edges"]
+    ax.bar(edges[:-1], res["counts"], width=np.diff(edges),
+           align="edge")
+    ax.set(xlabel="residual (predicted - actual)", ylabel="rows",
+           title=f"Residuals ({split}, MAE {m['mae']:.4f})")
+    save_figure(fig, out / "residuals.png")
+    return [(f"Predicted vs actual ({split})", "predicted.png"),
+            (f"Residuals ({split})", "residuals.png")]
+
+
 def report(run: str | Path) -> Path:
     """Writes the plots and ``RUN/report/index.md``; returns the page's path."""
     run = Path(run)
@@ -67,15 +95,16 @@ def report(run: str | Path) -> Path:
     figures: list[tuple[str, str]] = []
 
     steps, loss = series(records, "train/loss")
+    metric = headline(records)
     if steps:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(steps, loss, lw=1.2)
-        ax.set(xlabel="step", ylabel="log loss (window mean)", title="Training loss")
+        kind = "squared error" if metric == "rmse" else "log loss"
+        ax.set(xlabel="step", ylabel=f"{kind} (window mean)", title="Training loss")
         ax.grid(alpha=0.3)
         save_figure(fig, out / "loss.png")
         figures.append(("Training loss", "loss.png"))
 
-    metric = headline(records)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     plotted = False
     for split in ("val", "test"):
@@ -95,7 +124,9 @@ def report(run: str | Path) -> Path:
 
     last = _last_eval(run)
     rows = []
-    if last is not None and last.get("curves"):
+    if last is not None and last.get("curves") and "binned" in last["curves"]:
+        figures += _regression_figures(last, out)
+    elif last is not None and last.get("curves"):
         m, curves, split = last["metrics"], last["curves"], last["split"]
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
         ax.plot(curves["roc"]["fpr"], curves["roc"]["tpr"], lw=1.5,
@@ -130,6 +161,13 @@ def report(run: str | Path) -> Path:
     if rows:
         lines += [f"## Final evaluation: {last['split']} (step {last['step']})", "",
                   "| metric | value |", "|---|---|", *rows, ""]
+    for path in sorted((run / "eval").glob("ranking-*.json")):  # dlrm evaluate --ranking
+        r = json.loads(path.read_text())
+        lines += [f"## Ranking: {r['split']} (step {r['step']})", "",
+                  f"{r['protocol']}; relevant: {r['relevant']}.", "",
+                  "| metric | value |", "|---|---|",
+                  *(f"| {k} | {v:.6f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                    for k, v in r["metrics"].items()), ""]
     for title, png in figures:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]
     page = out / "index.md"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,12 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from dlrm.checkpoint import Checkpointer
-from dlrm.config import Config, DataConfig, check_features, to_toml
+from dlrm.config import Config, DataConfig, TrainConfig, check_features, to_toml
 from dlrm.data.loader import ParquetBatches
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import Features
 from dlrm.data.split_checks import check_overlaps, check_vocab_rows
-from dlrm.data.splits import default_split_specs, resolve_split, row_ranges
+from dlrm.data.splits import resolve_split, row_ranges, split_specs
 from dlrm.dist import broadcast_object, gather_object, init_distributed, resolve_device
 from dlrm.evaluate import evaluate
 from dlrm.fsutil import atomic_write_json, atomic_write_text
@@ -41,15 +42,6 @@ from dlrm.sharding import shard_model
 
 SPLITS = ("train", "val", "test")
 logger = logging.getLogger(__name__)
-
-
-def split_specs(cfg: DataConfig, manifest: dict[str, Any]) -> dict[str, list[str]]:
-    """Sources of each split: the config's, else (key absent) the torchrec_dlrm
-    convention; ``"none"`` is no rows."""
-    given = {"train": cfg.train_sources, "val": cfg.val_sources, "test": cfg.test_sources}
-    defaults = default_split_specs(manifest)
-    return {s: defaults[s] if given[s] is None else [] if given[s] == "none" else given[s]
-            for s in SPLITS}
 
 
 def check_data(cfg: DataConfig) -> dict[str, Any]:
@@ -102,6 +94,11 @@ def check_device(config: Config) -> None:
         raise ValueError(f"optim.embedding_optimizer: {config.optim.embedding_optimizer!r} has "
                          "no CPU kernel in fbgemm-gpu-cpu (it has "
                          f"{', '.join(CPU_EMBEDDING_OPTIMIZERS)}); it runs on GPU")
+    if device == "cpu" and config.optim.embedding_weight_decay:
+        raise ValueError("optim.embedding_weight_decay: fbgemm-gpu-cpu's fused kernels ignore "
+                         "weight decay (an update with it equals one without); it runs on "
+                         "GPU. On CPU, regularize with data.oov_dropout or fewer epochs "
+                         "(train.early_stopping)")
     if device == "cpu" and config.train.autocast != "none":
         raise ValueError(f"train.autocast: {config.train.autocast} autocast is for GPUs; "
                          "this run is on CPU")
@@ -150,13 +147,17 @@ class Trainer:
                      cardinalities=manifest["cardinalities"], multi_hot_seed=data.multi_hot_seed,
                      # pinned in the loader's thread, so the pipeline's copy is asynchronous
                      finish=Batch.pin_memory if device.type == "cuda" else None)
-        self.train_batches = ParquetBatches(segments["train"], data.batch_size, rank, world,
-                                            shuffle_buffer=data.shuffle_buffer,
-                                            seed=data.shuffle_seed, **every)
-        self.eval_batches = {
+        self.train_batches = ParquetBatches(
+            segments["train"], data.batch_size, rank, world, shuffle_buffer=data.shuffle_buffer,
+            seed=data.shuffle_seed, oov_dropout={self.features.sparse.index(f): p
+                                                 for f, p in data.oov_dropout.items() if p},
+            **every)
+        self.eval_batches = {  # a split asked to be "none" has none
             s: ParquetBatches(segments[s], eval_bs, rank, world, pad=True, **every)
-            for s in ("val", "test")
+            for s in ("val", "test") if specs[s]
         }
+        self.log.event("splits", **{s: {"rows": sum(g.stop - g.start for g in segments[s]),
+                                        "sources": specs[s]} for s in SPLITS})
         if len(self.train_batches) == 0:
             raise ValueError(
                 f"data: {self.train_batches.rows_total} training rows are fewer than "
@@ -177,6 +178,7 @@ class Trainer:
 
         # Where training stands: a step counts one batch on every rank.
         self.step, self.epoch, self.batch = 0, 0, 0
+        self.best = Best(best_metric(config.train, self.features.label_kind))
         if resume_from is not None:
             self._restore(resume_from)
         if config.train.tensorboard:
@@ -207,7 +209,9 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
 
-    def _save(self) -> None:
+    def _save(self, name: str | None = None) -> None:
+        """A checkpoint of where training stands (``name``: under that name, e.g. the best,
+        instead of ``step-N``)."""
         epoch, batch = self.epoch, self.batch
         if batch >= self._steps_per_epoch():  # an epoch just ended: point at the next
             epoch, batch = epoch + 1, 0
@@ -216,9 +220,10 @@ class Trainer:
         position = {"step": self.step, "epoch": epoch, "batch": batch,
                     "world_size": self.dist.world_size,
                     "batch_size": self.config.data.batch_size, "rng": rng,
-                    "table_sizes": self.table_sizes, "label_kind": self.features.label_kind}
+                    "table_sizes": self.table_sizes, "label_kind": self.features.label_kind,
+                    "best": self.best.to_json()}
         start = time.perf_counter()
-        path = self.checkpointer.save(self.step, self._state(), position)
+        path = self.checkpointer.save(self.step, self._state(), position, name)
         self.log.event("checkpoint", step=self.step, path=str(path),
                        seconds=time.perf_counter() - start)
 
@@ -234,6 +239,8 @@ class Trainer:
         self.log.event("restore", step=position["step"], path=str(path),
                        seconds=time.perf_counter() - start)
         self.step, self.epoch, self.batch = position["step"], position["epoch"], position["batch"]
+        if "best" in position:
+            self.best = Best.from_json(self.best.metric, position["best"])
         if position["world_size"] == self.dist.world_size:
             _set_rng_state(position["rng"][self.dist.rank])
         else:
@@ -257,7 +264,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.dist.device)
         window_steps, window_start = 0, time.perf_counter()
         samples, train_seconds = 0, 0.0
-        reached = False  # train.target_auc
+        reached = False  # train.target_auc / target_rmse, or early stopping
         with PreemptionFlag() as term:
             while self.epoch < cfg.epochs and not reached:
                 steps = self._steps_per_epoch() - self.batch
@@ -283,9 +290,10 @@ class Trainer:
                         window_steps, window_start = 0, time.perf_counter()
                     end_of_epoch = self.batch == self._steps_per_epoch()
                     if (cfg.eval_every and self.step % cfg.eval_every == 0) or \
-                            (cfg.target_auc and end_of_epoch):
-                        reached = self._target_reached(self._evaluate(("val",))["val"])
-                        window_start = time.perf_counter()  # evaluation is not training time
+                            (self._validates_each_epoch() and end_of_epoch):
+                        paused = time.perf_counter()
+                        reached = self._validated(self._evaluate(("val",))["val"])
+                        window_start += time.perf_counter() - paused  # not training time
                     if term.agreed():
                         self.pipeline.detach()
                         self._save()
@@ -305,9 +313,14 @@ class Trainer:
         self.pipeline.detach()
         if not (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
             self._save()
-        results = self._evaluate(("val", "test"), final=True)
-        summary = {"steps": self.step, "samples": samples,
-                   "samples_per_sec": samples / train_seconds if train_seconds else 0.0}
+        final_step = self.step
+        if cfg.keep_best and self.best.step is not None:
+            self._load_best()
+        results = self._evaluate(tuple(self.eval_batches), final=True,
+                                 step=self.best.step if cfg.keep_best else None)
+        summary = {"steps": final_step, "samples": samples,
+                   "samples_per_sec": samples / train_seconds if train_seconds else 0.0,
+                   **({"best": self.best.to_json()} if self.best.step is not None else {})}
         for split, m in results.items():
             summary.update({f"{split}_{k}": m[k] for k in HEADLINE[self.features.label_kind]})
         peaks = gather_object(round(peak_rss_bytes() / 2**30, 3))
@@ -330,17 +343,46 @@ class Trainer:
         self.log.event("train", step=self.step, **figures)
         return seconds
 
-    def _target_reached(self, val: dict[str, float]) -> bool:
-        target = self.config.train.target_auc
-        if target and val["auc"] >= target:
-            self.log.event("target_reached", step=self.step, auc=val["auc"], target=target)
+    def _validates_each_epoch(self) -> bool:
+        t = self.config.train
+        return bool(t.target_auc or t.target_rmse or t.early_stopping or t.keep_best)
+
+    def _validated(self, val: dict[str, float]) -> bool:
+        """Follows a validation: the best so far (kept as ``checkpoints/best`` with
+        ``keep_best``), targets and early stopping; True where training should stop."""
+        t = self.config.train
+        if self.best.update(val[self.best.metric], self.step):
+            self.log.event("best", step=self.step, **{self.best.metric: self.best.value})
+            if t.keep_best:
+                self.pipeline.detach()
+                self._save(BEST)
+        for metric, target, met in [("auc", t.target_auc, lambda v, x: v >= x),
+                                    ("rmse", t.target_rmse, lambda v, x: v <= x)]:
+            if target and met(val[metric], target):
+                self.log.event("target_reached", step=self.step, **{metric: val[metric]},
+                               target=target)
+                return True
+        if t.early_stopping and self.best.stale >= t.early_stopping:
+            self.log.event("early_stop", step=self.step, best_step=self.best.step,
+                           **{self.best.metric: self.best.value},
+                           validations_without_improvement=self.best.stale)
             return True
         return False
 
+    def _load_best(self) -> None:
+        """The model of the best validation, for the final evaluation."""
+        path = self.checkpointer.directory / BEST
+        state = {"model": self.model.state_dict()}
+        self.checkpointer.load(path, state)
+        self.model.load_state_dict(state["model"])
+        self.log.event("restore_best", step=self.best.step, path=str(path))
+
     def _evaluate(self, splits: tuple[str, ...], final: bool = False,
-                  ) -> dict[str, dict[str, Any]]:
-        """Metrics of ``splits``, logged; ``final`` also writes ``RUN/eval/SPLIT.json``
-        with the ROC and calibration curves (what ``dlrm report`` plots)."""
+                  step: int | None = None) -> dict[str, dict[str, Any]]:
+        """Metrics of ``splits``, logged at ``step`` (the step of the model evaluated,
+        default the current one); ``final`` also writes ``RUN/eval/SPLIT.json`` with the
+        ROC and calibration curves (what ``dlrm report`` plots)."""
+        step = self.step if step is None else step
         # The pipeline rewrote the sharded modules' forward for overlap; detach restores
         # the plain forward (progress() re-attaches, keeping its in-flight batches).
         model = self.pipeline.detach()
@@ -352,13 +394,52 @@ class Trainer:
                          limit or e.limit_batches, curves=final, kind=self.features.label_kind)
             curves = m.pop("curves", None)
             results[split] = m
-            self.log.metric(self.step, **{f"eval/{split}/{k}": v for k, v in m.items()})
-            self.log.event("eval", step=self.step, split=split, **m)
+            self.log.metric(step, **{f"eval/{split}/{k}": v for k, v in m.items()})
+            self.log.event("eval", step=step, split=split, **m)
             if final and self.dist.is_main:
                 atomic_write_json(self.run_dir / "eval" / f"{split}.json",
-                                  {"step": self.step, "split": split, "metrics": m,
+                                  {"step": step, "split": split, "metrics": m,
                                    "curves": curves})
         return results
+
+
+BEST = "best"  # RUN/checkpoints/best: train.keep_best's checkpoint
+
+
+def best_metric(cfg: TrainConfig, kind: str) -> str:
+    """The validation metric train.best_metric names (auto: the label kind's first)."""
+    return HEADLINE[kind][0] if cfg.best_metric == "auto" else cfg.best_metric
+
+
+@dataclass
+class Best:
+    """The best validation so far of a metric (AUC higher is better, the rest lower), and
+    the validations since it."""
+
+    metric: str
+    value: float | None = None
+    step: int | None = None
+    stale: int = 0
+
+    def update(self, value: float, step: int) -> bool:
+        """Takes a validation's value; True if it is the best yet."""
+        better = self.value is None or (value > self.value if self.metric == "auc"
+                                        else value < self.value)
+        if better:
+            self.value, self.step, self.stale = float(value), step, 0
+        else:
+            self.stale += 1
+        return better
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": self.metric, "value": self.value, "step": self.step,
+                "stale": self.stale}
+
+    @classmethod
+    def from_json(cls, metric: str, record: dict[str, Any]) -> Best:
+        if record.get("metric") != metric:  # the run now follows another metric
+            return cls(metric)
+        return cls(metric, record["value"], record["step"], record["stale"])
 
 
 def _rng_state() -> dict[str, str]:

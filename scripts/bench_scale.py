@@ -210,8 +210,7 @@ def train(data: Path, run: Path) -> dict:
     from dlrm.config import load_config
     from dlrm.data.loader import ParquetBatches
     from dlrm.data.preprocess import load_manifest
-    from dlrm.data.splits import resolve_split
-    from dlrm.train import split_specs
+    from dlrm.data.splits import resolve_split, split_specs
 
     config = load_config(REPO / "configs" / "tiny.toml", [f"--data.path={data}"])
     manifest = load_manifest(data)

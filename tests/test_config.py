@@ -212,9 +212,13 @@ def test_to_toml_round_trip(tmp_path):
     assert again == config
     assert dataclasses.asdict(again)["data"]["path"] == 'C:\\data\\"odd" dir'
     assert to_toml(again) == text
-    # Every field is written, so the file alone reproduces the run.
+    # Every field is written, so the file alone reproduces the run; an absent split (None:
+    # the default split) is left out, as TOML has no null, and reads back as absent.
     fields = {f"{s.name}.{g.name}" for s in dataclasses.fields(Config)
-              for g in dataclasses.fields(getattr(config, s.name))}
+              for g in dataclasses.fields(getattr(config, s.name))
+              if getattr(getattr(config, s.name), g.name) is not None}
+    assert fields >= {"data.val_sources", "data.allow_overlap", "train.keep_best"}
+    assert "data.train_sources" not in fields
     doc = tomllib.loads(text)
     assert {f"{s}.{k}" for s, table in doc.items() for k in table} == fields
 

@@ -371,7 +371,8 @@ def test_a_windows_export_with_a_bom_and_crlf_lines(tmp_path):
     path = tmp_path / "x.csv"
     path.write_bytes(b"\xef\xbb\xbf" + ML_HEADER.encode() + b"\r\n"
                      b'1,2,5,3,"A, B",Drama|War,M,1,1,10001\r\n2,3,1,4,C,Drama,F,18,2,10002\r\n')
-    manifest = preprocess([path], tmp_path / "out", log=quiet, schema=load_schema("movielens"))
+    manifest = preprocess([path], tmp_path / "out", log=quiet, schema=load_schema("movielens"),
+                          vocab_from=["*"])
     assert manifest["rows_accepted"] == 2 and manifest["rows_rejected"] == 0
     vocab = np.load(tmp_path / "out" / "vocab.npz")
     assert sorted(vocab["zip"].tolist()) == [10001, 10002]  # integers: no "\r" left on them

@@ -38,7 +38,8 @@ from dlrm.data.splits import Segment, default_split_specs, resolve_split
 from dlrm.model import build_model
 
 # ------------------------------------------------------------------ hand-checked dataset
-# Two sources, d0 (5 rows) and d1 (2 rows); the vocabulary is counted over both.
+# Two sources, d0 (5 rows) and d1 (2 rows); the vocabulary is counted over both
+# (--vocab-from '*': this dataset checks the loader, not which rows are counted).
 #
 # C1: 0a ×3, 0b ×2, ff ×1                → 0a = 2, 0b = 3, ff = 4 (descending count)
 # C2: 0f ×2, 10 ×2, abc ×1, ffffffff ×1  → 0f = 2, 10 = 3 (tie: smaller value first),
@@ -79,7 +80,7 @@ def hand_dataset(tmp_path_factory):
           for r in range(2)]
     inputs = [write_lines(tmp / "d0.tsv", d0), write_lines(tmp / "d1.tsv", d1)]
     out = tmp / "dataset"
-    manifest = preprocess(inputs, out, workers=1, log=quiet)
+    manifest = preprocess(inputs, out, workers=1, log=quiet, vocab_from=["*"])
     return out, manifest
 
 
@@ -142,8 +143,9 @@ def test_make_batch_layout():
 
 # --------------------------------------------------------------------- rank partitions
 # 1001 rows over two sources (600 + 401). Row i has C1 = hex(i): every value is seen once,
-# so ids follow the value order and id - 2 is the row number; its label is i % 2 and
-# I1 = i, so the columns of a row can be checked against each other.
+# so ids follow the value order and id - 2 is the row number (every row counted:
+# --vocab-from '*'); its label is i % 2 and I1 = i, so the columns of a row can be checked
+# against each other.
 DAY_ROWS = (600, 401)
 TOTAL = sum(DAY_ROWS)
 BATCH = 64
@@ -159,7 +161,7 @@ def numbered_dataset(tmp_path_factory):
         inputs.append(write_lines(tmp / f"day_{day}", rows))
         start += n
     out = tmp / "dataset"
-    manifest = preprocess(inputs, out, workers=1, log=quiet)
+    manifest = preprocess(inputs, out, workers=1, log=quiet, vocab_from=["*"])
     return out, manifest
 
 

@@ -133,11 +133,15 @@ def test_parquet_types_and_id_ranges(synth_data):
 
 
 def test_rows_match_an_independent_encoding(synth_data):
-    """Labels, dense and ids of a few columns, row by row, from the raw .gz files."""
+    """Labels, dense and ids of a few columns, row by row, from the raw .gz files. The
+    vocabularies are counted on the default training rows (day_0): a value only day_1
+    holds is out of vocabulary."""
     out, m, raw = synth_data["out"], synth_data["manifest"], synth_data["raw"]
     features = ["C1", "C3", "C19"]  # small vocab, large vocab, often missing
-    vocabs = {c: reference_vocab(raw["day_0"].column(c).to_pylist()
-                                 + raw["day_1"].column(c).to_pylist()) for c in features}
+    vocabs = {c: reference_vocab(raw["day_0"].column(c).to_pylist()) for c in features}
+    assert m["vocab_from"] == {"specs": ["day_0"], "default": True,
+                               "rows": [[0, ROWS_PER_DAY]], "rows_counted": ROWS_PER_DAY}
+    unseen = 0
     for name, src in raw.items():
         table = read_source(out, m, name)
         assert table.num_rows == src.num_rows == ROWS_PER_DAY
@@ -146,15 +150,18 @@ def test_rows_match_an_independent_encoding(synth_data):
             np.testing.assert_array_equal(table.column(c).to_numpy(),
                                           expected_dense(src.column(c).to_pylist()))
         for c in features:
-            want = [vocabs[c][int(v, 16)] if v else MISSING_ID for v in src.column(c).to_pylist()]
+            want = [vocabs[c].get(int(v, 16), OOV_ID) if v else MISSING_ID
+                    for v in src.column(c).to_pylist()]
             assert table.column(c).to_pylist() == want, c
+            unseen += name == "day_1" and want.count(OOV_ID)
+    assert unseen > 100  # C3's large vocabulary has many values day_0 never saw
 
 
 def test_vocab_holds_exact_values(synth_data):
     vocab = np.load(synth_data["out"] / "vocab.npz")
     raw = synth_data["raw"]
     for c in ("C3", "C16"):  # 8-hex-digit values, most of them above 2**24
-        values = {int(v, 16) for src in raw.values() for v in src.column(c).to_pylist() if v}
+        values = {int(v, 16) for v in raw["day_0"].column(c).to_pylist() if v}
         assert sum(v > 2**24 for v in values) > 0.9 * len(values)
         assert set(vocab[c].tolist()) == values
         assert len(vocab[c]) == len(values)
@@ -166,7 +173,8 @@ def test_large_values_stay_distinct(tmp_path):
              "8000000000000000", "8000000000000001", "ffffffffffffffff", "0", "00ff", "FF"]
     rows = [tsv_row("0", None, [h] + ["1"] * (NUM_SPARSE - 1)) for h in hexes]
     out = tmp_path / "dataset"
-    m = preprocess([write_lines(tmp_path / "big.tsv", rows)], out, workers=1, log=quiet)
+    m = preprocess([write_lines(tmp_path / "big.tsv", rows)], out, workers=1, log=quiet,
+                   vocab_from=["big"])
     vocab = np.load(out / "vocab.npz")["C1"]
     values = [int(h, 16) for h in hexes]  # "00ff" and "FF" are the same value, 255
     assert vocab.dtype == np.uint64
@@ -427,7 +435,8 @@ def test_hash_encoding_via_cli(small_raw, tmp_path):
 
 def test_vocab_min_frequency(small_raw, tmp_path):
     out = tmp_path / "dataset"
-    m = preprocess([small_raw], out, workers=1, encoding=Encoding(min_frequency=2), log=quiet)
+    m = preprocess([small_raw], out, workers=1, encoding=Encoding(min_frequency=2), log=quiet,
+                   vocab_from=["day_0"])
     assert m["encoding"]["min_frequency"] == 2
     table, raw = read_source(out, m, "day_0"), read_raw(small_raw)
     vocab = np.load(out / "vocab.npz")

@@ -31,7 +31,8 @@ def planted(tmp_path_factory):
     dlrm("synth", "--schema", "movielens", "--out", str(raw), "--days", "3", "--rows-per-day",
          "20000", "--max-vocab", "300")
     days = sorted(raw.glob("day_*.csv"))
-    dlrm("preprocess", "--schema", "movielens", "--input", *map(str, days), "--out", str(data))
+    dlrm("preprocess", "--schema", "movielens", "--input", *map(str, days), "--out", str(data),
+         "--vocab-from", "*[0:0.9]")  # the recipe's training rows
     torchrun(["-m", "dlrm", "train", "--config", "configs/movielens.toml", f"--data.path={data}",
               "--run-dir", str(tmp / "run"), "--data.batch_size=256", "--train.epochs=2"])
     checkpoint = sorted((tmp / "run" / "checkpoints").glob("step-*[0-9]"))[-1]
@@ -84,10 +85,12 @@ def test_recommendations_find_the_planted_best_movies(planted):
     seen = [texts[name[top[0]["item"]]]]
     again = recommender.recommend(next(iter(profiles.values())), 3, exclude=seen)
     assert top[0]["item"] not in [r["item"] for r in again] and again[0] == top[1]
-    given = recommender.recommend(next(iter(profiles.values())), 2, candidates=[
-        {"movie_id": texts[name[top[1]["item"]]], "genres": None},
-        {"movie_id": texts[name[top[0]["item"]]], "genres": None}])
-    assert [g["item"] for g in given] == [seen[0], texts[name[top[1]["item"]]]]
+    pair = [{"movie_id": texts[name[top[i]["item"]]], "genres": None} for i in (1, 0)]
+    given = recommender.recommend(next(iter(profiles.values())), 2, candidates=pair)
+    # Only the candidates given, keyed as given, by score whatever their order.
+    assert sorted(g["item"] for g in given) == sorted(c["movie_id"] for c in pair)
+    assert given[0]["score"] >= given[1]["score"]
+    assert recommender.recommend(next(iter(profiles.values())), 2, candidates=pair[::-1]) == given
 
 
 def test_cli_and_server_recommend_alike(planted, tmp_path):

@@ -55,7 +55,8 @@ def _schema(tmp_path, period="day", fmt="unix"):
 
 
 def _log(path, rows, times, fmt="unix", bad=()):
-    """A CSV log: ``row`` numbers each line's row (its vocab id is its rank + 2)."""
+    """A CSV log: ``row`` numbers each line's row (its vocab id is its rank + 2, where the
+    vocabularies count every row: --vocab-from '*')."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["click", "x", "ts", "user", "row"])
@@ -86,7 +87,7 @@ def shuffled(tmp_path_factory):
     _log(root / "b.csv", range(n // 2, n), times[n // 2:])
     logged = []
     manifest = preprocess([root / "a.csv", root / "b.csv"], root / "data", log=logged.append,
-                          schema=_schema(root),
+                          schema=_schema(root), vocab_from=["*"],
                           options=Options(workers=2, chunk_bytes=20_000, block_bytes=4096))
     return root, times, manifest, logged
 
@@ -149,7 +150,7 @@ def test_a_log_in_time_order_is_kept_as_written(tmp_path):
     _log(tmp_path / "log.csv", range(4000), times, fmt="%Y-%m-%d %H:%M:%S")
     logged = []
     manifest = preprocess([tmp_path / "log.csv"], tmp_path / "data", log=logged.append,
-                          schema=_schema(tmp_path, fmt="%Y-%m-%d %H:%M:%S"),
+                          schema=_schema(tmp_path, fmt="%Y-%m-%d %H:%M:%S"), vocab_from=["*"],
                           options=Options(workers=2, chunk_bytes=30_000))
     assert not any("sorting" in line for line in logged)
     assert [p["rows_accepted"] for p in manifest["periods"]] == [1440, 1440, 1120]
@@ -164,7 +165,7 @@ def test_bad_times_are_rejected_by_line_and_the_rest_kept(tmp_path):
         "1,2,,u1,50", "1,2,yesterday,u1,51", "1,2,1.5e9,u1,52", "1,2,1413849600,u1,53"])
     _log(tmp_path / "only_bad.csv", [], np.zeros(0, np.int64), bad=["1,2,never,u1,60"])
     manifest = preprocess([tmp_path / "log.csv", tmp_path / "only_bad.csv"], tmp_path / "data",
-                          log=quiet, schema=_schema(tmp_path))
+                          log=quiet, schema=_schema(tmp_path), vocab_from=["*"])
     assert manifest["rejected_by_reason"] == {"bad_time": 4}
     assert manifest["rows_accepted"] == 51 and manifest["sources"][1]["rows_accepted"] == 0
     rejects = (tmp_path / "data" / "rejects" / "log.tsv").read_text().splitlines()

@@ -41,6 +41,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.data.multi_hot import MultiHot
+from dlrm.data.oov_dropout import drop_to_oov
 from dlrm.data.prefetch import Prefetcher
 from dlrm.data.schema import CRITEO, MISSING_ID, Features
 from dlrm.data.splits import Segment, take_rows
@@ -66,6 +67,7 @@ class _Rows:
     labels: np.ndarray  # [n] float32
     dense: np.ndarray  # [n, dense features] float32
     sparse: list[Any]  # per feature: [n] int64 ids, or a list<int64> array of n bags
+    row: np.ndarray | None = None  # [n] each row's number in the split, where needed
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,22 +75,25 @@ class _Rows:
     def slice(self, start: int, stop: int) -> _Rows:
         # numpy and pyarrow both slice without copying
         return _Rows(self.labels[start:stop], self.dense[start:stop],
-                     [c[start:stop] for c in self.sparse])
+                     [c[start:stop] for c in self.sparse],
+                     None if self.row is None else self.row[start:stop])
 
     def take(self, index: np.ndarray) -> _Rows:
         arrow_index = pa.array(index)
         return _Rows(self.labels[index], self.dense[index],
                      [c[index] if isinstance(c, np.ndarray) else c.take(arrow_index)
-                      for c in self.sparse])
+                      for c in self.sparse], None if self.row is None else self.row[index])
 
     @staticmethod
     def concat(parts: list[_Rows]) -> _Rows:
         if len(parts) == 1:
             return parts[0]
+        rows = [p.row for p in parts]
         return _Rows(np.concatenate([p.labels for p in parts]),
                      np.concatenate([p.dense for p in parts]),
                      [np.concatenate(cs) if isinstance(cs[0], np.ndarray) else pa.concat_arrays(cs)
-                      for cs in zip(*(p.sparse for p in parts), strict=True)])
+                      for cs in zip(*(p.sparse for p in parts), strict=True)],
+                     None if any(r is None for r in rows) else np.concatenate(rows))
 
 
 def to_batch(rows: _Rows, keys: Sequence[str], multi_hot: MultiHot | None = None) -> Batch:
@@ -263,7 +268,8 @@ class ParquetBatches:
                  prefetch: int = 4, multi_hot_sizes: Sequence[int] = (),
                  cardinalities: Sequence[int] | None = None, multi_hot_seed: int = 0,
                  features: Features = CRITEO,
-                 finish: Callable[[Batch], Batch] | None = None) -> None:
+                 finish: Callable[[Batch], Batch] | None = None,
+                 oov_dropout: dict[int, float] | None = None) -> None:
         if batch_size <= 0 or shuffle_buffer < 0 or prefetch < 0:
             raise ValueError(f"need batch_size > 0, shuffle_buffer >= 0, prefetch >= 0; got "
                              f"{batch_size}, {shuffle_buffer}, {prefetch}")
@@ -283,6 +289,8 @@ class ParquetBatches:
         self.rows = hi - lo if pad else self.num_batches * batch_size
         # Only the rows yielded are read: shuffling reorders them, never swaps some out.
         self.segments = take_rows(segments, lo, lo + self.rows)
+        self.first_row = lo
+        self.oov_dropout = oov_dropout or {}
         self.features = features
         self._list_features = _list_features(segments, features)
         self.multi_hot: MultiHot | None = None
@@ -317,7 +325,7 @@ class ParquetBatches:
 
     def _produce(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         """The batches of one epoch (run by the prefetch thread, if any)."""
-        chunks: Iterator[tuple[Path, int, int, int]] = self._chunks()
+        chunks: Iterator[tuple[Path, int, int, int, int]] = self._chunks()
         if self.shuffle_buffer:
             rng = np.random.default_rng([self.seed, epoch, self.rank])
             pieces = list(chunks)
@@ -327,11 +335,15 @@ class ParquetBatches:
             blocks = self._read(chunks)
         for i, rows in enumerate(self._batches(blocks)):
             if i >= skip:  # skipped batches are read (the shuffle order needs them), not built
+                if self.oov_dropout:
+                    drop_to_oov(rows.sparse, rows.row, self.oov_dropout, self.seed, epoch)
                 batch = to_batch(rows, self.features.sparse, self.multi_hot)
                 yield self.finish(batch) if self.finish else batch
 
-    def _chunks(self) -> Iterator[tuple[Path, int, int, int]]:
-        """(file, row group, start, stop) of each piece of this rank's part, in order."""
+    def _chunks(self) -> Iterator[tuple[Path, int, int, int, int]]:
+        """(file, row group, start, stop, number in the split of its first row) of each
+        piece of this rank's part, in order."""
+        row = self.first_row
         for seg in self.segments:
             meta = pq.read_metadata(seg.path)
             offset = 0
@@ -340,15 +352,16 @@ class ParquetBatches:
                 s, e = max(seg.start - offset, 0), min(seg.stop - offset, n)
                 offset += n
                 if s < e:
-                    yield seg.path, g, s, e
+                    yield seg.path, g, s, e, row
+                    row += e - s
                 if offset >= seg.stop:
                     break
 
-    def _read(self, chunks: Iterator[tuple[Path, int, int, int]]) -> Iterator[_Rows]:
+    def _read(self, chunks: Iterator[tuple[Path, int, int, int, int]]) -> Iterator[_Rows]:
         columns = _columns(self.features)
         file, open_path = None, None
         try:
-            for path, g, s, e in chunks:
+            for path, g, s, e, row in chunks:
                 if path != open_path:
                     if file is not None:
                         file.close()
@@ -357,7 +370,10 @@ class ParquetBatches:
                 # alive when the process exits and abort it (apache/arrow#34314); one core
                 # a rank gains nothing from them, and the prefetch thread overlaps reads.
                 group = file.read_row_group(g, columns=columns, use_threads=False)
-                yield self._rows(group.slice(s, e - s), path)
+                rows = self._rows(group.slice(s, e - s), path)
+                if self.oov_dropout:
+                    rows.row = np.arange(row, row + e - s, dtype=np.int64)
+                yield rows
         finally:
             if file is not None:
                 file.close()

@@ -238,9 +238,9 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
             except ValueError as e:
                 raise PreprocessError(str(e)) from None
             record = selection.record
-            if not record["rows_counted"]:
-                raise PreprocessError(f"--vocab-from {' '.join(record['specs'])}: names no "
-                                      "rows, so no value would have an id")
+            if not record["rows_counted"]:  # a tiny input: its default training rows
+                log(f"preprocess: warning: --vocab-from {' '.join(record['specs'])} names no "
+                    "rows: every value is out of vocabulary")
             again = [(t, selection.partial[t.key]) for t in by_size if t.key in selection.partial
                      and not counts_mark(work, f"{t.key}.{RECOUNT}").exists()]
             log(f"preprocess: vocabularies from {record['rows_counted']} rows "

@@ -97,6 +97,15 @@ def row_ranges(manifest: dict[str, Any], specs: list[str]) -> list[tuple[int, in
     return unit_ranges(split_units(manifest), specs, kind)
 
 
+def split_specs(cfg: Any, manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """Sources of each split of a run (``cfg``: its ``DataConfig``): the config's, else
+    (key absent) the default (see :func:`default_split_specs`); ``"none"`` is no rows."""
+    given = {"train": cfg.train_sources, "val": cfg.val_sources, "test": cfg.test_sources}
+    defaults = default_split_specs(manifest)
+    return {s: defaults[s] if given[s] is None else [] if given[s] == "none" else given[s]
+            for s in ("train", "val", "test")}
+
+
 def resolve_split(dataset: str | Path, manifest: dict[str, Any], specs: list[str]) -> list[Segment]:
     """Turns specs (see :func:`unit_ranges`) into segments of the dataset's files."""
     files = [f for s in split_units(manifest) for f in s["files"]]

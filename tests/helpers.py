@@ -62,11 +62,11 @@ def quiet(*_: object) -> None:
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], timeout: int, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-5000:]}"
             f"\n--- stderr\n{proc.stderr[-10000:]}"
@@ -74,15 +74,17 @@ def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
     return proc
 
 
-def dlrm(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m dlrm ARGS`` (world size 1 for train); raises with its output on failure."""
-    return _run([sys.executable, "-m", "dlrm", *args], timeout)
+def dlrm(*args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m dlrm ARGS`` (world size 1 for train); raises with its output on failure
+    (unless not ``check``)."""
+    return _run([sys.executable, "-m", "dlrm", *args], timeout, check)
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 300,
+             check: bool = True) -> subprocess.CompletedProcess:
     """The real ``torchrun --standalone --nproc_per_node N ARGS`` (gloo on CPU)."""
     return _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc_per_node={nproc}", *args], timeout)
+                 f"--nproc_per_node={nproc}", *args], timeout, check)
 
 
 def checkpoint_tensors(path: Path, tmp: Path) -> dict[str, torch.Tensor]:

@@ -179,6 +179,7 @@ class Trainer:
         # Where training stands: a step counts one batch on every rank.
         self.step, self.epoch, self.batch = 0, 0, 0
         self.best = Best(best_metric(config.train, self.features.label_kind))
+        self.stopped: str | None = None  # why training stopped before its last epoch
         if resume_from is not None:
             self._restore(resume_from)
         if config.train.tensorboard:
@@ -324,7 +325,9 @@ class Trainer:
         for split, m in results.items():
             summary.update({f"{split}_{k}": m[k] for k in HEADLINE[self.features.label_kind]})
         peaks = gather_object(round(peak_rss_bytes() / 2**30, 3))
-        self.log.event("done", target_reached=reached, **summary, peak_rss_gib=peaks)
+        self.log.event("done", target_reached=self.stopped == "target_reached",
+                       early_stopped=self.stopped == "early_stopping", **summary,
+                       peak_rss_gib=peaks)
         self.log.close()
         return results
 
@@ -361,11 +364,13 @@ class Trainer:
             if target and met(val[metric], target):
                 self.log.event("target_reached", step=self.step, **{metric: val[metric]},
                                target=target)
+                self.stopped = "target_reached"
                 return True
         if t.early_stopping and self.best.stale >= t.early_stopping:
             self.log.event("early_stop", step=self.step, best_step=self.best.step,
                            **{self.best.metric: self.best.value},
                            validations_without_improvement=self.best.stale)
+            self.stopped = "early_stopping"
             return True
         return False
 

@@ -93,6 +93,30 @@ def test_recommendations_find_the_planted_best_movies(planted):
     assert recommender.recommend(next(iter(profiles.values())), 2, candidates=pair[::-1]) == given
 
 
+def test_ranking_metrics_of_the_run_beat_chance(planted, tmp_path):
+    path = planted[0]
+    run = path.parent / "run"
+    checkpoint = sorted((run / "checkpoints").glob("step-*[0-9]"))[-1]
+    out = dlrm("evaluate", "--checkpoint", str(checkpoint), "--data",
+               str(path.parent / "data"), "--ranking", "--k", "10").stdout
+    report = json.loads((run / "eval" / "ranking-test.json").read_text())
+    assert report["protocol"].startswith("all 100 items of the training rows")
+    assert "training items left out" in report["protocol"] and "ranking" in out
+    m = report["metrics"]
+    assert m["users"] > 50 and report["candidate_rows"] > 50 * 50
+    # Chance: 10 of each user's candidates (the items they rated before are left out);
+    # measured here: recall@10 0.226 against 0.161.
+    chance = 10 * m["users"] / report["candidate_rows"]
+    assert m["recall@10"] > 1.15 * chance and 0 < m["ndcg@10"] <= 1
+    sampled = dlrm("evaluate", "--checkpoint", str(checkpoint), "--data",
+                   str(path.parent / "data"), "--ranking", "--ranking-candidates", "20",
+                   "--out", str(tmp_path / "r.json")).stdout
+    assert "20 items sampled" in sampled
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["users"] == m["users"]
+    dlrm("report", str(run))
+    assert "## Ranking: test" in (run / "report" / "index.md").read_text()
+
+
 def test_cli_and_server_recommend_alike(planted, tmp_path):
     path, profiles, _ = planted
     user = next(iter(profiles.values()))

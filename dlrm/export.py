@@ -113,7 +113,8 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
                           "(data.multi_hot_sizes), which raw rows do not have: not exported")
     data = Path(config.data.path)
     manifest = load_manifest(data)
-    dataset = {k: manifest[k] for k in ("format", "schema", "encoding", "cardinalities")}
+    dataset = json.loads(json.dumps(  # a copy: the model's own files are named in it
+        {k: manifest[k] for k in ("format", "schema", "encoding", "cardinalities")}))
     info = {"format": FORMAT, "tables": tables, "checkpoint": str(checkpoint.resolve()),
             "step": marker["position"]["step"], "model": dataclasses.asdict(config.model),
             "table_sizes": marker["position"]["table_sizes"], "trained_on": str(data.resolve()),
@@ -136,6 +137,11 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
             vocabs = {name: z[name] for name in z.files}
         save_tables(vocabs, tmp / TABLES)
     schema, _ = schema_of(manifest)
+    for i, join in enumerate(schema.joins):  # side tables travel with the model
+        (tmp / JOINS).mkdir(exist_ok=True)
+        name = f"{JOINS}/{i}-{Path(join.file).name}"
+        shutil.copyfile(join.file, tmp / name)
+        info["dataset"]["schema"]["declared"]["joins"][i]["file"] = name
     if schema.item:  # the candidates `dlrm recommend` scores by default
         from dlrm.recommend import ITEMS, items_of_dataset
 
@@ -146,6 +152,9 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
         out.rmdir()
     tmp.rename(out)
     return info
+
+
+JOINS = "joins"  # MODEL/joins/: the side tables of the schema, which it names relatively
 
 
 def label_range(data: Path, manifest: dict[str, Any], specs: list[str]) -> list[float]:

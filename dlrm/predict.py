@@ -35,6 +35,7 @@ from dlrm.data.blocks import Block
 from dlrm.data.chunks import Options, Task, plan_tasks
 from dlrm.data.declared import Schema, is_criteo
 from dlrm.data.inputs import check_inputs, layout_of, read_header
+from dlrm.data.joins import based
 from dlrm.data.layout import Layout
 from dlrm.data.like import schema_of
 from dlrm.data.loader import table_rows, to_batch
@@ -88,6 +89,7 @@ def layout_for(exported: Exported, paths: list[Path] | None) -> Layout:
     or not, as the first shows); None: for rows that come as JSON (no files, no time
     column: it is no feature)."""
     schema, encoding = schema_of(exported.manifest)
+    schema = dataclasses.replace(schema, joins=based(schema.joins, exported.path))
     if paths is None and not is_criteo(schema):
         schema = dataclasses.replace(schema, time=None)
     if paths and not _labeled(schema, paths[0]):

@@ -33,6 +33,7 @@ class Block:
     rejects: list[Reject]
     lines: int  # lines of the chunk consumed up to the end of this block
     time: np.ndarray | None = None  # int64 seconds, where the schema has a time column
+    unmatched: list[int] | None = None  # per side table: rows whose key it lacks
 
 
 _DICTIONARY = pa.dictionary(pa.int32(), pa.binary())

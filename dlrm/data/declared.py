@@ -48,6 +48,11 @@ preprocess``). A file has these tables; every key but the columns has a default:
     period = "day"          # hour, day, week or month: the dataset's sources are its
                             # periods, each in time order (see dlrm.data.periods)
 
+    [[join]]                # optional, repeatable: a side table joined by key (see
+    file = "users.csv"      # dlrm.data.joins); its columns are declared as features
+    key = "user_id"
+    columns = ["age"]
+
     [roles]                 # optional: which features describe the user and which the
     user = ["user"]         # item, for `dlrm recommend` (the first item feature is the
     item = ["genres"]       # item's key)
@@ -65,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from dlrm.config import ConfigError, check_type
+from dlrm.data.joins import Join, JoinError, parse_joins
 from dlrm.data.periods import PERIODS
 from dlrm.data.schema import DENSE_NAMES, LABEL, SPARSE_NAMES, Features
 from dlrm.fsutil import read_toml
@@ -129,6 +135,7 @@ class Schema:
     user: tuple[str, ...] = ()  # features that describe the user (recommend)
     item: tuple[str, ...] = ()  # features that describe the item, its key first
     labeled: bool = True  # False: rows to score, without the label column (predict)
+    joins: tuple[Join, ...] = ()  # side tables joined onto each row by key
 
     def features(self) -> Features:
         return Features(self.label, tuple(d.name for d in self.dense),
@@ -136,10 +143,14 @@ class Schema:
                         tuple(c.pooling for c in self.categorical), self.kind)
 
     def used(self) -> list[str]:
-        """The columns read: the label, the dense and categorical features, the time."""
-        return [*([self.label] if self.labeled else []), *(d.name for d in self.dense),
-                *(c.name for c in self.categorical),
-                *([self.time.column] if self.time else [])]
+        """The columns read from the rows: the label, the dense and categorical features,
+        the time, less the columns side tables bring, plus their keys."""
+        joined = {c for j in self.joins for c in j.columns}
+        names = [*([self.label] if self.labeled else []), *(d.name for d in self.dense),
+                 *(c.name for c in self.categorical),
+                 *([self.time.column] if self.time else [])]
+        keys = [j.key for j in self.joins if j.key not in names]
+        return [c for c in names if c not in joined] + list(dict.fromkeys(keys))
 
     def check_columns(self, names: list[str], where: str) -> None:
         """Every declared column must be among ``names`` (a header), every name declared."""
@@ -157,7 +168,7 @@ class Schema:
         a run's plan or a dataset's manifest; no ``time`` key without one, as before
         time columns existed."""
         out = json.loads(json.dumps(dataclasses.asdict(self)))
-        for key in ("time", "user", "item"):  # as before they existed
+        for key in ("time", "user", "item", "joins"):  # as before they existed
             if not out[key]:
                 del out[key]
         if self.labeled:
@@ -172,7 +183,8 @@ class Schema:
                       "user": tuple(doc.get("user", ())), "item": tuple(doc.get("item", ())),
                       "dense": tuple(Dense(**d) for d in doc["dense"]),
                       "categorical": tuple(Categorical(**c) for c in doc["categorical"]),
-                      "time": Time(**time) if time else None})
+                      "time": Time(**time) if time else None,
+                      "joins": tuple(Join.from_json(j) for j in doc.get("joins", ()))})
 
 
 _OPS = (">=", "<=", "==", "!=", ">", "<")
@@ -305,6 +317,10 @@ def load_schema(path: str | Path) -> Schema:
     time = _time(doc, where)
     dense = _features(doc, "dense", Dense, where)
     categorical = _features(doc, "categorical", Categorical, where)
+    try:
+        joins = parse_joins(doc.pop("join", []), where, path.parent)
+    except JoinError as e:
+        raise SchemaError(str(e)) from None
     roles = dict(doc.pop("roles", {}))
     user, item = (_names(roles, r, f"{where}: roles") for r in ("user", "item"))
     _no_more(roles, f"{where}: roles")
@@ -341,7 +357,13 @@ def load_schema(path: str | Path) -> Schema:
     if not categorical:
         raise SchemaError(f"{where}: categorical.columns: at least one is needed")
     schema = Schema(path.stem, fmt, delimiter, header, columns, label_column, kind, rule, dense,
-                    categorical, ignore, time, user, item)
+                    categorical, ignore, time, user, item, joins=joins)
+    features = {label_column, *(f.name for f in (*dense, *categorical))}
+    for j in joins:
+        loose = [c for c in j.columns if c not in features]
+        if loose:
+            raise SchemaError(f"{where}: join on {j.key}: {', '.join(loose)} is joined but "
+                              "declared as no feature")
     used = schema.used()
     twice = sorted({c for c in used + list(ignore) if (used + list(ignore)).count(c) > 1})
     if twice:

@@ -29,6 +29,7 @@ from dlrm.data.codecs import (
     transform,
 )
 from dlrm.data.declared import Schema, parse_rule
+from dlrm.data.joins import apply_joins
 from dlrm.data.periods import parse_times
 from dlrm.data.rejects import Reject
 
@@ -120,6 +121,9 @@ def _as_text(table: pa.Table) -> pa.Table:
 def convert(table: pa.Table, schema: Schema) -> tuple[Block, RowProblems]:
     """The good rows of ``table`` (binary fields, or list columns for bags) converted by
     ``schema``, and the problems of the others (the caller makes their rejects)."""
+    unmatched = None
+    if schema.joins:
+        table, unmatched = apply_joins(table, schema.joins)
     problems = RowProblems(table.num_rows)
     if schema.labeled:
         label, ok = _label(table.column(schema.label), schema)
@@ -153,4 +157,6 @@ def convert(table: pa.Table, schema: Schema) -> tuple[Block, RowProblems]:
         hex_ = [(v[np.repeat(good, m)], m[good]) if c.multi else (v[good], m[good])
                 for c, (v, m) in zip(schema.categorical, hex_, strict=True)]
         time = None if time is None else time[good]
-    return Block(label, dense, hex_, [], 0, time), problems
+    misses = None if unmatched is None else [
+        int(m.sum() if good is None else m[good].sum()) for m in unmatched]
+    return Block(label, dense, hex_, [], 0, time, misses), problems

@@ -220,6 +220,7 @@ def write_chunk(task: Task, opts: Options, out: str, encoder: Encoder, layout: L
         "task": asdict(task), "rows_accepted": accepted, "rows_rejected": rejected,
         "rejected_by_reason": summary["rejected_by_reason"], "files": files,
         "lines": summary["lines"], "oov": oov.tolist(), **sums,
+        **({"unmatched": summary["unmatched"]} if "unmatched" in summary else {}),
     })
     staged.unlink(missing_ok=True)
 

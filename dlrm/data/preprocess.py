@@ -369,6 +369,7 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
         **({"like": ref.to_json()} if ref is not None else {}),
         "cardinalities": cardinalities,
         "oov_rate": _oov_rates(layout, dones),
+        **({"joins": _joins(layout, dones)} if layout.schema and layout.schema.joins else {}),
         **({"vocab_from": vocab_from} if vocab_from is not None else {}),
         "sources": sources,
         **({"periods": periods} if periods is not None else {}),
@@ -380,6 +381,16 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
     atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _joins(layout: Layout, dones: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per side table: its file and key, and the rows whose key it lacks."""
+    joins = layout.schema.joins
+    misses = np.zeros(len(joins), np.int64)
+    for done in dones:
+        misses += np.asarray(done.get("unmatched", [0] * len(joins)), np.int64)
+    return [{"file": j.file, "key": j.key, "columns": list(j.columns),
+             "rows_without_match": int(n)} for j, n in zip(joins, misses, strict=True)]
 
 
 def _oov_rates(layout: Layout, dones: list[dict[str, Any]]) -> dict[str, float]:

@@ -32,17 +32,22 @@ class Reject:
 
 def with_rejects(blocks: Iterator[Block], path: Path, summary: dict[str, Any]) -> Iterator[Block]:
     """Passes ``blocks`` through, writing their rejects to ``path`` (atomically, once all
-    are read); then fills ``summary`` with ``lines`` and ``rejected_by_reason``."""
+    are read); then fills ``summary`` with ``lines``, ``rejected_by_reason`` and, with side
+    tables, ``unmatched`` (per table, the rows whose key it lacks)."""
     reasons: Counter[str] = Counter()
-    lines = 0
+    lines, unmatched = 0, None
     with atomic_path(path) as tmp, open(tmp, "wb") as rejects:
         for block in blocks:
             lines = block.lines
+            if block.unmatched is not None:
+                unmatched = [a + b for a, b in zip(unmatched or [0] * len(block.unmatched),
+                                                   block.unmatched, strict=True)]
             for r in block.rejects:
                 reasons[r.reason] += 1
                 rejects.write(b"%d\t%s\t%s\n" % (r.line, r.reason.encode(), one_line(r.text)))
             yield block
-    summary.update(lines=lines, rejected_by_reason=dict(sorted(reasons.items())))
+    summary.update(lines=lines, rejected_by_reason=dict(sorted(reasons.items())),
+                   **({"unmatched": unmatched} if unmatched is not None else {}))
 
 
 def one_line(text: bytes) -> bytes:

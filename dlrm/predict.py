@@ -95,7 +95,7 @@ def layout_for(exported: Exported, paths: list[Path] | None) -> Layout:
     if paths and not _labeled(schema, paths[0]):
         schema = dataclasses.replace(
             schema, labeled=False, columns=tuple(c for c in schema.columns if c != schema.label))
-    return layout_of(schema, encoding, paths or [])
+    return layout_of(schema, encoding, paths or [], same_columns=False)
 
 
 def _labeled(schema: Schema, path: Path) -> bool:

@@ -75,6 +75,10 @@ class Recommender:
         if unknown:
             raise RowsError(f"{what}: {', '.join(map(str, unknown))} is not one of its "
                             f"features ({', '.join(allowed)})")
+        missing = [c for c in allowed if c in self.rows.required and c not in fields]
+        if missing:  # as /predict: a missing value is said, with null
+            raise RowsError(f"{what}: missing field(s) {', '.join(missing)} (give null for "
+                            "a missing value)")
         return {c: fields.get(c) for c in self.rows.columns
                 if c not in self.rows.optional or c in fields}
 
@@ -88,8 +92,7 @@ class Recommender:
             raise RowsError("candidates: expected a non-empty list of item objects")
         full = [self._row(r, self.schema.item, f"candidates[{i}]") for i, r in enumerate(rows)]
         table = self.scorer.encode(self.rows.block(full))
-        return (table.select(list(self.schema.item)),
-                [str(r.get(self.schema.item[0])) for r in rows])
+        return (table.select(list(self.schema.item)), [r.get(self.schema.item[0]) for r in rows])
 
     def recommend(self, user: dict, top_k: int, candidates: list[dict] | None = None,
                   exclude: list[Any] | None = None) -> list[dict[str, Any]]:
@@ -105,7 +108,7 @@ class Recommender:
         seen = np.isin(items.column(self.schema.item[0]).to_numpy(),
                        self._key_ids(exclude or []))
         order = [i for i in np.argsort(-scores, kind="stable") if not seen[i]]
-        return [{"item": keys[i], "score": float(scores[i])} for i in order[:top_k]]
+        return [{"item": _key_value(keys[i]), "score": float(scores[i])} for i in order[:top_k]]
 
     def _key_ids(self, values: list[Any]) -> np.ndarray:
         """The ids of item keys given as their values (text or numbers); unknown ones
@@ -119,6 +122,14 @@ class Recommender:
         f = self.scorer.layout.sparse.index(key)
         ids = self.scorer.encoder.ids(f, raw)
         return ids[present & ok & (ids > 1)]
+
+
+def _key_value(key: Any) -> Any:
+    """An item key as the value it stands for: an integer key as a number (the model keeps
+    keys as text: ``12``, ``#<hash>`` for a text key)."""
+    if isinstance(key, str) and key.lstrip("-").isdigit():
+        return int(key)
+    return key
 
 
 def load_lines(path: str | Path) -> list[str]:

@@ -38,6 +38,7 @@ class RequestRows:
                          *([schema.time.column] if schema.time else [])}
         self.required = [c for c in self.columns if c not in self.optional]
         self.separator = {c.name: c.separator for c in schema.categorical if c.multi}
+        self.categorical = {c.name for c in schema.categorical}
 
     def block(self, rows: Any) -> Block:
         """The rows' block (every row good) or RowsError."""
@@ -92,10 +93,15 @@ class RequestRows:
             raise RowsError(f"row {i}, field {column}: expected a number or a string, "
                             "got a boolean")
         if isinstance(value, int):
+            if column in self.categorical and not -2**63 <= value < 2**64:
+                raise RowsError(f"row {i}, field {column}: {value} is no 64-bit id")
             return str(value).encode()
         if isinstance(value, float):
             if not math.isfinite(value):
                 raise RowsError(f"row {i}, field {column}: not a finite number")
+            if column in self.categorical and not (value.is_integer() and abs(value) < 2**53):
+                raise RowsError(f"row {i}, field {column}: {value!r} is no integer id (a "
+                                "categorical value is an integer or a string)")
             return (str(int(value)) if value.is_integer() and abs(value) < 2**53
                     else repr(value)).encode()
         if isinstance(value, str):

@@ -143,12 +143,16 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
         except RowsError as e:
             raise BadRequest(422, str(e)) from None
 
+    counts = {"predict": 0, "recommend": 0, "refused": 0}  # every request, answered or not
+
     async def predict(request: Request) -> JSONResponse:
+        counts["predict"] += 1
         block = await rows_of(request)
         outputs = await batcher.score(block)
         return JSONResponse({"predictions": [_number(x) for x in outputs]})
 
     async def recommend(request: Request) -> JSONResponse:
+        counts["recommend"] += 1
         body = await read_json(request, max_body_bytes)
         if recommender is None:
             raise BadRequest(404, f"schema {schema.name} names no item features: nothing "
@@ -167,14 +171,16 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
         return JSONResponse({"items": items})
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "batches": batcher.batches,
-                             "requests": batcher.requests})
+        return JSONResponse({"status": "ok", "requests": counts["predict"] + counts["recommend"],
+                             **{f"{k}_requests": v for k, v in counts.items()},
+                             "batches": batcher.batches, "scored_requests": batcher.requests})
 
     async def meta(request: Request) -> JSONResponse:
         return JSONResponse(metadata)
 
     async def bad_request(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, BadRequest)
+        counts["refused"] += 1
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
     @contextlib.asynccontextmanager

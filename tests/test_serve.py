@@ -159,3 +159,17 @@ def test_sigterm_finishes_the_requests_in_flight(served):
         t.join()
     assert answers == [(200, 30_000)] * 3
     assert max(answered) > signalled  # they were in flight when the signal came
+
+
+def test_health_counts_every_request_answered_or_refused(served):
+    _, server, rows, _ = served
+    before = server.get("/health")[1]
+    assert server.post("/predict", {"rows": rows[:2]})[0] == 200
+    assert server.post("/predict", {"rows": [{"nope": 1}]})[0] == 422
+    assert server.post("/recommend", {"user": {}})[0] == 404  # Criteo names no items
+    after = server.get("/health")[1]
+    assert after["requests"] - before["requests"] == 3
+    assert after["predict_requests"] - before["predict_requests"] == 2
+    assert after["recommend_requests"] - before["recommend_requests"] == 1
+    assert after["refused_requests"] - before["refused_requests"] == 2
+    assert after["scored_requests"] - before["scored_requests"] == 1

@@ -244,8 +244,9 @@ def _text_hash(starts: np.ndarray, lengths: np.ndarray, data: np.ndarray) -> np.
 def category_values(column: pa.Array | pa.ChunkedArray, kind: str,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Categorical fields (a binary column) → (uint64 values, present, valid). ``hex``:
-    Criteo's hex numbers; ``auto``: a decimal integer of up to 18 digits stands for itself
-    (a negative one for its two's complement), any other text for a 64-bit hash with the
+    Criteo's hex numbers; ``auto``: a decimal integer of up to 18 digits written as itself
+    (no leading zero, no ``-0``) stands for itself (a negative one for its two's
+    complement), any other text (``01002``) for a 64-bit hash with the
     top bit set (so never an integer's own value, which is below 2**63). Empty is
     "missing". A dictionary-encoded column is converted once per distinct field."""
     if isinstance(column, pa.Array):
@@ -271,7 +272,11 @@ def category_values(column: pa.Array | pa.ChunkedArray, kind: str,
     count = np.where(present, count, 0)
     lead = data[np.minimum(starts, data.size - 1)] if data.size else np.zeros_like(starts)
     neg = (count == 1) & (lead == ord("-")) & (lengths > 1)
-    number = present & ((count == 0) | neg) & (lengths - neg <= 18)
+    # Only an integer's own text stands for it: "01002" (a zip code) or "-0" is text, or
+    # it would share an id with "1002" or "0".
+    first = data[np.minimum(starts + neg, data.size - 1)] if data.size else lead
+    canonical = (first != ord("0")) | ((lengths == 1) & ~neg)
+    number = present & ((count == 0) | neg) & (lengths - neg <= 18) & canonical
     values = np.zeros(lengths.size, np.uint64)
     if number.any():
         text = pc.cast(_array(column), pa.string())

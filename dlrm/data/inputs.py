@@ -52,10 +52,14 @@ def read_header(path: Path, delimiter: str) -> list[str]:
     return next(csv.reader([text], delimiter=delimiter)) if text else []
 
 
-def layout_of(schema: Schema, encoding: Encoding | None, paths: list[Path]) -> Layout:
+def layout_of(schema: Schema, encoding: Encoding | None, paths: list[Path],
+              same_columns: bool = True) -> Layout:
     """The workers' layout of ``schema`` for ``paths``: Criteo's fast path where the schema
     is Criteo's; ``encoding``, when given, replaces every categorical feature's. A header
-    names the columns: every file's must be the same and hold what the schema declares."""
+    names the columns: every file's must be the same and hold what the schema declares;
+    with ``same_columns`` (preprocessing, where a dataset's files are one layout) exactly
+    the schema's ``input.columns``, else (rows to score) in any order, ignored ones
+    optional."""
     if encoding is not None:
         schema = dataclasses.replace(schema, categorical=tuple(
             dataclasses.replace(c, encoding=encoding.type, min_frequency=encoding.min_frequency,
@@ -81,7 +85,7 @@ def layout_of(schema: Schema, encoding: Encoding | None, paths: list[Path]) -> L
         for p, names in headers.items():
             if names != columns:
                 raise PreprocessError(f"{p}: header {names} differs from {paths[0]}'s {columns}")
-            if schema.columns and names != list(schema.columns):
+            if same_columns and schema.columns and names != list(schema.columns):
                 raise PreprocessError(f"{p}: header {names} is not the schema's input.columns "
                                       f"{list(schema.columns)}")
         try:

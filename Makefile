@@ -15,6 +15,7 @@ lint: install
 
 # Benchmarks print their figures (minutes; run on a quiet machine).
 bench: install
+	.venv/bin/python -m pip install --quiet -e ".[dev,bench]"
 	.venv/bin/python scripts/bench_preprocess.py
 	.venv/bin/python scripts/bench_declared.py
 	.venv/bin/python scripts/bench_loader.py
@@ -23,3 +24,4 @@ bench: install
 	.venv/bin/python scripts/bench_predict.py
 	.venv/bin/python scripts/bench_scale.py
 	.venv/bin/python scripts/bench_large_table.py
+	.venv/bin/python scripts/bench_baselines.py

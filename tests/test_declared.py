@@ -103,7 +103,7 @@ def test_movielens_trains_on_two_ranks_and_evaluates_the_same(movielens, tmp_pat
                     "--data.batch_size=128", "--train.log_every=20"]).stdout
     (done,) = [json.loads(x) for x in out.splitlines() if '"event": "done"' in x]
     assert done["test_auc"] > 0.85, done  # user and movie effects, learnt through the tables
-    checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
+    checkpoint = run / "checkpoints" / "best"  # the recipe keeps it: its metrics are final
     report = tmp_path / "eval.json"
     dlrm("evaluate", "--checkpoint", str(checkpoint), "--data", str(root / "data"),
          "--out", str(report))
@@ -320,7 +320,7 @@ def test_a_regression_label_trains_with_mse_and_reports_rmse(tmp_path):
     assert floor < done["test_rmse"] < 1.2 * floor and done["test_mae"] < done["test_rmse"]
     assert "test_auc" not in done
 
-    checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
+    checkpoint = run / "checkpoints" / "best"  # the recipe keeps it: its metrics are final
     scores = tmp_path / "scores.parquet"
     dlrm("score", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(scores))
     table = pq.read_table(scores)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -77,9 +78,12 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
         preflight(config)  # before any process group starts
     except (ConfigError, ValueError) as e:
-        # Under torchrun every rank finds the same error: one of them says it.
+        # Under torchrun every rank finds the same error: rank 0 says it. The others leave
+        # a little later, so that torchrun, which stops every rank at the first one to
+        # fail, does not stop rank 0 before it has.
         if int(os.environ.get("RANK", "0")) == 0:
             return _error("train", e)
+        time.sleep(3)
         return 2
     if args.nproc_per_node:
         # The config is good: torchrun starts the ranks, and its exit is ours.
@@ -112,7 +116,7 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
         # table itself (num_embeddings_per_feature) plans Criteo's without one.
         from dlrm.config import check_features
         from dlrm.data.schema import CRITEO, Features
-        from dlrm.train import check_data
+        from dlrm.data.split_checks import check_data
 
         sizes, features = config.model.num_embeddings_per_feature, CRITEO
         if not sizes or os.path.isfile(os.path.join(config.data.path, "manifest.json")):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,11 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from dlrm.checkpoint import Checkpointer
-from dlrm.config import Config, DataConfig, TrainConfig, check_features, to_toml
+from dlrm.config import Config, check_features, to_toml
 from dlrm.data.loader import ParquetBatches
-from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import Features
-from dlrm.data.split_checks import check_overlaps, check_vocab_rows
-from dlrm.data.splits import resolve_split, row_ranges, split_specs
+from dlrm.data.split_checks import check_data
+from dlrm.data.splits import resolve_split, split_specs
 from dlrm.dist import broadcast_object, gather_object, init_distributed, resolve_device
 from dlrm.evaluate import evaluate
 from dlrm.fsutil import atomic_write_json, atomic_write_text
@@ -39,38 +37,10 @@ from dlrm.optim import (
 from dlrm.preemption import PreemptionFlag
 from dlrm.runlog import RunLog
 from dlrm.sharding import shard_model
+from dlrm.stopping import BEST, Best, best_metric
 
 SPLITS = ("train", "val", "test")
 logger = logging.getLogger(__name__)
-
-
-def check_data(cfg: DataConfig) -> dict[str, Any]:
-    """Everything about the data that can be wrong, checked before any process group starts:
-    the split sources, their overlaps, and the rows the vocabularies were counted on.
-
-    Raises:
-        ValueError: naming ``data.path``, the bad split source, or the splits that share
-            rows (or were counted by the vocabulary) and the rows.
-    """
-    try:
-        manifest = load_manifest(cfg.path)
-    except Exception as e:
-        raise ValueError(f"data.path: {e}") from None
-    specs = split_specs(cfg, manifest)
-    ranges = {}
-    for split, spec in specs.items():
-        try:
-            ranges[split] = row_ranges(manifest, spec)
-        except ValueError as e:
-            raise ValueError(f"data.{split}_sources: {e}") from None
-    if not cfg.allow_overlap:
-        check_overlaps(manifest, specs, ranges)
-    check_vocab_rows(manifest, ranges, f"{cfg.path}")
-    try:
-        Features.of(manifest)
-    except ValueError as e:
-        raise ValueError(f"data.path: {cfg.path}: {e}") from None
-    return manifest
 
 
 def preflight(config: Config) -> dict[str, Any]:
@@ -406,45 +376,6 @@ class Trainer:
                                   {"step": step, "split": split, "metrics": m,
                                    "curves": curves})
         return results
-
-
-BEST = "best"  # RUN/checkpoints/best: train.keep_best's checkpoint
-
-
-def best_metric(cfg: TrainConfig, kind: str) -> str:
-    """The validation metric train.best_metric names (auto: the label kind's first)."""
-    return HEADLINE[kind][0] if cfg.best_metric == "auto" else cfg.best_metric
-
-
-@dataclass
-class Best:
-    """The best validation so far of a metric (AUC higher is better, the rest lower), and
-    the validations since it."""
-
-    metric: str
-    value: float | None = None
-    step: int | None = None
-    stale: int = 0
-
-    def update(self, value: float, step: int) -> bool:
-        """Takes a validation's value; True if it is the best yet."""
-        better = self.value is None or (value > self.value if self.metric == "auc"
-                                        else value < self.value)
-        if better:
-            self.value, self.step, self.stale = float(value), step, 0
-        else:
-            self.stale += 1
-        return better
-
-    def to_json(self) -> dict[str, Any]:
-        return {"metric": self.metric, "value": self.value, "step": self.step,
-                "stale": self.stale}
-
-    @classmethod
-    def from_json(cls, metric: str, record: dict[str, Any]) -> Best:
-        if record.get("metric") != metric:  # the run now follows another metric
-            return cls(metric)
-        return cls(metric, record["value"], record["step"], record["stale"])
 
 
 def _rng_state() -> dict[str, str]:

@@ -60,19 +60,22 @@ import numpy as np
 from tqdm import tqdm
 
 from dlrm.data.chunks import Options, PreprocessError, Task, plan_tasks, source_name
+from dlrm.data.counting import count_values
 from dlrm.data.declared import SCHEMAS, Schema, load_schema
 from dlrm.data.disk import choose_staging
 from dlrm.data.inputs import check_inputs, layout_of
 from dlrm.data.layout import Layout
 from dlrm.data.like import VOCAB, Reference
-from dlrm.data.passes import WORK, count_chunk, recount_chunk, write_chunk
+from dlrm.data.passes import WORK, write_chunk
 from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.data.splits import split_units
-from dlrm.data.staging import staged_paths
 from dlrm.data.timeline import assemble_periods
 from dlrm.data.vocab import Encoder, Encoding, save_tables
-from dlrm.data.vocab_merge import TABLES, budget_bytes, counts_mark, merge_vocabularies
-from dlrm.data.vocab_rows import RECOUNT, check_units, counts_source, select, times_path
+from dlrm.data.vocab_merge import TABLES, budget_bytes
+from dlrm.data.vocab_rows import (
+    Selection,
+    check_units,
+)
 from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.heap import keep_freed_memory
 
@@ -220,37 +223,15 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
             record = {"like": str(ref.path), **ref.vocab_from}
             save_tables(vocabs, tables)
         elif layout.vocab:
-            # A chunk is counted once its counts exist; its staged rows are needed until
-            # the chunk is written (an unfinished run of an older version had none).
-            todo = [t for t in by_size if not (
-                counts_mark(work, t.key).exists() and times_path(work, t.key).exists()
-                and (not staged or (work / "done" / f"{t.key}.json").exists()
-                     or staged_paths(work, t)[0].exists()))]
-            counted = frozenset(t.key for t in tasks
-                                if counts_source(plan["vocab_from"], layout, t))
-            log(f"preprocess: counting the values of {len(todo)} chunks"
-                f"{' (staging their rows)' if staged else ''}")
             budget = budget_bytes(opts.memory_gib) // workers
-            _run(pool, count_chunk, todo, (opts, str(work), layout, staged, budget, counted),
-                 bar, updates)
-            try:
-                selection = select(work, tasks, layout, plan["vocab_from"], counted)
-            except ValueError as e:
-                raise PreprocessError(str(e)) from None
+
+            def run(fn: Callable, jobs: list, args: tuple, progress: bool = False) -> None:
+                _run(pool, fn, jobs, args, bar if progress else None,
+                     updates if progress else None)
+
+            vocabs, selection = count_values(run, tasks, by_size, work, layout,
+                                             plan["vocab_from"], opts, staged, budget, log)
             record = selection.record
-            if not record["rows_counted"]:  # a tiny input: its default training rows
-                log(f"preprocess: warning: --vocab-from {' '.join(record['specs'])} names no "
-                    "rows: every value is out of vocabulary")
-            again = [(t, selection.partial[t.key]) for t in by_size if t.key in selection.partial
-                     and not counts_mark(work, f"{t.key}.{RECOUNT}").exists()]
-            log(f"preprocess: vocabularies from {record['rows_counted']} rows "
-                f"({' '.join(record['specs'])}); {len(selection.partial)} chunks hold rows "
-                "on both sides and are counted again")
-            _run(pool, recount_chunk, again, (opts, str(work), layout, staged, budget), None,
-                 None)
-            vocabs = merge_vocabularies(
-                lambda fn, jobs, args: _run(pool, fn, jobs, args, None, None),
-                selection.keys(), work, layout, budget, log)
         if vocabs:
             with atomic_path(out / VOCAB) as tmp:
                 if ref is not None:  # the same bytes, so that its checksum still matches
@@ -268,9 +249,8 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
         bar.close()
 
     log("preprocess: assembling the rejects and the manifest")
-    manifest = _finish(paths, tasks, out, layout, cardinalities, t0, log, ref, record)
-    if selection is not None:
-        check_units(selection, split_units(manifest))
+    manifest = _finish(paths, tasks, out, layout, cardinalities, t0, log, ref, record,
+                       selection)
     read = manifest["rows_accepted"] + manifest["rows_rejected"]
     log(f"preprocess: {read} rows read, {manifest['rows_accepted']} accepted, "
         f"{manifest['rows_rejected']} rejected {manifest['rejected_by_reason']} "
@@ -320,10 +300,11 @@ def _schema_json(layout: Layout) -> dict[str, Any]:
 
 def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
             cardinalities: list[int], t0: float, log: Callable[[str], Any],
-            ref: Reference | None, vocab_from: dict[str, Any] | None) -> dict[str, Any]:
+            ref: Reference | None, vocab_from: dict[str, Any] | None,
+            selection: Selection | None) -> dict[str, Any]:
     """Per-source rejects with file-wide line numbers, the periods of a time column,
-    then the manifest (``vocab_from``: the rows the vocabularies were counted on), then
-    cleanup."""
+    then the manifest (``vocab_from``: the rows the vocabularies were counted on, among
+    the units ``selection`` saw, which must be the dataset's), then cleanup."""
     work = out / WORK
     sources = []
     sums: dict[str, np.ndarray] = {}  # per source: each dense feature's rows, sum, squares
@@ -378,6 +359,8 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
         "rejected_by_reason": dict(sorted(reasons.items())),
         "seconds": round(time.time() - t0, 3),
     }
+    if selection is not None:  # before the dataset is complete, not after
+        check_units(selection, split_units(manifest))
     atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)
     return manifest

@@ -12,7 +12,18 @@ import itertools
 import logging
 from typing import Any
 
-from dlrm.data.splits import count_rows, describe, difference, intersection, merged
+from dlrm.config import DataConfig
+from dlrm.data.preprocess import load_manifest
+from dlrm.data.schema import Features
+from dlrm.data.splits import (
+    count_rows,
+    describe,
+    difference,
+    intersection,
+    merged,
+    row_ranges,
+    split_specs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,3 +91,32 @@ def check_vocab_rows(manifest: dict[str, Any], ranges: dict[str, list[tuple[int,
         logger.warning("%s: %s of the training rows were not counted by the vocabularies "
                        "(--vocab-from %s): values only they hold are out of vocabulary",
                        dataset, describe(manifest, missed), " ".join(record["specs"]))
+
+
+def check_data(cfg: DataConfig) -> dict[str, Any]:
+    """Everything about the data that can be wrong, checked before any process group starts:
+    the split sources, their overlaps, and the rows the vocabularies were counted on.
+
+    Raises:
+        ValueError: naming ``data.path``, the bad split source, or the splits that share
+            rows (or were counted by the vocabulary) and the rows.
+    """
+    try:
+        manifest = load_manifest(cfg.path)
+    except Exception as e:
+        raise ValueError(f"data.path: {e}") from None
+    specs = split_specs(cfg, manifest)
+    ranges = {}
+    for split, spec in specs.items():
+        try:
+            ranges[split] = row_ranges(manifest, spec)
+        except ValueError as e:
+            raise ValueError(f"data.{split}_sources: {e}") from None
+    if not cfg.allow_overlap:
+        check_overlaps(manifest, specs, ranges)
+    check_vocab_rows(manifest, ranges, f"{cfg.path}")
+    try:
+        Features.of(manifest)
+    except ValueError as e:
+        raise ValueError(f"data.path: {cfg.path}: {e}") from None
+    return manifest

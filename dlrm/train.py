@@ -192,7 +192,7 @@ class Trainer:
                     "world_size": self.dist.world_size,
                     "batch_size": self.config.data.batch_size, "rng": rng,
                     "table_sizes": self.table_sizes, "label_kind": self.features.label_kind,
-                    "best": self.best.to_json()}
+                    "best": self.best.to_json(), "stopped": self.stopped}
         start = time.perf_counter()
         path = self.checkpointer.save(self.step, self._state(), position, name)
         self.log.event("checkpoint", step=self.step, path=str(path),
@@ -212,6 +212,8 @@ class Trainer:
         self.step, self.epoch, self.batch = position["step"], position["epoch"], position["batch"]
         if "best" in position:
             self.best = Best.from_json(self.best.metric, position["best"])
+        # A run that stopped early and is run again has no epoch left to train.
+        self.stopped = position.get("stopped")
         if position["world_size"] == self.dist.world_size:
             _set_rng_state(position["rng"][self.dist.rank])
         else:
@@ -235,7 +237,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.dist.device)
         window_steps, window_start = 0, time.perf_counter()
         samples, train_seconds = 0, 0.0
-        reached = False  # train.target_auc / target_rmse, or early stopping
+        reached = self.stopped is not None  # a target, or early stopping
         with PreemptionFlag() as term:
             while self.epoch < cfg.epochs and not reached:
                 steps = self._steps_per_epoch() - self.batch

@@ -141,7 +141,7 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_auto_resume_finishes(small_d
     end = position(newest(run))
     assert len(end.pop("rng")) == 1 and len(end.pop("table_sizes")) == 26
     assert end == {"step": 3 * 250, "epoch": 3, "batch": 0, "world_size": 1, "batch_size": 32,
-                   "label_kind": "binary",
+                   "label_kind": "binary", "stopped": None,
                    "best": {"metric": "auc", "value": None, "step": None, "stale": 0}}
     assert any("eval/test/auc" in r for r in metrics(run))
 

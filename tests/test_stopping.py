@@ -47,6 +47,13 @@ def test_early_stopping_keeps_and_reports_the_best_checkpoint(small_dataset, tmp
     assert done["early_stopped"] and not done["target_reached"]
     assert done["best"]["step"] == during[best]["step"] and done["val_auc"] == aucs[best]
     assert json.loads((run / "eval" / "test.json").read_text())["step"] == during[best]["step"]
+    # Run again, it resumes from the last checkpoint and trains no further.
+    again = dlrm("train", "--nproc-per-node", "2", *SMALL, f"--data.path={small_dataset}",
+                 "--run-dir", str(run), "--train.epochs=8", "--train.keep_best=true",
+                 "--train.early_stopping=2", "--optim.embedding_lr=0.3").stdout
+    redone = [json.loads(x) for x in again.splitlines() if x.startswith("{")]
+    assert next(e for e in redone if e["event"] == "done")["steps"] == done["steps"]
+    assert not [e for e in redone if e["event"] == "train"]
     splits = next(e for e in events if e["event"] == "splits")
     assert splits["train"]["rows"] == 8000 and splits["val"]["rows"] == 2000
     # The launcher: one config error, said once, before torchrun starts any rank.

@@ -181,8 +181,17 @@ def test_recommend_offers_the_training_items_and_checks_the_user(joined):
             recommender.recommend(user, 5)
 
 
-def test_a_regression_report_plots_predicted_against_actual(joined):
+def test_a_regression_report_plots_predicted_against_actual(joined, monkeypatch):
+    from dlrm import report
+
     run = joined[2].parent.parent
+    labels = {}  # what each figure's first axes say
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: labels.setdefault(
+        path.name, fig.axes[0].get_ylabel()))
+    report.report(run)
+    assert labels["loss.png"] == "squared error (window mean)"  # not "log loss"
+    assert labels["predicted.png"] == "predicted" and labels["residuals.png"] == "rows"
+    monkeypatch.undo()
     dlrm("report", str(run))
     page = (run / "report" / "index.md").read_text()
     assert "Predicted vs actual (test)" in page and "Residuals (test)" in page

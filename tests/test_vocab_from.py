@@ -58,15 +58,18 @@ def test_default_counts_every_day_but_the_last(tmp_path):
     assert (_ids(out, m, "C2") >= 2).all()  # C2's values are all seen in training
 
 
-@pytest.mark.parametrize(("specs", "want"), [
-    (["*[0:0.55]", "day_2[0.9:1]"], [[0, 495], [870, 900]]),
-    (["day_1[1/3:2/3]"], [[400, 500]])])
-def test_exactly_the_named_rows_are_counted_in_chunks_across_the_bounds(tmp_path, specs, want):
-    """Small chunks: the bounds fall inside chunks, which are counted again."""
+@pytest.mark.parametrize(("specs", "want", "stage"), [
+    (["*[0:0.55]", "day_2[0.9:1]"], [[0, 495], [870, 900]], True),
+    (["*[0:0.55]", "day_2[0.9:1]"], [[0, 495], [870, 900]], False),  # counted from the text
+    (["day_1[1/3:2/3]"], [[400, 500]], True)])
+def test_exactly_the_named_rows_are_counted_in_chunks_across_the_bounds(tmp_path, specs, want,
+                                                                         stage):
+    """Small chunks: the bounds fall inside chunks, which are counted again (from their
+    staged rows, or without staging from their text)."""
     out = tmp_path / "data"
     logged = []
     m = preprocess(_criteo_days(tmp_path), out, log=logged.append, vocab_from=specs,
-                   options=Options(workers=2, chunk_bytes=6000))
+                   options=Options(workers=2, chunk_bytes=6000, stage=stage))
     rows = np.zeros(900, bool)
     for lo, hi in m["vocab_from"]["rows"]:
         rows[lo:hi] = True

@@ -74,8 +74,9 @@ def _columns(table: pa.Table, names: list[str]) -> dict[str, np.ndarray]:
     return {c: table.column(c).to_numpy() for c in names}
 
 
-def _read(segments: list[Segment]) -> pa.Table:
-    parts = [pq.read_table(s.path).slice(s.start, s.stop - s.start) for s in segments]
+def _read(segments: list[Segment], columns: list[str] | None = None) -> pa.Table:
+    parts = [pq.read_table(s.path, columns=columns).slice(s.start, s.stop - s.start)
+             for s in segments]
     return pa.concat_tables(parts, promote_options="permissive")
 
 
@@ -99,24 +100,29 @@ def rank_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "test
     specs = offline.split_specs
     items = items_of_dataset(data, manifest, schema, {}, specs["train"])
     item_ids = items.column(item_key).to_numpy()
-    train = _columns(_read(resolve_split(data, manifest, specs["train"])), [user_key, item_key])
+    train = _columns(_read(resolve_split(data, manifest, specs["train"]), [user_key, item_key]),
+                     [user_key, item_key])
     held = _read(offline.segments)
     held_users, held_items = (held.column(user_key).to_numpy(), held.column(item_key).to_numpy())
     who = _user_groups(held, schema.user)
-    groups, first = np.unique(who, return_index=True)
     good = held.column(label).to_numpy() >= relevant
+    # The relevant rows by user, in the order users first appear in the split.
+    groups, first = np.unique(who, return_index=True)
+    relevant_rows = np.flatnonzero(good)
+    by_user = relevant_rows[np.argsort(who[relevant_rows], kind="stable")]
+    starts = np.searchsorted(who[by_user], groups)
+    ends = np.searchsorted(who[by_user], groups, side="right")
     # Each user's training items (out of vocabulary users share an id: nothing to leave out).
     order = np.argsort(train[user_key], kind="stable")
     tu, ti = train[user_key][order], train[item_key][order]
     rng = np.random.default_rng(seed)
     plan = []  # per user: (first held row, candidate item indexes, which are relevant)
     unreachable = 0
-    for g, row in zip(groups, first, strict=True):
-        mine = good & (who == g)
-        if not mine.any():
+    for row, a, b in zip(first, starts, ends, strict=True):
+        if a == b:  # nothing relevant: not ranked
             continue
         u = held_users[row]
-        wanted = np.unique(held_items[mine])
+        wanted = np.unique(held_items[by_user[a:b]])
         seen = ti[np.searchsorted(tu, u):np.searchsorted(tu, u, side="right")] if u > 1 \
             else np.zeros(0, np.int64)
         allowed = ~np.isin(item_ids, seen) | np.isin(item_ids, wanted)

@@ -13,10 +13,11 @@ and converted by whole-array numpy operations on each column's bytes: no Python 
 
 1. ``vocab`` encoding only: every chunk is validated and transformed, its parsed rows
    staged (Arrow IPC, LZ4) and each categorical value counted per feature; the counts of
-   all chunks are merged exactly, in partitions that keep each worker within its share
-   of ``Options.memory_gib`` (``vocab_merge``); each feature's vocabulary is the values
-   seen at least ``min_frequency`` times, by descending count (ties by value), capped at
-   ``max_vocab``, and is turned into a hash table.
+   the training rows (``vocab_rows``: ``--vocab-from``, the chunks across a bound counted
+   again, ``counting`` drives it) are merged exactly, in partitions that keep each worker
+   within its share of ``Options.memory_gib`` (``vocab_merge``); each feature's
+   vocabulary is the values seen at least ``min_frequency`` times, by descending count
+   (ties by value), capped at ``max_vocab``, and is turned into a hash table.
 2. Every chunk is written as Parquet shards: ``hash`` validates and transforms it here,
    ``vocab`` reads its staged rows back and looks the ids up in the hash tables.
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from dlrm.data.schema import Features
 from dlrm.fsutil import read_toml
+from dlrm.metrics import HEADLINE
 
 
 class ConfigError(ValueError):
@@ -440,7 +441,7 @@ def check_features(config: Config, features: Features) -> None:
                 raise ConfigError(f"{key}.{f}: unknown feature, the dataset's are "
                                   f"{', '.join(names)}")
     t, kind = config.train, features.label_kind
-    fits = {"binary": ("auto", "auc", "logloss"), "regression": ("auto", "rmse", "mae")}[kind]
+    fits = ("auto", *HEADLINE[kind])
     for key, bad in [("train.best_metric", t.best_metric not in fits),
                      ("train.target_auc", bool(t.target_auc) and kind != "binary"),
                      ("train.target_rmse", bool(t.target_rmse) and kind != "regression")]:

@@ -34,7 +34,7 @@ from dlrm.dist import barrier
 from dlrm.evaluate import gather_predictions, predict
 from dlrm.fsutil import atomic_write_json
 from dlrm.offline import Offline
-from dlrm.recommend import items_of_dataset
+from dlrm.recommend import items_of_dataset, user_with_items
 
 KS = (10, 20)
 MAX_SCORES = 200_000_000  # candidate rows beyond which all-item ranking must be sampled
@@ -143,14 +143,10 @@ def rank_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "test
     if offline.dist.is_main:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
-        item_columns = [c for c in held.column_names if c in schema.item]
         with pq.ParquetWriter(path, held.schema) as writer:
             for row, pool, _ in plan:
-                zeros = pa.array(np.zeros(pool.size, np.int64))
-                base = held.slice(row, 1)
-                piece = pa.table({c: items.column(c).take(pa.array(pool)) if c in item_columns
-                                  else base.column(c).take(zeros) for c in held.column_names},
-                                 schema=held.schema)
+                piece = user_with_items(held.slice(row, 1), items.take(pa.array(pool)),
+                                        schema.item).cast(held.schema)
                 writer.write_table(piece, row_group_size=1 << 16)
     barrier()
     try:

@@ -100,11 +100,7 @@ class Recommender:
             raise RowsError(f"top_k: expected a positive integer, got {top_k!r}")
         base = self.scorer.encode(self.rows.block([self._row(user, self.schema.user, "user")]))
         items, keys = self.candidates(candidates)
-        n = items.num_rows
-        zeros = pa.array(np.zeros(n, np.int64))
-        table = pa.table({c: items.column(c) if c in self.schema.item
-                          else base.column(c).take(zeros) for c in base.column_names})
-        _, scores = self.scorer.score_table(table)
+        _, scores = self.scorer.score_table(user_with_items(base, items, self.schema.item))
         seen = np.isin(items.column(self.schema.item[0]).to_numpy(),
                        self._key_ids(exclude or []))
         order = [i for i in np.argsort(-scores, kind="stable") if not seen[i]]
@@ -122,6 +118,14 @@ class Recommender:
         f = self.scorer.layout.sparse.index(key)
         ids = self.scorer.encoder.ids(f, raw)
         return ids[present & ok & (ids > 1)]
+
+
+def user_with_items(user: pa.Table, items: pa.Table, item: tuple[str, ...]) -> pa.Table:
+    """A row per item: the encoded ``user`` row (its first) with its ``item`` columns
+    replaced by the item's (encoded, as ``items`` holds them)."""
+    zeros = pa.array(np.zeros(items.num_rows, np.int64))
+    return pa.table({c: items.column(c) if c in item else user.column(c).take(zeros)
+                     for c in user.column_names})
 
 
 def _key_value(key: Any) -> Any:

@@ -51,11 +51,6 @@ class Join:
     header: bool = True
     names: tuple[str, ...] = ()
 
-    def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "key": self.key, "columns": list(self.columns),
-                "format": self.format, "delimiter": self.delimiter, "header": self.header,
-                "names": list(self.names)}
-
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Join:
         return cls(**{**doc, "columns": tuple(doc["columns"]), "names": tuple(doc["names"])})
@@ -156,11 +151,12 @@ def _load(join: Join, size: int, mtime_ns: int) -> tuple[pa.Array, dict[str, pa.
         raise JoinError(f"{path}: no column {', '.join(missing)} (it has "
                         f"{', '.join(table.column_names)})")
     keys = _text(table.column(join.key))
-    unique, first, counts = np.unique(np.asarray(keys.to_pylist(), dtype=object),
-                                      return_index=True, return_counts=True)
-    if (counts > 1).any():
-        value = unique[np.flatnonzero(counts > 1)[0]]
-        rows = np.flatnonzero(np.asarray(keys.to_pylist(), dtype=object) == value)
+    counts = pc.value_counts(keys)
+    twice = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(twice):
+        value = twice[0]["values"].as_py()
+        rows = np.flatnonzero(pc.equal(keys, pa.scalar(value, pa.binary()))
+                              .to_numpy(zero_copy_only=False))
         line = (lambda r: r + 1 + join.header) if join.format != "parquet" else (lambda r: r + 1)
         what = "line" if join.format != "parquet" else "row"
         raise JoinError(f"{path}: {what} {line(int(rows[1]))}: key {join.key} = "

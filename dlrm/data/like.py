@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dlrm.data.declared import SCHEMAS, Schema, load_schema
+from dlrm.data.schema import Features
 from dlrm.data.vocab import Encoding
 
 VOCAB = "vocab.npz"
@@ -88,10 +89,6 @@ def check_same_encoding(trained_on: str | Path, manifest: dict[str, Any], where:
                          f"{trained_on}; preprocess it --like {trained_on}")
 
 
-def label_kind(manifest: dict[str, Any]) -> str:
-    return manifest["schema"].get("label_kind", "binary")
-
-
 def check_label_kind(trained_on: str | Path, manifest: dict[str, Any], where: str,
                      kind: str | None = None) -> None:
     """A model trained for one label kind (``kind``, else that of its training dataset,
@@ -100,7 +97,8 @@ def check_label_kind(trained_on: str | Path, manifest: dict[str, Any], where: st
         path = Path(trained_on) / "manifest.json"
         if not path.is_file():
             return
-        kind = label_kind(json.loads(path.read_text()))
-    if label_kind(manifest) != kind:
-        raise ValueError(f"{where}: its label is a {label_kind(manifest)} one, but the model "
-                         f"was trained on {trained_on} for a {kind} label")
+        kind = Features.of(json.loads(path.read_text())).label_kind
+    got = Features.of(manifest).label_kind
+    if got != kind:
+        raise ValueError(f"{where}: its label is a {got} one, but the model was trained on "
+                         f"{trained_on} for a {kind} label")

@@ -101,10 +101,13 @@ def count_chunk(task: Task, opts: Options, work: str, layout: Layout, stage: boo
     counter = _Counter(work_dir, task.key, layout, budget)
     summary: dict[str, Any] = {}
     report = Progress(progress)
-    times = []
+    times, rows = [], 0  # the rows' times where the schema has a time column, else their number
 
     def count(block: Block) -> None:
-        times.append(_times(block))
+        nonlocal rows
+        rows += block.label.size
+        if block.time is not None:
+            times.append(block.time)
         if counts:
             counter.count(block)
 
@@ -120,7 +123,8 @@ def count_chunk(task: Task, opts: Options, work: str, layout: Layout, stage: boo
     else:
         for block in layout.blocks(task, opts, report):
             count(block)
-    save_times(work_dir, task.key, np.concatenate(times) if times else np.zeros(0, np.int64))
+    save_times(work_dir, task.key, np.concatenate(times) if times else
+               np.zeros(0, np.int64) if layout.time else None, rows)
     counter.finish()
     report.flush()
 
@@ -135,10 +139,10 @@ def recount_chunk(job: tuple[Task, list[Any]], opts: Options, work: str, layout:
     counter = _Counter(work_dir, f"{task.key}.{RECOUNT}", layout, budget)
     blocks = (read_staged(staged_paths(work_dir, task)[0], layout) if staged
               else layout.blocks(task, opts, lambda n: None))
+    bounds = [tuple(map(tuple, r)) for r in ranges]  # as select made them (JSON-safe lists)
     seen: dict[int, int] = {}
     for block in blocks:
-        counter.count(block, row_mask(_times(block), seen, [tuple(map(tuple, r))
-                                                            for r in ranges]))
+        counter.count(block, row_mask(_times(block), seen, bounds))
     counter.finish()
 
 

@@ -114,7 +114,7 @@ def check_data(cfg: DataConfig) -> dict[str, Any]:
             raise ValueError(f"data.{split}_sources: {e}") from None
     if not cfg.allow_overlap:
         check_overlaps(manifest, specs, ranges)
-    check_vocab_rows(manifest, ranges, f"{cfg.path}")
+    check_vocab_rows(manifest, ranges, cfg.path)
     try:
         Features.of(manifest)
     except ValueError as e:

@@ -14,6 +14,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from dlrm.config import DataConfig
+
 ALL = "*"
 _SPEC = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<a>[0-9./]*):(?P<b>[0-9./]*)\])?$")
 
@@ -56,17 +58,23 @@ def spec_name(spec: str) -> str | None:
     return m["name"] if m else None
 
 
+def _starts(units: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
+    """Each unit's name and its global rows ``[start, stop)``, in order."""
+    out, start = [], 0
+    for u in units:
+        out.append((u["name"], start, start + u["rows_accepted"]))
+        start += u["rows_accepted"]
+    return out
+
+
 def unit_ranges(units: list[dict[str, Any]], specs: list[str], kind: str = "sources",
                 ) -> list[tuple[int, int]]:
     """Each spec (``name`` or ``name[a:b]``; a, b fractions of its rows such as 0.5 or 6/7,
     exact, so that adjacent ranges never share a row; ``*`` for all units in order) as a
     range ``[lo, hi)`` of global rows: the rows of all ``units`` (each with its
     ``rows_accepted``) numbered in order. ``kind`` names the units in errors."""
-    offsets, start = {}, 0
-    for u in units:
-        offsets[u["name"]] = (start, u["rows_accepted"])
-        start += u["rows_accepted"]
-    offsets[ALL] = (0, start)
+    offsets = {name: (lo, hi - lo) for name, lo, hi in _starts(units)}
+    offsets[ALL] = (0, sum(u["rows_accepted"] for u in units))
     ranges = []
     for spec in specs:
         m = _SPEC.match(spec) if isinstance(spec, str) else None
@@ -97,8 +105,8 @@ def row_ranges(manifest: dict[str, Any], specs: list[str]) -> list[tuple[int, in
     return unit_ranges(split_units(manifest), specs, kind)
 
 
-def split_specs(cfg: Any, manifest: dict[str, Any]) -> dict[str, list[str]]:
-    """Sources of each split of a run (``cfg``: its ``DataConfig``): the config's, else
+def split_specs(cfg: DataConfig, manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """Sources of each split of a run: the config's, else
     (key absent) the default (see :func:`default_split_specs`); ``"none"`` is no rows."""
     given = {"train": cfg.train_sources, "val": cfg.val_sources, "test": cfg.test_sources}
     defaults = default_split_specs(manifest)
@@ -159,13 +167,9 @@ def count_rows(ranges: list[tuple[int, int]]) -> int:
 def describe(manifest: dict[str, Any], ranges: list[tuple[int, int]]) -> str:
     """Rows as a reader finds them: ``N rows (rows a..b-1 of period P, ...)``, the first
     few ranges named by the units they fall in."""
-    units, parts, start = split_units(manifest), [], 0
-    bounds = []
-    for u in units:
-        bounds.append((start, start + u["rows_accepted"], u["name"]))
-        start += u["rows_accepted"]
+    parts = []
     for lo, hi in merged(ranges)[:3]:
-        for s, e, name in bounds:
+        for name, s, e in _starts(split_units(manifest)):
             a, b = max(lo, s), min(hi, e)
             if a < b:
                 parts.append(f"{name} rows {a - s}..{b - s - 1}")

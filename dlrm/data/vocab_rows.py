@@ -47,10 +47,13 @@ def times_path(work: Path, key: str) -> Path:
     return work / "counts" / f"{key}.times.npy"
 
 
-def save_times(work: Path, key: str, times: np.ndarray) -> None:
-    """A chunk's rows for the selection: each distinct time (seconds; 0 for every row
-    without a time column) with its count, as a (2, n) int64 array."""
-    t, n = np.unique(times, return_counts=True)
+def save_times(work: Path, key: str, times: np.ndarray | None, rows: int) -> None:
+    """A chunk's rows for the selection: each distinct time (seconds; ``times`` None: no
+    time column, all ``rows`` at time 0) with its count, as a (2, n) int64 array."""
+    if times is None:
+        t, n = np.zeros(1 if rows else 0, np.int64), np.array([rows] if rows else [], np.int64)
+    else:
+        t, n = np.unique(times, return_counts=True)
     with atomic_path(times_path(work, key)) as tmp, open(tmp, "wb") as f:
         np.save(f, np.stack([t.astype(np.int64), n.astype(np.int64)]))
 

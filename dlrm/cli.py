@@ -94,12 +94,31 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
         sys.stdout.flush()
         os.execv(sys.executable, argv)
     from dlrm.checkpoint import CheckpointError
+    from dlrm.data.integrity import DataError
     from dlrm.train import train
 
     try:
         train(config, args.run_dir)
-    except CheckpointError as e:
+    except (CheckpointError, DataError) as e:
         return _error("train", e)
+    return 0
+
+
+def _verify(args: argparse.Namespace, rest: list[str]) -> int:
+    from dlrm.data.preprocess import PreprocessError, load_manifest
+    from dlrm.data.verify import verify_dataset
+
+    try:
+        report = verify_dataset(args.dataset, load_manifest(args.dataset),
+                                lambda m: print(m, file=sys.stderr))
+    except PreprocessError as e:
+        return _error("verify", e)
+    print(json.dumps({"event": "verify", "dataset": args.dataset, "files": report["files"],
+                      "rows": report["rows"], "bad_files": len(report["bad"])}))
+    if report["bad"]:
+        print(f"dlrm verify: {len(report['bad'])} of {report['files']} files of "
+              f"{args.dataset} are bad (listed above)", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -371,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
                         "rows: every source or period but the last, or the first 6/7 of a "
                         "single one). Training refuses val or test rows counted here")
     p.set_defaults(func=_preprocess)
+
+    p = sub.add_parser("verify", help="check every shard of a dataset against its manifest: "
+                       "present, its size, its page checksums, its rows, its ids")
+    p.add_argument("dataset")
+    p.set_defaults(func=_verify)
 
     p = sub.add_parser("train", help="train (one rank; under torchrun one of N)",
                        epilog="Any config key can be overridden: --section.key=value")

@@ -42,6 +42,7 @@ from torchrec.tensor_types import UInt4Tensor
 
 from dlrm.checkpoint import verify
 from dlrm.config import ModelConfig
+from dlrm.data.integrity import WRITE, read_table
 from dlrm.data.like import VOCAB, schema_of
 from dlrm.data.preprocess import load_manifest
 from dlrm.data.schema import Features
@@ -146,7 +147,8 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
         from dlrm.recommend import ITEMS, items_of_dataset
 
         train = split_specs(config.data, manifest)["train"]  # the items the model trained on
-        pq.write_table(items_of_dataset(data, manifest, schema, vocabs, train), tmp / ITEMS)
+        pq.write_table(items_of_dataset(data, manifest, schema, vocabs, train), tmp / ITEMS,
+                       **WRITE)
     atomic_write_json(tmp / MODEL_JSON, info)
     if out.exists():
         out.rmdir()
@@ -161,7 +163,7 @@ def label_range(data: Path, manifest: dict[str, Any], specs: list[str]) -> list[
     """The smallest and largest label of the rows ``specs`` name."""
     label, lo, hi = manifest["schema"]["label"], np.inf, -np.inf
     for segment in resolve_split(data, manifest, specs):
-        column = pq.read_table(segment.path, columns=[label]).column(label)
+        column = read_table(segment.path, segment.bytes, columns=[label]).column(label)
         values = column.slice(segment.start, segment.stop - segment.start).to_numpy()
         if values.size:
             lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))

@@ -14,11 +14,12 @@ from typing import Any
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path`` to write; renames it over ``path`` once the
-    block succeeds (left behind, never renamed, if it fails). The temporary name keeps
-    the suffix (``x.tmp.png``) for writers that pick the format from it."""
+    block succeeds (left behind, never renamed, if it fails). The temporary name carries
+    this process's pid, so that nothing another process writes is renamed over ``path``,
+    and keeps the suffix (``x.tmp-123.png``) for writers that pick the format from it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
     yield tmp
     os.replace(tmp, path)
 

@@ -19,6 +19,7 @@ import torch
 
 from dlrm.checkpoint import Checkpointer, read_marker
 from dlrm.config import Config, load_config
+from dlrm.data.integrity import WRITE
 from dlrm.data.like import check_same_encoding
 from dlrm.data.loader import ParquetBatches
 from dlrm.data.preprocess import load_manifest
@@ -147,7 +148,7 @@ def score_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Path,
         table = pa.table({"row": rows, "label": pa.array(labels.astype(np.int8)),
                           "prob": pa.array(sigmoid(logits))})
     with atomic_path(Path(out)) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, **WRITE)
     return len(labels)
 
 

@@ -20,8 +20,7 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from multiprocessing import get_context
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from dlrm.data.blocks import Block
 from dlrm.data.chunks import Options, Task, plan_tasks
 from dlrm.data.declared import Schema, is_criteo
 from dlrm.data.inputs import check_inputs, layout_of, read_header
+from dlrm.data.integrity import WRITE
 from dlrm.data.joins import based
 from dlrm.data.layout import Layout
 from dlrm.data.like import schema_of
@@ -45,6 +45,7 @@ from dlrm.data.vocab import Encoder
 from dlrm.export import TABLES, Exported, load_exported
 from dlrm.fsutil import atomic_path
 from dlrm.metrics import sigmoid
+from dlrm.workers import worker_pool
 
 BATCH = 4096  # rows per forward pass
 
@@ -155,9 +156,7 @@ def _in_order(tasks: list[Task], opts: Options, exported: Exported, paths: list[
         for t in tasks:
             yield t, score_chunk(t, opts, scorer)
         return
-    ctx = get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(model, [str(p) for p in paths])) as pool:
+    with worker_pool(workers, _init_worker, (model, [str(p) for p in paths])) as pool:
         pending: deque[tuple[Task, Future]] = deque()
         queue = iter(tasks)
         for t in queue:
@@ -199,7 +198,7 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, worker
     rows, reasons = 0, Counter()
     offsets: Counter[str] = Counter()  # per source: lines of its chunks so far
     rejects_path = out.with_name(out.name + ".rejects.tsv")
-    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer, \
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, **WRITE) as writer, \
             atomic_path(rejects_path) as tmp_rejects, open(tmp_rejects, "wb") as bad:
         for task, got in _in_order(tasks, opts, exported, paths, workers):
             base = offsets[task.source]

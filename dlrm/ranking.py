@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from torchmetrics.retrieval import RetrievalNormalizedDCG, RetrievalRecall
 
+from dlrm.data.integrity import WRITE, read_table
 from dlrm.data.like import schema_of
 from dlrm.data.loader import ParquetBatches
 from dlrm.data.splits import Segment, resolve_split
@@ -75,7 +76,7 @@ def _columns(table: pa.Table, names: list[str]) -> dict[str, np.ndarray]:
 
 
 def _read(segments: list[Segment], columns: list[str] | None = None) -> pa.Table:
-    parts = [pq.read_table(s.path, columns=columns).slice(s.start, s.stop - s.start)
+    parts = [read_table(s.path, s.bytes, columns=columns).slice(s.start, s.stop - s.start)
              for s in segments]
     return pa.concat_tables(parts, promote_options="permissive")
 
@@ -143,7 +144,7 @@ def rank_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "test
     if offline.dist.is_main:
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
-        with pq.ParquetWriter(path, held.schema) as writer:
+        with pq.ParquetWriter(path, held.schema, **WRITE) as writer:
             for row, pool, _ in plan:
                 piece = user_with_items(held.slice(row, 1), items.take(pa.array(pool)),
                                         schema.item).cast(held.schema)
@@ -153,7 +154,8 @@ def rank_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "test
         rows = pq.read_metadata(path).num_rows
         batches = ParquetBatches([Segment(path, 0, rows)], offline.batch_size,
                                  offline.dist.rank, offline.dist.world_size, pad=True,
-                                 features=offline.features)
+                                 features=offline.features,
+                                 cardinalities=offline.manifest["cardinalities"])
         got = gather_predictions(*predict(offline.model, batches, offline.dist.device))
     finally:
         barrier()

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dlrm.data.codecs import category_values
 from dlrm.data.declared import Schema
+from dlrm.data.integrity import read_table
 from dlrm.data.splits import ALL, resolve_split
 from dlrm.predict import Scorer
 from dlrm.request_rows import RequestRows, RowsError
@@ -35,14 +35,14 @@ def items_of_dataset(data: Path, manifest: dict[str, Any], schema: Schema,
     training split), its features as first seen there."""
     key, parts, seen = schema.item[0], [], np.zeros(0, np.int64)
     for segment in resolve_split(data, manifest, list(specs)):
-        table = pq.read_table(segment.path, columns=list(schema.item))
+        table = read_table(segment.path, segment.bytes, columns=list(schema.item))
         table = table.slice(segment.start, segment.stop - segment.start)
         ids = table.column(key).to_numpy()
         first = np.unique(ids, return_index=True)[1]
         fresh = first[~np.isin(ids[first], seen) & (ids[first] > 1)]  # not missing or OOV
         parts.append(table.take(np.sort(fresh)))
         seen = np.union1d(seen, ids[fresh])
-    items = pa.concat_tables(parts) if parts else pq.read_table(segment.path).slice(0, 0)
+    items = pa.concat_tables(parts) if parts else read_table(segment.path).slice(0, 0)
     return items.append_column(KEY, pa.array(key_names(items.column(key).to_numpy(),
                                                        vocabs.get(key))))
 
@@ -66,7 +66,7 @@ class Recommender:
                             "nothing to recommend")
         self.scorer, self.rows, self.schema = scorer, rows, schema
         path = scorer.exported.path / ITEMS
-        self.items = pq.read_table(path) if path.is_file() else None
+        self.items = read_table(path) if path.is_file() else None
 
     def _row(self, fields: dict[str, Any], allowed: tuple[str, ...], what: str) -> dict:
         if not isinstance(fields, dict):

@@ -30,16 +30,16 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dlrm.data.integrity import check_file, check_ids, open_parquet, read_metadata, read_row_group
 from dlrm.data.multi_hot import MultiHot
 from dlrm.data.oov_dropout import drop_to_oov
 from dlrm.data.prefetch import Prefetcher
@@ -47,6 +47,20 @@ from dlrm.data.schema import CRITEO, MISSING_ID, Features
 from dlrm.data.splits import Segment, take_rows
 
 PAD_LABEL = -1.0
+
+
+class _Piece(NamedTuple):
+    """Rows ``[start, stop)`` of one row group of a file; ``row``: the split's number of
+    its first row, ``file_row``: the file's."""
+
+    path: Path
+    bytes: int | None
+    group: int
+    start: int
+    stop: int
+    row: int
+    file_row: int
+
 # ------------------------------------------------------------------ rows and batches
 
 _BAGS = pa.list_(pa.int64())  # the type list columns are read as
@@ -199,7 +213,7 @@ def _list_features(segments: list[Segment], features: Features) -> list[bool]:
     if not segments:
         return [False] * len(features.sparse)
     path = segments[0].path
-    schema = pq.read_schema(path)
+    schema = read_metadata(path, segments[0].bytes).schema.to_arrow_schema()
     missing = [c for c in _columns(features) if c not in schema.names]
     if missing:
         raise ValueError(f"{path}: no column {', '.join(missing)}")
@@ -242,7 +256,9 @@ class ParquetBatches:
             are expanded into MLPerf DLRMv2's synthetic multi-hot bags (:class:`MultiHot`).
             A feature stored as a list column must have size 1 (it is multi-hot already).
         cardinalities: ids per feature (``manifest["cardinalities"]``); needed with
-            ``multi_hot_sizes``.
+            ``multi_hot_sizes``. Where given, every row group's ids are checked against
+            them as it is read (``integrity.check_ids``): an id outside its table stops
+            the epoch with a DataError naming the feature, the id and the file.
         multi_hot_seed: seed of the multi-hot tables; 0 gives MLPerf's.
         features: the dataset's columns (``Features.of(manifest)``): the label, the dense
             features (the batch's dense tensor, in this order) and the categorical ones
@@ -255,6 +271,9 @@ class ParquetBatches:
     of ids (``list<int>``: KJT lengths are the list sizes, a null list an empty bag);
     both kinds may be mixed. Padding rows get id ``MISSING_ID``, a bag ``[MISSING_ID]``
     in a list column.
+
+    Every file is checked before anything is read: present, and of the size the manifest
+    records (``Segment.bytes``); every page read verifies its checksum (``integrity``).
 
     Example::
 
@@ -292,7 +311,10 @@ class ParquetBatches:
         self.first_row = lo
         self.oov_dropout = oov_dropout or {}
         self.features = features
+        for path, size in dict((s.path, s.bytes) for s in segments).items():
+            check_file(path, size)
         self._list_features = _list_features(segments, features)
+        self.cardinalities = None if cardinalities is None else list(cardinalities)
         self.multi_hot: MultiHot | None = None
         if multi_hot_sizes:
             if cardinalities is None:
@@ -325,7 +347,7 @@ class ParquetBatches:
 
     def _produce(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         """The batches of one epoch (run by the prefetch thread, if any)."""
-        chunks: Iterator[tuple[Path, int, int, int, int]] = self._chunks()
+        chunks: Iterator[_Piece] = self._chunks()
         if self.shuffle_buffer:
             rng = np.random.default_rng([self.seed, epoch, self.rank])
             pieces = list(chunks)
@@ -340,37 +362,38 @@ class ParquetBatches:
                 batch = to_batch(rows, self.features.sparse, self.multi_hot)
                 yield self.finish(batch) if self.finish else batch
 
-    def _chunks(self) -> Iterator[tuple[Path, int, int, int, int]]:
-        """(file, row group, start, stop, number in the split of its first row) of each
-        piece of this rank's part, in order."""
+    def _chunks(self) -> Iterator[_Piece]:
+        """Each piece of this rank's part, in order."""
         row = self.first_row
         for seg in self.segments:
-            meta = pq.read_metadata(seg.path)
+            meta = read_metadata(seg.path, seg.bytes)
             offset = 0
             for g in range(meta.num_row_groups):
                 n = meta.row_group(g).num_rows
                 s, e = max(seg.start - offset, 0), min(seg.stop - offset, n)
-                offset += n
                 if s < e:
-                    yield seg.path, g, s, e, row
+                    yield _Piece(seg.path, seg.bytes, g, s, e, row, offset + s)
                     row += e - s
+                offset += n
                 if offset >= seg.stop:
                     break
 
-    def _read(self, chunks: Iterator[tuple[Path, int, int, int, int]]) -> Iterator[_Rows]:
+    def _read(self, chunks: Iterator[_Piece]) -> Iterator[_Rows]:
         columns = _columns(self.features)
         file, open_path = None, None
         try:
-            for path, g, s, e, row in chunks:
+            for path, size, g, s, e, row, file_row in chunks:
                 if path != open_path:
                     if file is not None:
                         file.close()
-                    file, open_path = pq.ParquetFile(path), path
+                    file, open_path = open_parquet(path, size), path
                 # On the calling thread: no Arrow thread pool, whose threads could still be
                 # alive when the process exits and abort it (apache/arrow#34314); one core
                 # a rank gains nothing from them, and the prefetch thread overlaps reads.
-                group = file.read_row_group(g, columns=columns, use_threads=False)
+                group = read_row_group(file, path, g, columns=columns, use_threads=False)
                 rows = self._rows(group.slice(s, e - s), path)
+                if self.cardinalities is not None:
+                    self._check_ids(rows, path, file_row)
                 if self.oov_dropout:
                     rows.row = np.arange(row, row + e - s, dtype=np.int64)
                 yield rows
@@ -380,6 +403,16 @@ class ParquetBatches:
 
     def _rows(self, table: pa.Table, path: Path) -> _Rows:
         return table_rows(table, self.features, self._list_features, path)
+
+    def _check_ids(self, rows: _Rows, path: Path, file_row: int) -> None:
+        for name, size, column in zip(self.features.sparse, self.cardinalities, rows.sparse,
+                                      strict=True):
+            if isinstance(column, np.ndarray):
+                check_ids(column, size, name, path, file_row)
+            else:
+                offsets = column.offsets.to_numpy()
+                check_ids(_filled(column.flatten(), MISSING_ID).to_numpy(), size, name, path,
+                          file_row, offsets - offsets[0])
 
     def _batches(self, blocks: Iterator[_Rows]) -> Iterator[_Rows]:
         """Cuts the blocks into ``num_batches`` batches; in evaluation, pads the last ones."""

@@ -36,10 +36,14 @@ one chunk in each pass), ``shards`` (writing them, by time period where the sche
 time column) and ``timeline`` (a time column's periods, sorted where they came out of
 order); this module drives them and writes the manifest.
 
+One writer: a run holds ``out``'s lock (``writer_lock``) throughout, and a second run into
+the same directory is refused, naming the first. Workers die with the run (``workers``).
+
 Resumable: a chunk's outputs are final once its done record is written (last, by atomic
 rename), and a rerun skips chunks that have one, so killing the process at any moment
 and rerunning the same command gives the same dataset. ``manifest.json`` is written last,
-atomically: a dataset is complete iff it exists.
+atomically, once every file it lists is found with its recorded size: a dataset is
+complete iff it exists.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from dlrm.data.counting import count_values
 from dlrm.data.declared import SCHEMAS, Schema, load_schema
 from dlrm.data.disk import choose_staging
 from dlrm.data.inputs import check_inputs, layout_of
+from dlrm.data.integrity import DataError, check_file
 from dlrm.data.layout import Layout
 from dlrm.data.like import VOCAB, Reference
 from dlrm.data.passes import WORK, write_chunk
@@ -73,12 +78,11 @@ from dlrm.data.splits import split_units
 from dlrm.data.timeline import assemble_periods
 from dlrm.data.vocab import Encoder, Encoding, save_tables
 from dlrm.data.vocab_merge import TABLES, budget_bytes
-from dlrm.data.vocab_rows import (
-    Selection,
-    check_units,
-)
+from dlrm.data.vocab_rows import Selection, check_units
+from dlrm.data.writer_lock import LOCK, writer_lock
 from dlrm.fsutil import atomic_path, atomic_write_json
 from dlrm.heap import keep_freed_memory
+from dlrm.workers import worker_pool
 
 __all__ = ["Encoding", "Options", "PreprocessError", "load_manifest", "preprocess"]
 
@@ -150,6 +154,14 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
     check_inputs(paths, encoding)
     layout = layout_of(schema or load_schema(SCHEMAS / "criteo.toml"), encoding, paths)
     out = Path(out)
+    with writer_lock(out, PreprocessError, "dlrm preprocess"):
+        return _locked(paths, out, opts, layout, ref, vocab_from, t0, log)
+
+
+def _locked(paths: list[Path], out: Path, opts: Options, layout: Layout,
+            ref: Reference | None, vocab_from: list[str] | None, t0: float,
+            log: Callable[[str], Any]) -> dict[str, Any]:
+    """:func:`preprocess` once it holds ``out``'s lock: a rerun's checks, then the run."""
     plan = {"format": FORMAT, "encoding": layout.encoding_json(),
             "sources": [_fingerprint(p) for p in paths]}
     if layout.schema is not None:
@@ -181,7 +193,7 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
                                   f"encoding ({plan_path}); choose another --out or delete it")
         log(f"preprocess: resuming the unfinished run in {out}")
         plan["stage"] = old.get("stage", True)  # as it began
-    elif out.exists() and any(out.iterdir()):
+    elif any(p.name != LOCK for p in out.iterdir()):
         raise PreprocessError(f"{out} is not empty and holds no dlrm dataset; choose another --out")
     else:
         plan["stage"] = choose_staging(paths, layout, out,
@@ -205,16 +217,14 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
     # Largest first: the pool's tail is then short.
     by_size = sorted(tasks, key=lambda t: -t.bytes)
     workers = min(opts.workers or os.cpu_count() or 1, len(tasks))
-    ctx = get_context("spawn")
     total = sum(p.stat().st_size for p in paths)
     count = layout.vocab and ref is None  # a pass that counts the values
     staged = count and plan["stage"]  # and stages the parsed rows for the second pass
     passes = 2 if count else 1
     bar = tqdm(total=total * passes, unit="B", unit_scale=True, desc="preprocess",
                dynamic_ncols=True) if os.isatty(1) else None
-    manager = ctx.Manager() if bar is not None else contextlib.nullcontext()
-    with manager, ProcessPoolExecutor(workers, mp_context=ctx,
-                                                initializer=keep_freed_memory) as pool:
+    manager = get_context("spawn").Manager() if bar is not None else contextlib.nullcontext()
+    with manager, worker_pool(workers, keep_freed_memory) as pool:
         updates = manager.Queue() if bar is not None else None
         tables = work / TABLES if layout.vocab else None
         vocabs: dict[str, np.ndarray] = {}
@@ -362,6 +372,12 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
     }
     if selection is not None:  # before the dataset is complete, not after
         check_units(selection, split_units(manifest))
+    for f in (f for unit in split_units(manifest) for f in unit["files"]):
+        try:
+            check_file(out / f["path"], f["bytes"])
+        except DataError as e:
+            raise PreprocessError(f"{e}: something else wrote into {out} during this run; "
+                                  "preprocess again into an empty directory") from None
     atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)
     return manifest

@@ -7,7 +7,8 @@ final name is whole. ``PeriodShards`` sends each row to its time period's ``Shar
 the rows it holds and the files it keeps open: an unsorted log's chunk can touch every
 period.
 
-Each file's entry records its rows; with a time column also its first and last time and
+Each file is written with page checksums (``integrity.WRITE``). Its entry records its rows
+and size in bytes; with a time column also its first and last time and
 whether its rows are in time order, from which the manifest's step decides whether a
 period must be sorted. Each ``Shards`` also sums its standardized dense features (rows,
 sum, sum of squares) for their mean and std.
@@ -25,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dlrm.data.integrity import WRITE
 from dlrm.data.layout import Layout
 from dlrm.data.periods import period_keys, period_name
 
@@ -32,6 +34,11 @@ ROW_GROUP_ROWS = 1 << 16
 SHARD_ROWS = 1 << 20
 MAX_OPEN = 64  # periods with an open file per chunk; the least recently written is closed
 MAX_HELD = 4 * ROW_GROUP_ROWS  # rows held back across periods before all are written
+
+
+def _partial(path: Path) -> Path:
+    """Where this process writes ``path`` until it is complete."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
 class Shards:
@@ -58,7 +65,8 @@ class Shards:
             if self.writer is None:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 tmp = self._path(len(self.files))
-                self.writer = pq.ParquetWriter(tmp.with_name(tmp.name + ".tmp"), self.schema)
+                self.writer = pq.ParquetWriter(_partial(tmp), self.schema,
+                                               **WRITE)
             take = min(SHARD_ROWS - self.rows, table.num_rows - start)
             part = table.slice(start, take)
             self.writer.write_table(part, row_group_size=ROW_GROUP_ROWS)
@@ -85,15 +93,15 @@ class Shards:
             return
         self.writer.close()
         final = self._path(len(self.files))
-        os.replace(final.with_name(final.name + ".tmp"), final)
+        os.replace(_partial(final), final)
         self.files.append({"path": str(final.relative_to(self.out_dir)), "rows": self.rows,
-                           **self.span})
+                           "bytes": final.stat().st_size, **self.span})
         self.writer, self.rows, self.span = None, 0, {}
 
 
 def remove_stale(directory: Path, prefix: str) -> None:
     """Removes the files an interrupted earlier try of a chunk left in ``directory``."""
-    pattern = re.compile(re.escape(prefix) + r"-\d{3,}\.parquet(\.tmp)?")
+    pattern = re.compile(re.escape(prefix) + r"-\d{3,}\.parquet(\.\d+\.tmp)?")
     if directory.is_dir():
         for f in directory.iterdir():
             if pattern.fullmatch(f.name):

@@ -22,11 +22,13 @@ _SPEC = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<a>[0-9./]*):(?P<b>[0-9./]*)\])?$"
 
 @dataclass(frozen=True)
 class Segment:
-    """Rows ``[start, stop)`` of one Parquet file."""
+    """Rows ``[start, stop)`` of one Parquet file; ``bytes``: its size, as the manifest
+    records it (None: not recorded, unchecked)."""
 
     path: Path
     start: int
     stop: int
+    bytes: int | None = None
 
 
 def split_units(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -123,7 +125,7 @@ def resolve_split(dataset: str | Path, manifest: dict[str, Any], specs: list[str
         for f in files:
             s, e = max(lo - offset, 0), min(hi - offset, f["rows"])
             if s < e:
-                segments.append(Segment(Path(dataset) / f["path"], s, e))
+                segments.append(Segment(Path(dataset) / f["path"], s, e, f.get("bytes")))
             offset += f["rows"]
     return segments
 
@@ -184,6 +186,6 @@ def take_rows(segments: list[Segment], start: int, stop: int) -> list[Segment]:
         n = seg.stop - seg.start
         s, e = max(start - offset, 0), min(stop - offset, n)
         if s < e:
-            out.append(Segment(seg.path, seg.start + s, seg.start + e))
+            out.append(Segment(seg.path, seg.start + s, seg.start + e, seg.bytes))
         offset += n
     return out

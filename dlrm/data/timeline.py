@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from dlrm.data.integrity import read_table
 from dlrm.data.layout import Layout
 from dlrm.data.periods import period_keys
 from dlrm.data.shards import Shards, remove_stale
@@ -55,7 +55,8 @@ def assemble_periods(dones: list[dict[str, Any]], out: Path, work: Path, layout:
         periods.append({
             "name": name, "rows_accepted": sum(f["rows"] for f in files),
             "first": min(f["first"] for f in files), "last": max(f["last"] for f in files),
-            "files": [{"path": f["path"], "rows": f["rows"]} for f in files],
+            "files": [{"path": f["path"], "rows": f["rows"], "bytes": f["bytes"]}
+                      for f in files],
         })
     return periods, {p["name"]: sums[p["name"]] for p in periods}
 
@@ -69,7 +70,8 @@ def _sorted(name: str, files: list[dict[str, Any]], out: Path, work: Path, layou
         directory = out / "data" / name
         remove_stale(directory, SORTED)
         schema = layout.output_schema()
-        table = pa.concat_tables([pq.read_table(out / f["path"]).cast(schema) for f in files])
+        table = pa.concat_tables([read_table(out / f["path"], f.get("bytes")).cast(schema)
+                                  for f in files])
         log(f"preprocess: period {name} is not in time order; sorting its "
             f"{table.num_rows} rows")
         table = table.take(pc.sort_indices(table, [(layout.time.column, "ascending")]))

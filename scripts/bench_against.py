@@ -1,7 +1,7 @@
-"""`dlrm preprocess` of this checkout against another commit's, side by side in one run.
+"""`dlrm preprocess`, or the loader, of this checkout against another commit's, side by side.
 
 Run:  .venv/bin/python scripts/bench_against.py --ref COMMIT [--days 4] [--rows-per-day 1000000]
-      [--repeats 3] [--workers 0] [-- extra preprocess flags]
+      [--repeats 3] [--workers 0] [--job preprocess|loader] [-- extra preprocess flags]
 
 Writes Criteo-format day files once (`dlrm synth`), checks COMMIT out into a temporary git
 worktree, then runs `dlrm preprocess` of the same files with each code base in turn (A, B,
@@ -10,6 +10,11 @@ into a fresh directory, with this checkout's virtual environment. Prints each ru
 seconds and rows/s, the medians and the ratio (this checkout / COMMIT). The datasets
 need not be equal: what a run counts may differ between the two (since issue 24, the
 vocabularies count the training days only).
+
+``--job loader``: the days are preprocessed once (this checkout), then each code base's
+``ParquetBatches`` reads every row of the dataset (one rank, batches of 2048, no prefetch
+thread, the manifest's cardinalities given: since issue 25 they check every id, and every
+page read checks its checksum) in a fresh process; samples/s instead of rows/s.
 """
 
 from __future__ import annotations
@@ -38,6 +43,30 @@ def preprocess(code: Path, inputs: list[Path], out: Path, workers: int, extra: l
     return time.perf_counter() - t0
 
 
+LOADER = """
+import sys, time
+from dlrm.data.loader import ParquetBatches
+from dlrm.data.preprocess import load_manifest
+from dlrm.data.schema import Features
+from dlrm.data.splits import resolve_split
+data = sys.argv[1]
+m = load_manifest(data)
+batches = ParquetBatches(resolve_split(data, m, ["*"]), 2048, 0, 1, prefetch=0,
+                         features=Features.of(m), cardinalities=m["cardinalities"])
+t0 = time.perf_counter()
+n = sum(len(b.labels) for b in batches)
+print(n, time.perf_counter() - t0)
+"""
+
+
+def load(code: Path, data: Path) -> tuple[int, float]:
+    """(samples, seconds) of one pass of ``code``'s loader over ``data``."""
+    out = subprocess.run([sys.executable, "-c", LOADER, str(data)], cwd=code,
+                         env={**os.environ, "PYTHONPATH": str(code)}, check=True,
+                         capture_output=True, text=True).stdout.split()
+    return int(out[-2]), float(out[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref", required=True)
@@ -45,6 +74,7 @@ def main() -> None:
     parser.add_argument("--rows-per-day", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--job", choices=["preprocess", "loader"], default="preprocess")
     parser.add_argument("extra", nargs="*", help="more preprocess flags, after --")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-against-"))
@@ -57,16 +87,22 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(ref), args.ref], cwd=ROOT,
                        check=True, capture_output=True)
         rows = args.days * args.rows_per_day
+        if args.job == "loader":
+            preprocess(ROOT, inputs, work / "data", args.workers, args.extra)
         times: dict[str, list[float]] = {"this": [], "ref": []}
         for i in range(args.repeats):
             for name, code in (("ref", ref), ("this", ROOT)) if i % 2 else \
                     (("this", ROOT), ("ref", ref)):
-                s = preprocess(code, inputs, work / f"out-{name}", args.workers, args.extra)
+                if args.job == "loader":
+                    rows, s = load(code, work / "data")
+                else:
+                    s = preprocess(code, inputs, work / f"out-{name}", args.workers, args.extra)
                 times[name].append(s)
-                print(json.dumps({"event": "run", "code": name, "seconds": round(s, 2),
+                print(json.dumps({"event": "run", "job": args.job, "code": name,
+                                  "seconds": round(s, 2),
                                   "rows_per_sec": round(rows / s)}), flush=True)
         this, other = (statistics.median(times[k]) for k in ("this", "ref"))
-        print(json.dumps({"event": "result", "ref": args.ref, "rows": rows,
+        print(json.dumps({"event": "result", "job": args.job, "ref": args.ref, "rows": rows,
                           "median_seconds_this": round(this, 2),
                           "median_seconds_ref": round(other, 2),
                           "ratio_this_over_ref": round(this / other, 3)}))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,3 +45,16 @@ def read_toml(path: Path, error: type[Exception], what: str) -> dict[str, Any]:
         raise error(f"{what} file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise error(f"{path}: invalid TOML: {e}") from None
+
+
+def io_fault(e: OSError, where: Path) -> str:
+    """What an I/O error means, for a message naming ``where`` (a directory being written):
+    a full disk says so, with the bytes left on it."""
+    path = e.filename or where
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(where).free:,} bytes free"
+        except OSError:
+            free = "free space unknown"
+        return f"{path}: disk full ({free} on {where}): {e.strerror}"
+    return f"{path}: {e.strerror or e}"

@@ -221,3 +221,31 @@ def test_workers_die_with_a_killed_preprocess(tmp_path):
     assert not [w for w in workers if _alive(w)]
     dlrm(*args)
     assert load_manifest(tmp_path / "out")["rows_accepted"] == 120_000
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs), filled; skipped where this process may not mount."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_named_as_such_with_its_free_bytes(full_disk):
+    from dlrm.fsutil import io_fault
+
+    with pytest.raises(OSError) as caught, open(full_disk / "big", "wb") as f:
+        for _ in range(4):
+            f.write(b"x" * (1 << 19))
+            f.flush()
+    # A write's error names no file: the directory being written is named.
+    assert io_fault(caught.value, full_disk) == (
+        f"{full_disk}: disk full (0 bytes free on {full_disk}): No space left on device")
+    named = OSError(28, "No space left on device", str(full_disk / "big"))
+    assert io_fault(named, full_disk).startswith(f"{full_disk / 'big'}: disk full (")

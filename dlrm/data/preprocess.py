@@ -80,7 +80,7 @@ from dlrm.data.vocab import Encoder, Encoding, save_tables
 from dlrm.data.vocab_merge import TABLES, budget_bytes
 from dlrm.data.vocab_rows import Selection, check_units
 from dlrm.data.writer_lock import LOCK, writer_lock
-from dlrm.fsutil import atomic_path, atomic_write_json
+from dlrm.fsutil import atomic_path, atomic_write_json, io_fault
 from dlrm.heap import keep_freed_memory
 from dlrm.workers import worker_pool
 
@@ -202,7 +202,7 @@ def _locked(paths: list[Path], out: Path, opts: Options, layout: Layout,
     try:
         return _preprocess(paths, out, opts, layout, plan, t0, log, ref)
     except OSError as e:
-        raise PreprocessError(f"writing under {out} failed: {e}") from None
+        raise PreprocessError(f"writing under {out} failed: {io_fault(e, out)}") from None
 
 
 def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,

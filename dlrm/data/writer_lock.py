@@ -25,6 +25,7 @@ LOCK = ".dlrm-lock"
 def writer_lock(directory: Path, error: type[Exception], what: str) -> Iterator[None]:
     """Holds ``directory``'s lock for the block; raises ``error`` naming the holder if
     another process has it (``what``: the holder's kind, for the message)."""
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -45,7 +46,13 @@ def writer_lock(directory: Path, error: type[Exception], what: str) -> Iterator[
                                   "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode(), 0)
         try:
             yield
+        except BaseException:
+            if created and [p.name for p in directory.iterdir()] == [LOCK]:
+                path.unlink()  # refused before writing anything: leave no directory behind
+                directory.rmdir()
+            raise
         finally:
-            os.ftruncate(fd, 0)  # no holder now: the same (empty) file after every run
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # no holder now: the same (empty) file after every run
     finally:
         os.close(fd)  # releases the lock

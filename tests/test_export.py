@@ -19,7 +19,13 @@ from dlrm.data.chunks import Options
 from dlrm.export import WEIGHTS, ExportError, export, load_exported
 from dlrm.predict import predict
 
-TOLERANCE = {"fp32": 1e-6, "fp16": 1e-4, "int8": 0.002}
+# Each precision's predictions of the test rows against the checkpoint's own (fp32), measured
+# on the `trained` fixture: the largest difference of a row, the mean one, and that of the
+# AUC were fp16 6.4e-5, 1.3e-5, 2.2e-5; int8 7.8e-4, 1.5e-4, 2.5e-5; int4 0.014, 0.0023,
+# 1.5e-4 (fp32: 1.5e-8, 5e-9, 0). Allowed: about 4 times that.
+ROW_TOLERANCE = {"fp32": 1e-6, "fp16": 2.5e-4, "int8": 3e-3, "int4": 0.06}
+MEAN_TOLERANCE = {"fp32": 1e-7, "fp16": 5e-5, "int8": 6e-4, "int4": 0.01}
+AUC_TOLERANCE = {"fp32": 1e-6, "fp16": 1e-4, "int8": 1e-4, "int4": 6e-4}
 
 
 @pytest.fixture(scope="module")
@@ -52,24 +58,32 @@ def test_an_export_scores_raw_rows_as_the_checkpoint(trained, small_dataset, che
     np.testing.assert_array_equal(test.column("label").to_numpy(),
                                   scores.column("label").to_numpy())
     auc = roc_auc_score(test.column("label").to_numpy(), test.column("prob").to_numpy())
-    print(f"{tables}: test AUC {auc:.6f} (checkpoint {metrics['auc']:.6f}), {size} bytes")
-    if tables in TOLERANCE:
-        assert auc == pytest.approx(metrics["auc"], abs=TOLERANCE[tables])
-    else:  # int4: reported; still a model
-        assert auc > metrics["auc"] - 0.05
-    if tables == "fp32":  # row for row
-        diff = np.abs(test.column("prob").to_numpy() - scores.column("prob").to_numpy())
-        assert diff.max() <= 1e-6
+    diff = np.abs(test.column("prob").to_numpy() - scores.column("prob").to_numpy())
+    print(f"{tables}: test AUC {auc:.6f} (checkpoint {metrics['auc']:.6f}), {size} bytes, "
+          f"row diff max {diff.max():.3g} mean {diff.mean():.3g}")
+    assert diff.max() <= ROW_TOLERANCE[tables], diff.max()  # row for row
+    assert diff.mean() <= MEAN_TOLERANCE[tables], diff.mean()
+    assert auc == pytest.approx(metrics["auc"], abs=AUC_TOLERANCE[tables])
 
 
-def test_export_sizes_shrink_with_precision(trained, tmp_path):
+def test_export_sizes_shrink_with_precision(small_dataset, tmp_path):
+    """fp32 > fp16 > int8 > int4. TorchRec pads each quantized row to 16 bytes: at the
+    fixture's 8 dimensions fp16, int8 (8 + scale and bias) and int4 rows are all 16 bytes,
+    so the order shows from 32 dimensions (64, 48 and 32 bytes a row). Shapes, not values,
+    set the sizes: one training step makes the checkpoint."""
+    run = tmp_path / "run"
+    dlrm("train", "--config", "configs/tiny.toml", f"--data.path={small_dataset}",
+         "--run-dir", str(run), "--data.batch_size=64", "--train.limit_train_batches=1",
+         "--model.embedding_dim=32", "--model.dense_arch_layer_sizes=[32]",
+         "--model.over_arch_layer_sizes=[8,1]", "--data.prefetch=0")
+    (checkpoint,) = (run / "checkpoints").glob("step-*[0-9]")
     sizes = {}
     for tables in ("fp32", "fp16", "int8", "int4"):
-        export(trained, tmp_path / tables, tables)
+        export(checkpoint, tmp_path / tables, tables)
         sizes[tables] = (tmp_path / tables / WEIGHTS).stat().st_size
-    # TorchRec pads each quantized row to 16 bytes: at 8 dimensions fp16, int8 (8 + scale
-    # and bias) and int4 rows are all 16 bytes (scripts/bench_predict.py: 128).
-    assert sizes["fp32"] > 1.5 * max(sizes["fp16"], sizes["int8"], sizes["int4"])
+    print(sizes)
+    assert sizes["fp32"] > sizes["fp16"] > sizes["int8"] > sizes["int4"], sizes
+    assert sizes["fp32"] > 1.7 * sizes["fp16"], sizes  # tables are most of the model
 
 
 def test_predict_numbers_lines_and_rejects_across_chunks_and_workers(trained, small_dataset,

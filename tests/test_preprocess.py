@@ -598,6 +598,15 @@ def test_every_kind_of_bad_line_in_plain_and_gzip_sources(tmp_path):
     assert m["rows_rejected"] == sum(m["rejected_by_reason"].values())
 
 
+def _chunks(log: str, what: str) -> int:
+    """N of the log line "preprocess: counting the values of N chunks" (what="counting
+    the values") or "...: writing the shards of N chunks" (what="writing the shards");
+    0 when the pass did not run."""
+    found = re.findall(rf"preprocess: {what} of (\d+) chunks", log)
+    assert len(found) <= 1, log
+    return int(found[0]) if found else 0
+
+
 @pytest.mark.parametrize("encoding, stage, drop_staged", [
     ("vocab", "counts", False), ("vocab", "done", False), ("hash", "done", False),
     ("vocab", "counts", True),
@@ -605,14 +614,18 @@ def test_every_kind_of_bad_line_in_plain_and_gzip_sources(tmp_path):
 def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, encoding, stage,
                                                           drop_staged):
     """Killed once 3 chunks have finished a pass (vocab: the counting pass, or the
-    encoding pass; hash: its one pass), the rerun finishes the same dataset. Also when
-    the counted chunks' staged rows are gone (an unfinished run of a version that did
-    not stage them): those chunks are counted again."""
+    encoding pass; hash: its one pass), the rerun finishes the same dataset, redoing only
+    the chunks that had not finished: the finished ones' shards are kept as written. When
+    the counted chunks' staged rows are gone (an unfinished run of a version that did not
+    stage them), those chunks are counted again."""
     synth(tmp_path / "raw", days=2, rows_per_day=30_000, seed=5)
     inputs = [str(tmp_path / "raw" / f"day_{d}") for d in range(2)]
     args = ["--workers", "2", "--chunk-mb", "0.5", "--encoding", encoding]  # ~14 chunks a day
 
-    dlrm("preprocess", "--input", *inputs, "--out", str(tmp_path / "whole"), *args)
+    log = dlrm("preprocess", "--input", *inputs, "--out", str(tmp_path / "whole"), *args).stdout
+    chunks = _chunks(log, "writing the shards")
+    assert chunks > 20 and _chunks(log, "counting the values") == (chunks if encoding == "vocab"
+                                                                   else 0), log
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "dlrm", "preprocess", "--input", *inputs, "--out", str(killed),
@@ -621,21 +634,38 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path, encoding, sta
                             stderr=subprocess.DEVNULL)
     marks = killed / "_work" / stage
 
-    def finished() -> int:  # chunks whose mark is written (a temporary one is not)
-        return len([p for p in marks.glob("*") if ".tmp" not in p.name])
+    def finished() -> list[Path]:  # chunks whose mark is written (a temporary one is not)
+        return [p for p in marks.glob("*.json") if ".tmp" not in p.name]
 
     deadline = time.time() + 120
-    while time.time() < deadline and finished() < 3:
+    while time.time() < deadline and len(finished()) < 3:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, mid-run
     proc.wait()
-    assert 3 <= finished() < 28 and not (killed / "manifest.json").exists()
+    done = finished()
+    assert 3 <= len(done) < chunks and not (killed / "manifest.json").exists()
+    kept = {}  # the shards of the chunks already written: (inode, mtime)
+    if stage == "done":
+        for mark in done:
+            for f in json.loads(mark.read_text())["files"]:
+                stat = (killed / f["path"]).stat()
+                kept[f["path"]] = (stat.st_ino, stat.st_mtime_ns)
+        assert len(kept) >= 3
     if drop_staged:
         for path in (killed / "_work" / "staged").glob("*"):
             path.unlink()
 
     log = dlrm("preprocess", "--input", *inputs, "--out", str(killed), *args).stdout
     assert "resuming" in log
+    counted, written = _chunks(log, "counting the values"), _chunks(log, "writing the shards")
+    if stage == "counts":  # the rest counted (all, their staged rows gone), all written
+        assert counted == (chunks if drop_staged else chunks - len(done)), log
+        assert written == chunks, log
+    else:  # all counted before; the rest written
+        assert counted == 0 and written == chunks - len(done), log
+    for path, stat in kept.items():
+        now = (killed / path).stat()
+        assert (now.st_ino, now.st_mtime_ns) == stat, path
     assert dataset_state(killed) == dataset_state(tmp_path / "whole")
     assert not (killed / "_work").exists()
 

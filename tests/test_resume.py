@@ -112,9 +112,14 @@ def test_sigkill_of_a_rank_restarts_and_ends_with_the_same_model(small_dataset, 
     assert whole_metrics.keys() == killed_metrics.keys() and "eval/test/auc" in whole_metrics
     for key, value in whole_metrics.items():
         assert killed_metrics[key] == pytest.approx(value, abs=1e-6), key
-    # The restarted run's log goes on where the first stopped: steps never go back.
+    # The restarted run's log goes on where the first stopped: steps never go back (nor
+    # repeat), and from the resumed step on it logs the steps the undisturbed run logged.
     steps = [r["step"] for r in metrics(killed) if "train/loss" in r]
+    assert all(a < b for a, b in zip(steps, steps[1:], strict=False)), steps
     assert steps[-1] == int(end_killed.name[5:])
+    resumed = starts[1]["step"]
+    assert [s for s in steps if s > resumed] == [
+        r["step"] for r in metrics(whole) if "train/loss" in r and r["step"] > resumed], steps
 
 
 def test_sigterm_checkpoints_and_exits_cleanly_then_auto_resume_finishes(small_dataset,

@@ -1,11 +1,13 @@
 """`dlrm serve`, the real server over real HTTP on loopback: predictions equal
-`dlrm predict`'s, bad requests get their 4xx and the server goes on, SIGTERM lets the
-requests in flight finish."""
+`dlrm predict`'s, bad requests get their 4xx and the server goes on, concurrent requests
+share forward passes, SIGTERM refuses new connections and lets the requests in flight
+finish."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 
@@ -36,7 +38,7 @@ def served(trained, small_dataset, tmp_path_factory):
     server.stop()
 
 
-def test_predictions_over_http_equal_dlrm_predict(served):
+def test_predictions_over_http_equal_dlrm_predict(served, trained):
     _, server, rows, probs = served
     columns = server.get("/metadata")[1]["columns"]
     status, got = server.post("/predict", {"rows": rows[:256]})
@@ -50,7 +52,8 @@ def test_predictions_over_http_equal_dlrm_predict(served):
     np.testing.assert_allclose(got["predictions"], probs[:5], rtol=0, atol=1e-6)
     status, meta = server.get("/metadata")
     assert meta["tables"] == "fp32" and meta["schema"]["name"] == "criteo"
-    assert meta["checkpoint"].endswith(served[0].parent.name) or meta["step"] > 0
+    assert meta["checkpoint"] == str(trained.resolve())
+    assert meta["step"] == int(trained.name.removeprefix("step-")) > 0
 
 
 @pytest.mark.parametrize("body, status, words", [
@@ -93,6 +96,8 @@ def test_field_errors_name_the_row_and_field(served):
 
 
 def test_concurrent_requests_are_batched_and_answered_in_order(served):
+    """16 requests sent together while a large one keeps the model busy: each gets its own
+    rows' predictions, and fewer forward passes than requests scored them."""
     _, server, rows, probs = served
     results: dict[int, list[float]] = {}
 
@@ -102,16 +107,29 @@ def test_concurrent_requests_are_batched_and_answered_in_order(served):
         assert status == 200
         results[k] = got["predictions"]
 
+    def busy() -> None:
+        status, got = server.post("/predict", {"rows": rows * 8})  # 2400 rows, under 1 MB
+        assert status == 200
+        results[-1] = got["predictions"]
+
     before = server.get("/health")[1]
     threads = [threading.Thread(target=ask, args=(k,)) for k in range(16)]
+    first = threading.Thread(target=busy)
+    first.start()
+    time.sleep(0.05)
     for t in threads:
         t.start()
-    for t in threads:
+    for t in [first, *threads]:
         t.join()
     for k in range(16):
         np.testing.assert_allclose(results[k], probs[k * 10:(k + 1) * 10], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(results[-1], np.tile(probs[:300], 8), rtol=0, atol=1e-6)
     after = server.get("/health")[1]
-    assert after["requests"] - before["requests"] == 16
+    assert after["requests"] - before["requests"] == 17
+    assert after["scored_requests"] - before["scored_requests"] == 17
+    passes = after["batches"] - before["batches"]
+    print(f"{passes} forward passes for 17 requests")
+    assert passes < 17, passes  # some requests shared a forward pass
 
 
 def test_requests_waiting_together_are_scored_in_one_pass(served):
@@ -137,7 +155,7 @@ def test_requests_waiting_together_are_scored_in_one_pass(served):
     np.testing.assert_allclose(np.concatenate(outputs), probs[:48], rtol=0, atol=1e-6)
 
 
-def test_sigterm_finishes_the_requests_in_flight(served):
+def test_sigterm_refuses_new_connections_and_finishes_the_requests_in_flight(served):
     model, _, rows, probs = served
     server = Server(model, "--max-body-mb", "64")
     big = {"rows": rows * 100}  # 30k rows each: long enough to be in flight
@@ -153,12 +171,24 @@ def test_sigterm_finishes_the_requests_in_flight(served):
     for t in threads:
         t.start()
     time.sleep(1.0)  # the bodies are sent and being read or scored
-    signalled = time.time()
-    assert server.stop() == 0
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + 10  # the loop may be parsing a body when the signal comes
+    while True:
+        try:
+            server.get("/health")
+        except ConnectionRefusedError:  # it no longer listens...
+            break
+        except ConnectionResetError:  # a connection queued as the socket closed
+            pass
+        assert time.time() < deadline, "still accepting connections 10 s after SIGTERM"
+        time.sleep(0.05)
+    refused = time.time()
+    assert server.proc.poll() is None  # ...while it finishes the requests in flight
+    assert server.proc.wait(timeout=60) == 0
     for t in threads:
         t.join()
     assert answers == [(200, 30_000)] * 3
-    assert max(answered) > signalled  # they were in flight when the signal came
+    assert max(answered) > refused  # they were in flight when the new one was refused
 
 
 def test_health_counts_every_request_answered_or_refused(served):

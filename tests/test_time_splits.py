@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,7 +229,8 @@ def test_time_schema_errors_name_the_key(tmp_path, text, key):
 
 def test_sigkill_while_sorting_periods_then_rerun_equals_uninterrupted(tmp_path):
     """Hourly periods of a shuffled log: killed once some periods are sorted and recorded,
-    the rerun sorts the rest and the dataset equals an uninterrupted run's."""
+    the rerun sorts the rest, none of the recorded ones twice, and the dataset equals an
+    uninterrupted run's."""
     rng = np.random.default_rng(2)
     times = T0 + rng.integers(0, 10 * DAY, 60_000)
     _log(tmp_path / "log.csv", range(times.size), times)
@@ -237,8 +239,11 @@ def test_sigkill_while_sorting_periods_then_rerun_equals_uninterrupted(tmp_path)
     args = ["--schema", str(schema), "--input", str(tmp_path / "log.csv"), "--workers", "1"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     whole = tmp_path / "whole"
-    subprocess.run([sys.executable, "-m", "dlrm", "preprocess", *args, "--out", str(whole)],
-                   check=True, env=env, cwd=REPO, capture_output=True)
+    log = subprocess.run([sys.executable, "-m", "dlrm", "preprocess", *args, "--out",
+                          str(whole)], check=True, env=env, cwd=REPO, capture_output=True,
+                         text=True).stdout
+    everyone = set(re.findall(r"period (\S+) is not in time order; sorting", log))
+    assert len(everyone) == 240, log  # shuffled: every period is sorted
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "dlrm", "preprocess", *args, "--out", str(killed)]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
@@ -249,8 +254,13 @@ def test_sigkill_while_sorting_periods_then_rerun_equals_uninterrupted(tmp_path)
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 0 < len(list(records.iterdir())) < 240 and not (killed / "manifest.json").exists()
-    subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True)
+    recorded = {p.name.removesuffix(".json") for p in records.iterdir() if ".tmp" not in p.name}
+    assert 0 < len(recorded) < 240 and not (killed / "manifest.json").exists()
+    log = subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True,
+                         text=True).stdout
+    sorted_again = re.findall(r"period (\S+) is not in time order; sorting", log)
+    assert len(sorted_again) == len(set(sorted_again))  # each once
+    assert set(sorted_again) == everyone - recorded  # not the ones sorted before the kill
     a = json.loads((whole / "manifest.json").read_text())
     b = json.loads((killed / "manifest.json").read_text())
     assert [p["files"] for p in a["periods"]] == [p["files"] for p in b["periods"]]

@@ -152,6 +152,36 @@ def test_target_auc_stops_early(small_dataset, tmp_path):
     assert done["target_reached"] and done["steps"] == 4
 
 
+def test_a_target_not_reached_keeps_training_until_reached_or_the_end(small_dataset,
+                                                                    tmp_path):
+    """A target above every validation: training runs to its end. A target above the first
+    validation's AUC and below a later one's: training goes on past the first and stops at
+    the first validation that reaches it, the same run up to there (training is seeded)."""
+    common = [*SMALL, f"--data.path={small_dataset}", "--train.eval_every=8",
+              "--train.limit_train_batches=32", "--train.log_every=8"]
+    out = dlrm("train", *common, "--train.target_auc=0.99", "--run-dir",
+               str(tmp_path / "a")).stdout
+    assert not events(out, "target_reached")
+    (done,) = events(out, "done")
+    assert not done["target_reached"] and done["steps"] == 32
+    aucs = {e["step"]: e["auc"] for e in events(out, "eval") if e["split"] == "val"}
+    assert sorted(aucs) == [8, 16, 24, 32], aucs
+    # The first validation after the first whose AUC beats every one before it (not the last).
+    later = [s for s in (16, 24) if aucs[s] > max(v for k, v in aucs.items() if k < s)]
+    assert later, aucs
+    stop = later[0]
+    target = (aucs[stop] + max(v for k, v in aucs.items() if k < stop)) / 2
+    out = dlrm("train", *common, f"--train.target_auc={target}", "--run-dir",
+               str(tmp_path / "b")).stdout
+    (hit,) = events(out, "target_reached")
+    assert hit["step"] == stop and hit["auc"] == aucs[stop] >= target, (hit, aucs)
+    (done,) = events(out, "done")
+    assert done["target_reached"] and done["steps"] == stop
+    assert {e["step"]: e["auc"] for e in events(out, "eval")
+            if e["split"] == "val" and e["step"] <= stop} == {
+        k: v for k, v in aucs.items() if k <= stop}
+
+
 def test_plan_for_a_cluster_that_does_not_exist():
     out = dlrm("plan", "--config", "configs/criteo_1tb.toml", "--world-size", "8",
                "--device", "cuda", "--hbm-gib", "80").stdout

@@ -19,6 +19,7 @@ import pyarrow.csv as pacsv
 import pytest
 from helpers import REPO, dataset_state, dlrm, quiet
 
+import dlrm.data.preprocess as pre
 from dlrm.data.chunks import Options
 from dlrm.data.preprocess import preprocess
 from dlrm.data.synth import synth
@@ -85,7 +86,10 @@ def test_counting_spills_runs_under_a_small_budget_and_gives_the_same_dataset(ra
     assert dataset_state(tmp_path / "spilled") == dataset_state(tmp_path / "whole")
 
 
-def test_sigkill_in_the_merge_then_rerun_gives_the_same_dataset(raw, whole, tmp_path):
+def test_sigkill_in_the_merge_then_rerun_gives_the_same_dataset(raw, whole, tmp_path,
+                                                               monkeypatch):
+    """The rerun merges only the partitions the killed run had not written: it counts no
+    chunk again and the dataset equals an uninterrupted run's."""
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "dlrm",
                              *_args(raw, killed, "--memory-gib", str(BUDGET_GIB))],
@@ -105,8 +109,25 @@ def test_sigkill_in_the_merge_then_rerun_gives_the_same_dataset(raw, whole, tmp_
     assert 20 <= done and not (killed / "_work" / "tables").exists(), done
     assert not (killed / "manifest.json").exists()
 
-    log = dlrm(*_args(raw, killed, "--memory-gib", str(BUDGET_GIB))).stdout
-    assert "resuming" in log
+    # The rerun in this process (the flags of _args), each pass's jobs seen on their way
+    # to the worker pool.
+    jobs: dict[str, int] = {}
+    real = pre._run
+
+    def spy(pool, fn, tasks, *args):
+        jobs[fn.__name__] = jobs.get(fn.__name__, 0) + len(tasks)
+        return real(pool, fn, tasks, *args)
+
+    monkeypatch.setattr(pre, "_run", spy)
+    said: list[str] = []
+    preprocess(raw, killed, encoding=Encoding(type="vocab", min_frequency=2, max_vocab=3000),
+               log=said.append, options=Options(workers=2, chunk_bytes=1 << 19,
+                                                memory_gib=BUDGET_GIB))
+    assert any("resuming" in line for line in said), said
+    partitions = int(re.search(r" in (\d+) partitions", "".join(said)).group(1))
+    assert partitions > done, said
+    assert jobs.get("count_chunk", 0) == 0, jobs
+    assert jobs["merge_partition"] == partitions - done, (jobs, done, said)
     assert dataset_state(killed) == dataset_state(whole)
 
 

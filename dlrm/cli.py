@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -99,7 +100,16 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         train(config, args.run_dir)
     except CheckpointError as e:
-        return _error("train", e)
+        # Every rank raises it together (a save that failed, a bad checkpoint): rank 0
+        # says it, the others leave a little later (as above).
+        if int(os.environ.get("RANK", "0")) == 0:
+            return _error("train", e)
+        time.sleep(3)
+        return 2
+    except OSError as e:  # writing the run directory (metrics, TensorBoard, eval files)
+        full = " (disk full)" if e.errno == errno.ENOSPC else ""
+        where = f"{e.filename}: {e.strerror}" if e.filename else f"writing the run files: {e}"
+        return _error("train", OSError(f"{where}{full}"))
     return 0
 
 

@@ -101,6 +101,8 @@ class Trainer:
         self.run_dir = Path(broadcast_object(str(run_dir or default_dir)))
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints",
                                          keep=config.train.keep_checkpoints)
+        if self.dist.is_main:  # what a save that never finished left keeps the disk full
+            self.checkpointer.remove_partials()
         resume_from = self._checkpoint_to_resume()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -108,8 +108,9 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
         return 2
     except OSError as e:  # writing the run directory (metrics, TensorBoard, eval files)
         full = " (disk full)" if e.errno == errno.ENOSPC else ""
-        where = f"{e.filename}: {e.strerror}" if e.filename else f"writing the run files: {e}"
-        return _error("train", OSError(f"{where}{full}"))
+        # A failed write to an open file names none: then the run directory is named.
+        where = e.filename or f"writing in {args.run_dir or 'the run directory'}"
+        return _error("train", OSError(f"{where}: {e.strerror or e}{full}"))
     return 0
 
 

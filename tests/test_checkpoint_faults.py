@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import torchrun
+from helpers import dlrm, torchrun
 
 from dlrm.checkpoint import Checkpointer, CheckpointError
 from dlrm.config import load_config
@@ -125,3 +125,20 @@ def test_a_full_disk_while_training_exits_2_naming_it_and_a_rerun_with_room_resu
         assert (run / "eval" / "test.json").is_file()
     finally:
         _umount(ckpts)
+
+
+@pytest.mark.timeout(300)
+def test_a_full_disk_under_the_run_directory_exits_2_naming_it(small_dataset, tmp_path):
+    """Not a checkpoint: the final evaluation's files (``RUN/eval/``, a 4 KiB tmpfs here,
+    too small for them) fail to be written."""
+    run = tmp_path / "run"
+    full = _tmpfs(run / "eval", 4096)
+    try:
+        proc = dlrm("train", *SMALL, f"--data.path={small_dataset}",
+                    "--train.limit_train_batches=10", "--run-dir", str(run), check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        (line,) = [x for x in proc.stderr.splitlines() if x.startswith("dlrm train: error:")]
+        assert str(run) in line and "No space left on device (disk full)" in line
+        assert "Traceback" not in proc.stderr
+    finally:
+        _umount(full)

@@ -240,7 +240,7 @@ class Trainer:
         window_steps, window_start = 0, time.perf_counter()
         samples, train_seconds = 0, 0.0
         reached = self.stopped is not None  # a target, or early stopping
-        with PreemptionFlag() as term:
+        with PreemptionFlag(cfg.collective_timeout_s) as term:
             while self.epoch < cfg.epochs and not reached:
                 steps = self._steps_per_epoch() - self.batch
                 self.log.progress(steps, desc=f"epoch {self.epoch}")

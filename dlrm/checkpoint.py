@@ -18,6 +18,7 @@ checkpoint-metadata classes of torch, and DCP reads tensor data with ``weights_o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -34,7 +35,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from dlrm.column_splits import rowwise_state_across_column_splits
-from dlrm.dist import barrier, broadcast_object
+from dlrm.dist import broadcast_object, gather_object
 from dlrm.fsutil import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,41 @@ def _copy_back(into: dict[str, Any], source: dict[str, Any]) -> None:
             into[key] = value
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _causes(failure: BaseException) -> list[tuple[str, BaseException]]:
+    """What went wrong, as (where, exception): DCP's error holds each failed rank's."""
+    if isinstance(failure, dcp.CheckpointException):
+        return [(f"rank {r}: ", exc) for r, (exc, _) in sorted(failure.failures.items())]
+    return [("", failure)]
+
+
+def _failure(failure: BaseException | None, partial: Path) -> str | None:
+    """One line saying why writing ``partial`` failed (None: it did not), with, for a full
+    disk (ENOSPC, or little left free beside a cause that says nothing of the disk), the
+    bytes free where it was written, as this rank sees them."""
+    if failure is None:
+        return None
+    causes = _causes(failure)
+    errnos = {getattr(e, "errno", None) for _, e in causes} - {None}
+    where = partial.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        usage = shutil.disk_usage(where)
+        free = f"{usage.free:,} bytes free on {where}"
+        little = usage.free < min(16 << 20, max(usage.total // 100, 64 << 10))
+    except OSError:
+        free, little = None, False
+    full = bool(errnos & set(_FULL)) or (little and not errnos)
+    # OSErrors first: torch.save's own error on a full disk ("unexpected pos") says less.
+    causes.sort(key=lambda c: not isinstance(c[1], OSError))
+    said = "; ".join(f"{rank}{type(e).__name__}: {e}".replace("\n", " ") for rank, e in causes)
+    disk = f"disk full ({free}): " if full and free else "disk full: " if full else ""
+    return f"checkpoint {partial} could not be written: {disk}{said}"
+
+
 class Checkpointer:
     """Saves and restores a run's state; ranks call every method together.
 
@@ -209,29 +245,74 @@ class Checkpointer:
              name: str | None = None) -> Path:
         """Writes ``state`` (DCP-compatible: state dicts of the model and optimizers) and
         ``position`` (JSON: step, epoch, batches consumed...). Returns the checkpoint:
-        ``step-N``, or ``name``, which is neither resumed from nor pruned."""
+        ``step-N``, or ``name``, which is neither resumed from nor pruned.
+
+        Raises:
+            CheckpointError: on every rank together, where writing failed on any (a full
+                disk, DCP's error); the message names the path and the cause, and the
+                ``.partial`` directory is removed.
+        """
         final = self.directory / (name or f"{_PREFIX}{step:09d}")
         partial = final.with_name(final.name + ".partial")
         rank = dist.get_rank()
+        failure = None
         if rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        barrier()
-        dcp.save(_without_empty(state), checkpoint_id=str(partial),
-                 planner=_InPlaceSavePlanner())
+            try:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+            except OSError as e:
+                failure = e
+        self._agree(failure, partial)
+        try:
+            dcp.save(_without_empty(state), checkpoint_id=str(partial),
+                     planner=_InPlaceSavePlanner())
+            digests, failure = _digests(partial, rank), None
+        except (OSError, dcp.CheckpointException) as e:  # DCP's: raised on every rank
+            digests, failure = {}, e
         # Each rank hashes what it wrote; the gather is also the wait for every rank's files.
-        shares = [None] * dist.get_world_size()
-        dist.all_gather_object(shares, _digests(partial, rank))
+        shares = gather_object((digests, _failure(failure, partial)))
+        self._raise_any([report for _, report in shares], partial)
+        failure = None
         if rank == 0:
-            files = {name: entry for share in shares for name, entry in share.items()}
-            atomic_write_json(partial / MARKER,
-                              {"step": step, "position": position, "files": dict(sorted(
-                                  files.items()))})
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
-            self._retain()
-        barrier()
+            files = {name: entry for share, _ in shares for name, entry in share.items()}
+            try:
+                atomic_write_json(partial / MARKER,
+                                  {"step": step, "position": position, "files": dict(sorted(
+                                      files.items()))})
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(partial, final)
+            except OSError as e:
+                failure = e
+            else:
+                self._retain()
+        self._agree(failure, partial)
         return final
+
+    def _agree(self, failure: BaseException | None, partial: Path) -> None:
+        """Every rank learns whether any failed (a collective: all ranks call it)."""
+        self._raise_any(gather_object(_failure(failure, partial)), partial)
+
+    def _raise_any(self, reports: list[str | None], partial: Path) -> None:
+        """The first rank's failure, raised on every rank; rank 0 first removes the partial
+        checkpoint, which would otherwise keep the disk full."""
+        bad = [r for r in reports if r]
+        if not bad:
+            return
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(f"{bad[0]}; removed {partial}")
+
+    def remove_partials(self) -> list[Path]:
+        """Removes the ``*.partial`` directories that saves which never finished left in
+        this checkpoint directory (at a run's start-up, by one rank); returns them."""
+        if not self.directory.is_dir():
+            return []
+        stale = sorted(p for p in self.directory.iterdir()
+                       if p.is_dir() and p.name.endswith(".partial"))
+        for p in stale:
+            logger.warning("removing %s, left by a checkpoint that did not finish", p)
+            shutil.rmtree(p, ignore_errors=True)
+        return stale
 
     def _retain(self) -> None:
         if not self.keep:

@@ -99,8 +99,20 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
     try:
         train(config, args.run_dir)
-    except (CheckpointError, DataError) as e:
+    except CheckpointError as e:
+        # Every rank raises it together (a save that failed, a bad checkpoint): rank 0
+        # says it, the others leave a little later (as above).
+        if int(os.environ.get("RANK", "0")) == 0:
+            return _error("train", e)
+        time.sleep(3)
+        return 2
+    except DataError as e:  # the rank that read it says so; torchrun stops the others
         return _error("train", e)
+    except OSError as e:  # writing the run directory (metrics, TensorBoard, eval files)
+        from dlrm.fsutil import io_fault
+
+        # A failed write to an open file names none: then the run directory is named.
+        return _error("train", OSError(io_fault(e, Path(args.run_dir or "."))))
     return 0
 
 

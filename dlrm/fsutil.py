@@ -52,9 +52,10 @@ def io_fault(e: OSError, where: Path) -> str:
     a full disk says so, with the bytes left on it."""
     path = e.filename or where
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        disk = Path(e.filename).parent if e.filename else Path(where)
         try:
-            free = f"{shutil.disk_usage(where).free:,} bytes free"
+            free = f"{shutil.disk_usage(disk).free:,} bytes free"
         except OSError:
             free = "free space unknown"
-        return f"{path}: disk full ({free} on {where}): {e.strerror}"
+        return f"{path}: disk full ({free} on {disk}): {e.strerror}"
     return f"{path}: {e.strerror or e}"

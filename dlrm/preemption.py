@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -22,8 +23,11 @@ class PreemptionFlag:
     10 ms a step in a paired measurement on a 2-vCPU host.)
     """
 
-    def __init__(self) -> None:
-        self.group = dist.new_group(backend="gloo")
+    def __init__(self, timeout_s: float | None = None) -> None:
+        # A new group's timeout is torch's default (30 min), not the default group's:
+        # ``timeout_s`` (train.collective_timeout_s) bounds this one's too.
+        timeout = timedelta(seconds=timeout_s) if timeout_s else None
+        self.group = dist.new_group(backend="gloo", timeout=timeout)
         self.views = [np.zeros(1, dtype=np.float32) for _ in range(2)]
         self.buffers = [torch.from_numpy(v) for v in self.views]  # the same memory
         self.next = 0  # the buffer of the next all-reduce

@@ -38,11 +38,14 @@ class RunLog:
 
     def tensorboard(self, step: int) -> None:
         """Also writes every metric to TensorBoard event files in ``RUN/tb/``; a run
-        resumed at ``step`` hides what an earlier try logged from that step on."""
+        resumed at ``step`` hides what an earlier try logged after that step (what it
+        logged at the step itself, before saving the checkpoint, is the resumed run's past
+        and is not logged again)."""
         if self.metrics is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.board = SummaryWriter(str(self.run_dir / "tb"), purge_step=step or None)
+            self.board = SummaryWriter(str(self.run_dir / "tb"),
+                                       purge_step=step + 1 if step else None)
 
     def progress(self, total: int, desc: str) -> None:
         """A progress bar over ``total`` steps, on a terminal only."""

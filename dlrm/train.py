@@ -101,6 +101,8 @@ class Trainer:
         self.run_dir = Path(broadcast_object(str(run_dir or default_dir)))
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints",
                                          keep=config.train.keep_checkpoints)
+        if self.dist.is_main:  # what a save that never finished left keeps the disk full
+            self.checkpointer.remove_partials()
         resume_from = self._checkpoint_to_resume()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +240,7 @@ class Trainer:
         window_steps, window_start = 0, time.perf_counter()
         samples, train_seconds = 0, 0.0
         reached = self.stopped is not None  # a target, or early stopping
-        with PreemptionFlag() as term:
+        with PreemptionFlag(cfg.collective_timeout_s) as term:
             while self.epoch < cfg.epochs and not reached:
                 steps = self._steps_per_epoch() - self.batch
                 self.log.progress(steps, desc=f"epoch {self.epoch}")

@@ -8,8 +8,8 @@ First the undisturbed runs: `dlrm synth` (3 days), `dlrm preprocess`, `dlrm trai
 ``--repeats`` times each, SIGKILL at a random moment of
 
 * ``preprocess``: the driver alone on the 1st, 3rd, ... try (its workers must die with
-  it), its whole process group on the others; then the same command again: the dataset must equal the
-  undisturbed one (manifest, every table, every other file);
+  it), its whole process group on the others; then the same command again: the dataset
+  must equal the undisturbed one (manifest, every table, every other file);
 * ``train-rank``: one rank's process (torchrun then stops the job), ``train-job``: the
   whole job, ``checkpoint``: the whole job while a checkpoint is being written (its
   ``.partial`` directory exists); then the same command again, which resumes: the last

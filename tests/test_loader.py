@@ -21,6 +21,7 @@ from helpers import REPO, quiet, tsv_row, write_lines
 from torchrec.datasets.utils import Batch
 
 from dlrm.config import ConfigError, ModelConfig, load_config
+from dlrm.data.integrity import DataError
 from dlrm.data.loader import PAD_LABEL, ParquetBatches, make_batch
 from dlrm.data.multi_hot import MultiHot
 from dlrm.data.preprocess import preprocess
@@ -499,7 +500,7 @@ def test_prefetch_thread_ends_after_the_last_batch(grouped):
 
 
 @pytest.mark.parametrize("second_file, error, match", [
-    (b"PAR1 this is not a Parquet file PAR1", pa.ArrowInvalid, None),
+    (b"PAR1 this is not a Parquet file PAR1", DataError, r"b\.parquet: unreadable Parquet"),
     ("scalar C2", ValueError, "column C2 is int64, but a list column"),
 ])
 def test_producer_error_surfaces_in_the_consumer(tmp_path, second_file, error, match):
@@ -587,11 +588,13 @@ def test_multi_hot_argument_errors(grouped, tmp_path):
                        cardinalities=[1000] * NUM_SPARSE)
     with pytest.raises(ValueError, match="26 ints"):
         MultiHot([2] * 3, [10] * NUM_SPARSE)
-    # C1 holds ids up to 99, more than a cardinality of 50 allows: the consumer hears it.
+    # C1 holds ids up to 99, more than a cardinality of 50 allows: the consumer hears it
+    # (from the loader's check of every row group, before the multi-hot tables see them).
     seg = _write(tmp_path / "f.parquet", range(100), C2=pa.array(np.zeros(100, np.int64)))
     batches = ParquetBatches([seg], 50, 0, 1, multi_hot_sizes=[2] * NUM_SPARSE,
                              cardinalities=[50] * NUM_SPARSE)
-    with pytest.raises(ValueError, match=r"C1: ids must lie in \[0, 50\)"):
+    with pytest.raises(DataError, match=r"f\.parquet: feature C1 has id 50 \(row 50 of the "
+                                        r"file; 50 such ids here\) outside its table of 50"):
         list(batches)
 
 

@@ -99,9 +99,10 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
     try:
         train(config, args.run_dir)
-    except CheckpointError as e:
-        # Every rank raises it together (a save that failed, a bad checkpoint): rank 0
-        # says it, the others leave a little later (as above).
+    except (CheckpointError, ConfigError) as e:
+        # Every rank raises it together (a save that failed, a bad checkpoint, a run
+        # directory another run holds): rank 0 says it, the others leave a little later
+        # (as above).
         if int(os.environ.get("RANK", "0")) == 0:
             return _error("train", e)
         time.sleep(3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -16,11 +17,12 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from dlrm.checkpoint import Checkpointer
-from dlrm.config import Config, check_features, to_toml
+from dlrm.config import Config, ConfigError, check_features, to_toml
 from dlrm.data.loader import ParquetBatches
 from dlrm.data.schema import Features
 from dlrm.data.split_checks import check_data
 from dlrm.data.splits import resolve_split, split_specs
+from dlrm.data.writer_lock import writer_lock
 from dlrm.dist import broadcast_object, gather_object, init_distributed, resolve_device
 from dlrm.evaluate import evaluate
 from dlrm.fsutil import atomic_write_json, atomic_write_text
@@ -99,6 +101,7 @@ class Trainer:
 
         default_dir = f"runs/train-{datetime.now():%Y%m%d-%H%M%S}"
         self.run_dir = Path(broadcast_object(str(run_dir or default_dir)))
+        self.lock = self._lock_run_dir()
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints",
                                          keep=config.train.keep_checkpoints)
         if self.dist.is_main:  # what a save that never finished left keeps the disk full
@@ -162,6 +165,24 @@ class Trainer:
                        train_rows=self.train_batches.rows_total,
                        steps_per_epoch=self._steps_per_epoch(), run_dir=str(self.run_dir),
                        resumed_from=str(resume_from) if resume_from else None, step=self.step)
+
+    def _lock_run_dir(self) -> contextlib.ExitStack:
+        """One run per run directory: rank 0 holds its lock until ``close``; every rank
+        raises ConfigError together, naming the holder, where another run has it."""
+        lock, refused = contextlib.ExitStack(), None
+        if self.dist.is_main:
+            try:
+                lock.enter_context(writer_lock(self.run_dir, ConfigError, "dlrm train"))
+            except ConfigError as e:
+                refused = str(e)
+        refused = broadcast_object(refused)
+        if refused:
+            raise ConfigError(refused)
+        return lock
+
+    def close(self) -> None:
+        """Lets go of the run directory."""
+        self.lock.close()
 
     def _steps_per_epoch(self) -> int:
         limit = self.config.train.limit_train_batches
@@ -406,4 +427,5 @@ def train(config: Config, run_dir: str | Path | None = None
     try:
         return trainer.train()
     finally:
+        trainer.close()
         dist.destroy_process_group()

@@ -249,3 +249,26 @@ def test_a_full_disk_is_named_as_such_with_its_free_bytes(full_disk):
         f"{full_disk}: disk full (0 bytes free on {full_disk}): No space left on device")
     named = OSError(28, "No space left on device", str(full_disk / "big"))
     assert io_fault(named, full_disk).startswith(f"{full_disk / 'big'}: disk full (")
+
+
+def test_a_second_training_run_into_one_run_directory_is_refused(small_dataset, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "dlrm", "train", *SMALL, f"--data.path={small_dataset}",
+         "--train.epochs=50", "--run-dir", str(run)], cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not ((run / LOCK).exists() and (run / LOCK).read_text()):
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = dlrm("train", *SMALL, f"--data.path={small_dataset}", "--run-dir", str(run),
+                      check=False)
+        assert second.returncode == 2
+        assert (f"dlrm train: error: {run} is being written by another dlrm train "
+                f"(pid {first.pid} on host ") in second.stderr
+        assert first.poll() is None  # the first run goes on, its checkpoints untouched
+    finally:
+        first.kill()
+        first.wait()

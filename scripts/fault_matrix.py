@@ -44,11 +44,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the tests' own notion of "the same result"
+from helpers import checkpoint_tensors, dataset_state  # noqa: E402
+
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 TRAIN = ["--config", "configs/tiny.toml", "--data.batch_size=64", "--train.log_every=20",
          "--model.embedding_dim=8", "--model.dense_arch_layer_sizes=[16,8]",
@@ -105,39 +106,13 @@ def kill_group(proc: subprocess.Popen) -> None:
 # ------------------------------------------------------------------ what results are
 
 
-def dataset_state(out: Path) -> dict:
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest.pop("seconds")
-    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-             if p.is_file() and p.suffix != ".parquet" and p.name != "manifest.json"}
-    tables = {str(p.relative_to(out)): pq.read_table(p) for p in sorted(out.rglob("*.parquet"))}
-    return {"manifest": manifest, "files": files, "tables": tables}
-
-
-def tensors(checkpoint: Path, scratch: Path) -> dict[str, torch.Tensor]:
-    out = scratch / f"{checkpoint.parent.parent.name}-{checkpoint.name}.pt"
-    dcp_to_torch_save(checkpoint, out)
-    flat: dict[str, torch.Tensor] = {}
-
-    def walk(prefix: str, node: object) -> None:
-        if isinstance(node, torch.Tensor):
-            flat[prefix] = node
-        elif isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}", v)
-
-    walk("", torch.load(out, weights_only=False))
-    out.unlink()
-    return flat
-
-
 def training_result(run_dir: Path, scratch: Path) -> dict:
     last = sorted((run_dir / "checkpoints").glob("step-*[0-9]"))[-1]
     marker = json.loads((last / "COMPLETE.json").read_text())
     metrics = {k: v for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                for k, v in json.loads(line).items() if k.startswith("eval/")}
     return {"checkpoint": last.name, "position": marker["position"], "metrics": metrics,
-            "tensors": tensors(last, scratch)}
+            "tensors": checkpoint_tensors(last, scratch)}
 
 
 def same_training(a: dict, b: dict) -> str | None:

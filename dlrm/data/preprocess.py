@@ -374,7 +374,7 @@ def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
         check_units(selection, split_units(manifest))
     for f in (f for unit in split_units(manifest) for f in unit["files"]):
         try:
-            check_file(out / f["path"], f["bytes"])
+            check_file(out / f["path"], f.get("bytes"))
         except DataError as e:
             raise PreprocessError(f"{e}: something else wrote into {out} during this run; "
                                   "preprocess again into an empty directory") from None

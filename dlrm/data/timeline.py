@@ -55,7 +55,7 @@ def assemble_periods(dones: list[dict[str, Any]], out: Path, work: Path, layout:
         periods.append({
             "name": name, "rows_accepted": sum(f["rows"] for f in files),
             "first": min(f["first"] for f in files), "last": max(f["last"] for f in files),
-            "files": [{"path": f["path"], "rows": f["rows"], "bytes": f["bytes"]}
+            "files": [{"path": f["path"], "rows": f["rows"], "bytes": f.get("bytes")}
                       for f in files],
         })
     return periods, {p["name"]: sums[p["name"]] for p in periods}

@@ -185,3 +185,20 @@ class Server:
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=60)
+
+
+def mount_tmpfs(path: Path, size: int) -> Path:
+    """A real file system of ``size`` bytes (tmpfs) mounted at ``path`` (made here), to
+    fill; the test is skipped where this process may not mount one (not root)."""
+    import pytest
+
+    path.mkdir(parents=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    return path
+
+
+def umount(path: Path) -> None:
+    subprocess.run(["umount", str(path)], check=False)

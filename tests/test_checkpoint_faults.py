@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import dlrm, torchrun
+from helpers import dlrm, mount_tmpfs, torchrun, umount
 
 from dlrm.checkpoint import Checkpointer, CheckpointError
 from dlrm.config import load_config
@@ -23,19 +22,6 @@ SMALL = ["--config", "configs/tiny.toml", "--data.batch_size=32", "--train.log_e
          "--model.over_arch_layer_sizes=[16,1]", "--data.prefetch=0"]
 
 
-def _tmpfs(path: Path, size: int) -> Path:
-    path.mkdir(parents=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    return path
-
-
-def _umount(path: Path) -> None:
-    subprocess.run(["umount", str(path)], check=False)
-
-
 @pytest.fixture
 def group():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -44,7 +30,7 @@ def group():
 
 
 def test_a_save_on_a_full_disk_raises_naming_it_and_leaves_no_partial(group, tmp_path):
-    disk = _tmpfs(tmp_path / "disk", 256 << 10)
+    disk = mount_tmpfs(tmp_path / "disk", 256 << 10)
     try:
         with pytest.raises(CheckpointError) as e:
             Checkpointer(disk).save(7, {"model": {"w": torch.randn(1 << 17)}}, {"step": 7})
@@ -60,7 +46,7 @@ def test_a_save_on_a_full_disk_raises_naming_it_and_leaves_no_partial(group, tmp
         path = Checkpointer(disk).save(7, {"model": {"w": torch.randn(1000)}}, {"step": 7})
         assert path.name == "step-000000007" and list(disk.iterdir()) == [path]
     finally:
-        _umount(disk)
+        umount(disk)
 
 
 @pytest.mark.timeout(120)
@@ -99,7 +85,7 @@ def test_a_full_disk_while_training_exits_2_naming_it_and_a_rerun_with_room_resu
     run = tmp_path / "run"
     # Room for one checkpoint (2.5 MB), not for a second beside it: step 40 is saved,
     # step 80 fills the disk.
-    ckpts = _tmpfs(run / "checkpoints", 3 << 20)
+    ckpts = mount_tmpfs(run / "checkpoints", 3 << 20)
     args = ["-m", "dlrm", "train", *SMALL, f"--data.path={small_dataset}",
             "--train.checkpoint_every=40", "--run-dir", str(run)]
     try:
@@ -124,7 +110,7 @@ def test_a_full_disk_while_training_exits_2_naming_it_and_a_rerun_with_room_resu
         assert (end["step"], end["epoch"], end["batch"]) == (125, 1, 0)
         assert (run / "eval" / "test.json").is_file()
     finally:
-        _umount(ckpts)
+        umount(ckpts)
 
 
 @pytest.mark.timeout(300)
@@ -132,7 +118,7 @@ def test_a_full_disk_under_the_run_directory_exits_2_naming_it(small_dataset, tm
     """Not a checkpoint: the final evaluation's files (``RUN/eval/``, a 4 KiB tmpfs here,
     too small for them) fail to be written."""
     run = tmp_path / "run"
-    full = _tmpfs(run / "eval", 4096)
+    full = mount_tmpfs(run / "eval", 4096)
     try:
         proc = dlrm("train", *SMALL, f"--data.path={small_dataset}",
                     "--train.limit_train_batches=10", "--run-dir", str(run), check=False)
@@ -141,4 +127,4 @@ def test_a_full_disk_under_the_run_directory_exits_2_naming_it(small_dataset, tm
         assert str(run) in line and "disk full (" in line and "No space left on device" in line
         assert "Traceback" not in proc.stderr
     finally:
-        _umount(full)
+        umount(full)

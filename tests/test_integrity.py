@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL
-from helpers import REPO, dlrm, quiet
+from helpers import REPO, dlrm, mount_tmpfs, quiet, umount
 
 from dlrm.data.integrity import DataError
 from dlrm.data.loader import PAD_LABEL, ParquetBatches
@@ -225,16 +225,12 @@ def test_workers_die_with_a_killed_preprocess(tmp_path):
 
 @pytest.fixture
 def full_disk(tmp_path):
-    """A real 1 MiB file system (tmpfs), filled; skipped where this process may not mount."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
-                      capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root")
+    """A real 1 MiB file system (tmpfs), to fill."""
+    disk = mount_tmpfs(tmp_path / "disk", 1 << 20)
     try:
         yield disk
     finally:
-        subprocess.run(["umount", str(disk)], check=True)
+        umount(disk)
 
 
 def test_a_full_disk_is_named_as_such_with_its_free_bytes(full_disk):

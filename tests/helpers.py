@@ -6,6 +6,7 @@ import csv
 import gzip
 import http.client
 import json
+import math
 import os
 import signal
 import socket
@@ -110,13 +111,19 @@ GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "
 ML_HEADER = "user_id,movie_id,rating,timestamp,title,genres,gender,age,occupation,zip"
 
 
-def movielens_rows(rows: int, seed: int, start: int = 975_628_800) -> list[list]:
-    """Ratings from user, movie and genre effects: a rating of 4+ is well predictable. One
-    a minute from ``start`` (default 2000-12-01)."""
-    rng = np.random.default_rng(seed)
+def _movielens_world() -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The planted users' and movies' biases and each movie's genres."""
     world = np.random.default_rng(1234)
     user_bias, movie_bias = world.normal(0, 1, 150), world.normal(0, 1, 200)
     genres = [world.choice(len(GENRES), world.integers(1, 4), replace=False) for _ in range(200)]
+    return user_bias, movie_bias, genres
+
+
+def movielens_rows(rows: int, seed: int, start: int = 975_628_800) -> list[list]:
+    """Ratings from user and movie effects (the genres follow the movie): a rating of 4+
+    is well predictable. One a minute from ``start`` (default 2000-12-01)."""
+    rng = np.random.default_rng(seed)
+    user_bias, movie_bias, genres = _movielens_world()
     out = []
     for i in range(rows):
         u, m = int(rng.integers(150)), int(rng.integers(200))
@@ -126,6 +133,19 @@ def movielens_rows(rows: int, seed: int, start: int = 975_628_800) -> list[list]
                     "MF"[u % 2], [1, 18, 25, 35, 45, 50, 56][u % 7], u % 21,
                     f"{10000 + u * 37}" if u % 3 else f"{10000 + u}-1234"])
     return out
+
+
+def movielens_truth(rows: list[list]) -> dict[str, np.ndarray]:
+    """The planted model on ``movielens_rows``: P(rating >= 4) of each row (the score
+    3.3 + user bias + movie bias + N(0, 0.6) rounds to 4 or more where it is >= 3.5),
+    and the user's and the movie's bias alone (first-order scores, each blind to the
+    other effect)."""
+    user_bias, movie_bias, _ = _movielens_world()
+    u = np.array([r[0] - 1 for r in rows])
+    m = np.array([r[1] - 1 for r in rows])
+    z = (user_bias[u] + movie_bias[m] - 0.2) / 0.6
+    p = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
+    return {"p": p, "user": user_bias[u], "movie": movie_bias[m]}
 
 
 def write_csv(path, header: str, rows: list[list], extra_lines: list[str] = ()) -> None:

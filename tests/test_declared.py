@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 
 import numpy as np
 import pyarrow as pa
@@ -18,16 +19,29 @@ from helpers import (
     REPO,
     dlrm,
     movielens_rows,
+    movielens_truth,
     quiet,
     read_units,
     torchrun,
     write_csv,
 )
+from sklearn.metrics import roc_auc_score
 
 from dlrm.data.declared import SchemaError, is_criteo, load_schema
 from dlrm.data.preprocess import Options, PreprocessError, preprocess
-from dlrm.data.splits import default_split_specs
+from dlrm.data.splits import default_split_specs, resolve_split, row_ranges
 from dlrm.data.synth import synth
+
+
+def _split_rows(data, manifest: dict, specs: list[str]) -> pa.Table:
+    """The rows that split ``specs`` name, as the dataset holds them."""
+    return pa.concat_tables([pq.read_table(s.path).slice(s.start, s.stop - s.start)
+                             for s in resolve_split(data, manifest, specs)])
+
+
+def _source_rows(manifest: dict, specs: list[str], rows: list[list]) -> list[list]:
+    """The source ``rows`` (all inputs' in the dataset's order) that ``specs`` name."""
+    return [rows[i] for lo, hi in row_ranges(manifest, specs) for i in range(lo, hi)]
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +110,31 @@ def test_small_chunks_give_the_same_dataset(movielens, tmp_path):
 
 
 def test_movielens_trains_on_two_ranks_and_evaluates_the_same(movielens, tmp_path):
-    root, _, _ = movielens
+    """The recipe learns both the user's and the movie's effect through the tables: its
+    test AUC lies within 0.045 of the planted model's (the Bayes AUC of the same test
+    rows; measured gaps 0.021-0.029 over 5 training seeds) and above what either effect
+    alone ranks; `dlrm evaluate` of the kept checkpoint gives the same AUC."""
+    root, _, manifest = movielens
+    specs = tomllib.loads((REPO / "configs" / "movielens.toml").read_text())["data"][
+        "test_sources"]
+    written = [r for d in range(3) for r in movielens_rows(3000, d, 975_628_800 + d * 32 * 86_400)]
+    test = _source_rows(manifest, specs, written)
+    labels = np.array([int(r[2] >= 4) for r in test])
+    assert len(test) == 450
+    assert _split_rows(root / "data", manifest, specs).column("rating").to_pylist() == (
+        labels.tolist())  # the rows scored here are the ones the test split holds
+    truth = movielens_truth(test)
+    bayes = roc_auc_score(labels, truth["p"])  # 0.950
+    alone = max(roc_auc_score(labels, truth["user"]), roc_auc_score(labels, truth["movie"]))
+
     run = tmp_path / "run"
     out = torchrun(["-m", "dlrm", "train", "--config", "configs/movielens.toml",
                     f"--data.path={root / 'data'}", "--run-dir", str(run),
                     "--data.batch_size=128", "--train.log_every=20"]).stdout
     (done,) = [json.loads(x) for x in out.splitlines() if '"event": "done"' in x]
-    assert done["test_auc"] > 0.85, done  # user and movie effects, learnt through the tables
+    auc = done["test_auc"]
+    assert bayes - 0.045 < auc <= bayes + 0.01, (auc, bayes)
+    assert auc > alone + 0.05, (auc, alone)  # 0.809: the user's effect alone
     checkpoint = run / "checkpoints" / "best"  # the recipe keeps it: its metrics are final
     report = tmp_path / "eval.json"
     dlrm("evaluate", "--checkpoint", str(checkpoint), "--data", str(root / "data"),
@@ -116,22 +148,32 @@ AVAZU_HEADER = ("id,click,hour,C1,banner_pos,site_id,site_domain,site_category,a
                 "device_conn_type,C14,C15,C16,C17,C18,C19,C20,C21")
 
 
+SITES = [f"{h:08x}" for h in np.random.default_rng(7).integers(0, 2**32, 60)]
+MODELS = [f"{h:08x}" for h in np.random.default_rng(8).integers(0, 2**32, 40)]
+SITE_CTR = np.random.default_rng(9).uniform(0.02, 0.6, 60)
+
+
 def _avazu_rows(rows: int, seed: int) -> list[list]:
     """Clicks from the site and the device model; the other columns are noise."""
     rng = np.random.default_rng(seed)
-    sites = [f"{h:08x}" for h in np.random.default_rng(7).integers(0, 2**32, 60)]
-    models = [f"{h:08x}" for h in np.random.default_rng(8).integers(0, 2**32, 40)]
-    site_ctr = np.random.default_rng(9).uniform(0.02, 0.6, 60)
     out = []
     for i in range(rows):
         s, m = int(rng.integers(60)), int(rng.integers(40))
-        click = int(rng.random() < site_ctr[s] * (1.5 if m % 2 else 0.5))
+        click = int(rng.random() < SITE_CTR[s] * (1.5 if m % 2 else 0.5))
         out.append([10**18 + seed * rows + i, click, 14102100 + i % 24, 1005, int(rng.integers(2)),
-                    sites[s], "f3845767", "28905ebd", "ecad2386", "7801e8d9", "07d7df22",
-                    "a99f214a", f"{int(rng.integers(2**32)):08x}", models[m], 1,
+                    SITES[s], "f3845767", "28905ebd", "ecad2386", "7801e8d9", "07d7df22",
+                    "a99f214a", f"{int(rng.integers(2**32)):08x}", MODELS[m], 1,
                     int(rng.integers(3)), 15706 + int(rng.integers(5)), 320, 50, 1722, 0, 35,
                     -1 if rng.random() < 0.5 else 100084, 79])
     return out
+
+
+def _avazu_truth(rows: list[list]) -> dict[str, np.ndarray]:
+    """The planted model on ``_avazu_rows``: P(click) of each row, and the site's and the
+    device model's effects alone (first-order scores, each blind to the other)."""
+    site = np.array([SITE_CTR[SITES.index(r[5])] for r in rows])
+    model = np.array([1.5 if MODELS.index(r[13]) % 2 else 0.5 for r in rows])
+    return {"p": site * model, "site": site, "model": model}
 
 
 def test_avazu_layout_with_hash_encoding_from_the_command_line(tmp_path):
@@ -145,11 +187,28 @@ def test_avazu_layout_with_hash_encoding_from_the_command_line(tmp_path):
     assert len(manifest["schema"]["sparse"]) == 21 and "hour" not in manifest["schema"]["sparse"]
     assert manifest["cardinalities"] == [5000] * 21 and manifest["rows_accepted"] == 7500
     assert set(manifest["encoding"]) == set(manifest["schema"]["sparse"])
+
+    # The test split (a single day: its last 1/14 by hour) of the rows as written.
+    specs = default_split_specs(manifest)["test"]
+    rows = sorted((r for d in range(3) for r in _avazu_rows(2500, d)), key=lambda r: r[2])
+    test = _source_rows(manifest, specs, rows)
+    labels = np.array([r[1] for r in test])
+    assert len(test) == 536
+    assert _split_rows(data, manifest, specs).column("click").to_pylist() == labels.tolist()
+    truth = _avazu_truth(test)
+    bayes = roc_auc_score(labels, truth["p"])  # 0.837
+    alone = max(roc_auc_score(labels, truth["site"]), roc_auc_score(labels, truth["model"]))
+
     out = dlrm("train", "--config", "configs/avazu.toml", f"--data.path={data}",
                "--run-dir", str(tmp_path / "run"), "--data.batch_size=128",
                "--train.epochs=2").stdout
     (done,) = [json.loads(x) for x in out.splitlines() if '"event": "done"' in x]
-    assert done["test_auc"] > 0.7, done
+    # 100 steps on 6,428 rows of 21 hashed features, 19 of them noise: too short a run
+    # for a tight margin (measured gaps to the Bayes AUC 0.033-0.066 over 5 training
+    # seeds), but it must learn both planted effects: above the site's alone (0.741).
+    auc = done["test_auc"]
+    assert bayes - 0.10 < auc <= bayes + 0.01, (auc, bayes)
+    assert auc > alone, (auc, alone)
 
 
 def test_headers_must_agree_and_hold_the_declared_columns(tmp_path):

@@ -5,6 +5,7 @@ middle of the partitioned merge, the rerun finishes the same dataset."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -137,3 +139,58 @@ def test_a_negative_budget_is_refused_naming_the_flag(raw, tmp_path):
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "--memory-gib" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# One feature of 4M distinct values (a 40 MB CSV): its unbudgeted merge needs far more
+# than a worker's parse-and-write memory, so that the budget is what bounds the peak.
+MEMORY_ROWS = 4_000_000
+MEMORY_GIB = 0.0625  # 64 MiB, 32 MiB each of the 2 workers: about 11 partitions
+WORKER_MIB = 340  # README: "about 340 MiB peak per worker" (--encoding hash)
+_PEAK = ("import json, resource, subprocess, sys; p = subprocess.run(sys.argv[1:], "
+         "capture_output=True, text=True); print(json.dumps({'rc': p.returncode, 'log': "
+         "p.stdout + p.stderr, 'kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+
+
+def _peak_mib(csv: Path, schema: Path, out: Path, *more: str) -> tuple[float, str]:
+    """`dlrm preprocess` (2 workers) run from a fresh process: the peak RSS of the largest
+    process of its tree (the driver and its workers, each waited for), and its log."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK, sys.executable, "-m", "dlrm", "preprocess", "--schema",
+         str(schema), "--input", str(csv), "--out", str(out), "--workers", "2",
+         "--chunk-mb", "4", "--max-vocab", "1000", *more],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=300)
+    result = json.loads(proc.stdout)
+    assert result["rc"] == 0, result["log"][-5000:]
+    return result["kib"] / 1024, result["log"]
+
+
+def test_the_budget_bounds_the_workers_peak_memory(tmp_path):
+    """README: a worker peaks at about 340 MiB (--encoding hash), plus for vocab what it
+    counts, and the merge keeps to --memory-gib. So no process of a vocab run under a
+    64 MiB budget (32 MiB a worker) peaks above the hash run's peak on the same data plus
+    that share plus 16 MiB, while the same run under a budget above the data (one
+    partition of 3.4M values) peaks well above. Measured, peak RSS of the largest process
+    over 3 runs: hash 307-313 MiB, budgeted 293-307 (0-13 MiB below hash), unbudgeted
+    438-439."""
+    rng = np.random.default_rng(0)
+    csv, schema = tmp_path / "in.csv", tmp_path / "s.toml"
+    with open(csv, "wb") as f:
+        f.write(b"y,a\n")
+        pacsv.write_csv(pa.table({"y": rng.integers(0, 2, MEMORY_ROWS),
+                                  "a": rng.permutation(MEMORY_ROWS) + 10**6}), f,
+                        pacsv.WriteOptions(include_header=False))
+    schema.write_text('[input]\nformat = "csv"\nheader = true\n[label]\ncolumn = "y"\n'
+                      '[categorical]\ncolumns = ["a"]\n')
+
+    hashed, _ = _peak_mib(csv, schema, tmp_path / "hash", "--encoding", "hash",
+                          "--buckets", "1000")
+    budgeted, log = _peak_mib(csv, schema, tmp_path / "budget", "--memory-gib", str(MEMORY_GIB))
+    assert int(re.search(r" in (\d+) partitions", log).group(1)) > 5, log  # it partitions
+    unbudgeted, log = _peak_mib(csv, schema, tmp_path / "whole", "--memory-gib", "8")
+    assert " in 1 partitions" in log, log
+    share = MEMORY_GIB * 1024 / 2
+    peaks = {"hash": hashed, "budgeted": budgeted, "unbudgeted": unbudgeted}
+    assert hashed <= 1.1 * WORKER_MIB, peaks
+    assert budgeted <= hashed + share + 16, peaks
+    assert unbudgeted > budgeted + 2 * share, peaks  # the budget, not the data, bounds it

@@ -106,6 +106,9 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
         raise ExportError(f"--tables must be one of {', '.join(PRECISIONS)}, got {tables!r}")
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and any(out.iterdir()):
+        done = _same_export(out, checkpoint, tables, clip)
+        if done is not None:  # a rerun (after a kill, say): the directory is complete
+            return done
         raise ExportError(f"{out} is not empty; choose another --out")
     marker = verify(checkpoint)  # every file against its checksum; the metadata safely
     config = run_config(checkpoint)
@@ -154,6 +157,21 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
         out.rmdir()
     tmp.rename(out)
     return info
+
+
+def _same_export(out: Path, checkpoint: Path, tables: str, clip: bool) -> dict[str, Any] | None:
+    """``model.json`` of ``out`` if it is this export (the checkpoint, precision and
+    clipping asked for), else None. A model directory appears whole (renamed into place
+    once written), so its ``model.json`` stands for every file."""
+    try:
+        info = json.loads((out / MODEL_JSON).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    clipped = info.get("prediction_range") is not None
+    regression = info.get("dataset", {}).get("schema", {}).get("label_kind") == "regression"
+    same = (info.get("format") == FORMAT and info.get("checkpoint") == str(checkpoint.resolve())
+            and info.get("tables") == tables and (not regression or clipped == clip))
+    return info if same else None
 
 
 JOINS = "joins"  # MODEL/joins/: the side tables of the schema, which it names relatively

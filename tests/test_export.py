@@ -135,6 +135,20 @@ def test_a_model_directory_loads_alone_and_unpickles_nothing(trained, tmp_path):
         export(trained, tmp_path / "model")
 
 
+def test_rerunning_an_export_over_its_own_directory_does_nothing(trained, tmp_path):
+    """A rerun of the same command (after a kill that came once the directory was in
+    place) finds it complete; another export into it is refused."""
+    out = tmp_path / "model"
+    info = export(trained, out, "fp16")
+    files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*")
+             if p.is_file()}
+    assert export(trained, out, "fp16") == info
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*")
+            if p.is_file()} == files
+    with pytest.raises(ExportError, match="not empty"):
+        export(trained, out, "int8")
+
+
 def test_rows_without_the_label_column_are_scored_alike(trained, small_dataset, tmp_path):
     """Criteo's unlabeled layout (39 fields, as Kaggle's test.txt): the same probabilities,
     no label column."""

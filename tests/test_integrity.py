@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL
@@ -268,3 +269,17 @@ def test_a_second_training_run_into_one_run_directory_is_refused(small_dataset, 
     finally:
         first.kill()
         first.wait()
+
+
+def test_check_ids_finds_negative_and_too_large_ids_and_their_rows():
+    from dlrm.data.integrity import check_ids
+
+    check_ids(np.array([0, 5, 9]), 10, "C1", Path("f"), 0)  # in range: nothing said
+    with pytest.raises(DataError, match=r"f: feature C1 has id -8200000000000000000 \(row 101 "
+                                        r"of the file; 1 such ids here\) outside its table"):
+        check_ids(np.array([3, -8_200_000_000_000_000_000, 4]), 10, "C1", Path("f"), 100)
+    with pytest.raises(DataError, match=r"id 10 \(row 7 of the file; 2 such ids"):
+        check_ids(np.array([10, 1, 10]), 10, "C1", Path("f"), 7)
+    # A bag feature: ids flat, rows by their list offsets (rows 0..2 hold 2, 0, 3 ids).
+    with pytest.raises(DataError, match=r"id 12 \(row 52 of the file"):
+        check_ids(np.array([1, 2, 3, 12, 4]), 10, "C1", Path("f"), 50, np.array([0, 2, 2, 5]))

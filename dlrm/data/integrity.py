@@ -88,8 +88,8 @@ def check_ids(ids: np.ndarray, cardinality: int, feature: str, path: Path,
     ``[0, cardinality)``, naming the first such id and its row."""
     if not ids.size:
         return
-    lo, hi = ids.min(), ids.max()
-    if lo >= 0 and hi < cardinality:
+    # One pass: as unsigned, a negative id is larger than any table.
+    if ids.astype(np.int64, copy=False).view(np.uint64).max() < cardinality:
         return
     bad = np.flatnonzero((ids < 0) | (ids >= cardinality))
     row = int(bad[0]) if offsets is None else int(np.searchsorted(offsets, bad[0], "right")) - 1

@@ -26,9 +26,13 @@ def writer_lock(directory: Path, error: type[Exception], what: str) -> Iterator[
     """Holds ``directory``'s lock for the block; raises ``error`` naming the holder if
     another process has it (``what``: the holder's kind, for the message)."""
     created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise error(f"{path}: cannot take the writer's lock ({e.strerror}); {directory} "
+                    "must be writable") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

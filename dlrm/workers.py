@@ -15,6 +15,7 @@ import signal
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from multiprocessing.managers import SyncManager
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
@@ -41,3 +42,11 @@ def worker_pool(workers: int, initializer: Callable[..., Any] | None = None,
     that die with this one; ``initializer(*initargs)`` runs in each first."""
     return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start,
                                initargs=(os.getpid(), initializer, initargs))
+
+
+def manager() -> SyncManager:
+    """A started ``multiprocessing`` manager (its server, a spawned process, dies with this
+    one), e.g. for a queue the workers feed a progress bar through."""
+    started = SyncManager(ctx=get_context("spawn"))
+    started.start(die_with_parent, (os.getpid(),))
+    return started

@@ -57,7 +57,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +81,7 @@ from dlrm.data.vocab_rows import Selection, check_units
 from dlrm.data.writer_lock import LOCK, writer_lock
 from dlrm.fsutil import atomic_path, atomic_write_json, io_fault
 from dlrm.heap import keep_freed_memory
-from dlrm.workers import worker_pool
+from dlrm.workers import manager, worker_pool
 
 __all__ = ["Encoding", "Options", "PreprocessError", "load_manifest", "preprocess"]
 
@@ -223,9 +222,9 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
     passes = 2 if count else 1
     bar = tqdm(total=total * passes, unit="B", unit_scale=True, desc="preprocess",
                dynamic_ncols=True) if os.isatty(1) else None
-    manager = get_context("spawn").Manager() if bar is not None else contextlib.nullcontext()
-    with manager, worker_pool(workers, keep_freed_memory) as pool:
-        updates = manager.Queue() if bar is not None else None
+    progress = manager() if bar is not None else contextlib.nullcontext()
+    with progress, worker_pool(workers, keep_freed_memory) as pool:
+        updates = progress.Queue() if bar is not None else None
         tables = work / TABLES if layout.vocab else None
         vocabs: dict[str, np.ndarray] = {}
         selection, record = None, None

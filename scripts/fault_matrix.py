@@ -62,6 +62,11 @@ def run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    lines = proc.stderr.strip().splitlines()
+    return f" ({lines[-1][:300]})" if lines else ""
+
+
 def dlrm(*args: str) -> list[str]:
     return [sys.executable, "-m", "dlrm", *args]
 
@@ -252,7 +257,7 @@ class Matrix:
         same = rerun.returncode == 0 and dataset_state(out) == self.data_state
         self.record("kill preprocess" + (" driver" if alone else " group"), same and not orphans,
                     f"orphans {len(orphans)}, rerun exit {rerun.returncode}, dataset "
-                    f"{'equal' if same else 'DIFFERENT'}")
+                    f"{'equal' if same else 'DIFFERENT'}{last_line(rerun) if not same else ''}")
         shutil.rmtree(out, ignore_errors=True)
 
     def kill_training(self, i: int, how: str) -> None:

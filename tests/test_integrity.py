@@ -283,3 +283,17 @@ def test_check_ids_finds_negative_and_too_large_ids_and_their_rows():
     # A bag feature: ids flat, rows by their list offsets (rows 0..2 hold 2, 0, 3 ids).
     with pytest.raises(DataError, match=r"id 12 \(row 52 of the file"):
         check_ids(np.array([1, 2, 3, 12, 4]), 10, "C1", Path("f"), 50, np.array([0, 2, 2, 5]))
+
+
+def test_a_run_killed_before_its_plan_was_written_is_started_afresh(tmp_path):
+    """Killed between taking the lock and writing ``_work/plan.json`` (the fault matrix
+    found it: the rerun said the directory was not empty)."""
+    synth(tmp_path / "raw", days=2, rows_per_day=300, seed=3)
+    inputs = [tmp_path / "raw" / f"day_{d}" for d in range(2)]
+    out = tmp_path / "out"
+    (out / "_work").mkdir(parents=True)
+    (out / LOCK).touch()
+    (out / "_work" / f"plan.tmp-{os.getpid() + 1}.json").write_text("{")  # its half-write
+    assert preprocess(inputs, out, workers=1, log=quiet)["rows_accepted"] == 600
+    assert sorted(p.name for p in out.iterdir()) == [LOCK, "data", "manifest.json",
+                                                     "rejects", "vocab.npz"]

@@ -192,9 +192,11 @@ def _locked(paths: list[Path], out: Path, opts: Options, layout: Layout,
                                   f"encoding ({plan_path}); choose another --out or delete it")
         log(f"preprocess: resuming the unfinished run in {out}")
         plan["stage"] = old.get("stage", True)  # as it began
-    elif any(p.name != LOCK for p in out.iterdir()):
+    elif any(p.name not in (LOCK, WORK) for p in out.iterdir()):
         raise PreprocessError(f"{out} is not empty and holds no dlrm dataset; choose another --out")
     else:
+        # A run killed before its plan was written had done nothing yet.
+        shutil.rmtree(work, ignore_errors=True)
         plan["stage"] = choose_staging(paths, layout, out,
                                        bool(layout.vocab and ref is None and opts.stage), log)
 
@@ -208,9 +210,9 @@ def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
                 plan: dict[str, Any], t0: float, log: Callable[[str], Any],
                 ref: Reference | None) -> dict[str, Any]:
     work = out / WORK
+    atomic_write_json(work / "plan.json", plan)  # first: a _work without it holds nothing
     for sub in ("counts", "staged", "rejects", "done"):
         (work / sub).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(work / "plan.json", plan)
     tasks = plan_tasks(paths, opts.chunk_bytes,
                        whole=layout.schema is not None and layout.schema.format == "parquet")
     # Largest first: the pool's tail is then short.

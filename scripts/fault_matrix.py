@@ -299,7 +299,7 @@ class Matrix:
         rerun = run(dlrm("export", "--checkpoint", str(self.checkpoint), "--out", str(out)))
         same = rerun.returncode == 0 and files_of(out) == self.model
         self.record("export", same, f"rerun exit {rerun.returncode}, model "
-                    f"{'equal' if same else 'DIFFERENT'}: {rerun.stderr[-200:]}")
+                    f"{'equal' if same else 'DIFFERENT'}{last_line(rerun) if not same else ''}")
         shutil.rmtree(out, ignore_errors=True)
 
     def kill_serve(self, i: int) -> None:

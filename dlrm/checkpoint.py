@@ -18,7 +18,6 @@ checkpoint-metadata classes of torch, and DCP reads tensor data with ``weights_o
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -36,7 +35,7 @@ import torch.distributed.checkpoint as dcp
 
 from dlrm.column_splits import rowwise_state_across_column_splits
 from dlrm.dist import broadcast_object, gather_object
-from dlrm.fsutil import atomic_write_json
+from dlrm.fsutil import DISK_FULL, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -187,9 +186,6 @@ def _copy_back(into: dict[str, Any], source: dict[str, Any]) -> None:
             into[key] = value
 
 
-_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
 def _causes(failure: BaseException) -> list[tuple[str, BaseException]]:
     """What went wrong, as (where, exception): DCP's error holds each failed rank's."""
     if isinstance(failure, dcp.CheckpointException):
@@ -214,7 +210,7 @@ def _failure(failure: BaseException | None, partial: Path) -> str | None:
         little = usage.free < min(16 << 20, max(usage.total // 100, 64 << 10))
     except OSError:
         free, little = None, False
-    full = bool(errnos & set(_FULL)) or (little and not errnos)
+    full = bool(errnos & set(DISK_FULL)) or (little and not errnos)
     # OSErrors first: torch.save's own error on a full disk ("unexpected pos") says less.
     causes.sort(key=lambda c: not isinstance(c[1], OSError))
     said = "; ".join(f"{rank}{type(e).__name__}: {e}".replace("\n", " ") for rank, e in causes)

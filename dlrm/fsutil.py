@@ -47,11 +47,14 @@ def read_toml(path: Path, error: type[Exception], what: str) -> dict[str, Any]:
         raise error(f"{path}: invalid TOML: {e}") from None
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errors of a write that found no room
+
+
 def io_fault(e: OSError, where: Path) -> str:
     """What an I/O error means, for a message naming ``where`` (a directory being written):
     a full disk says so, with the bytes left on it."""
     path = e.filename or where
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if e.errno in DISK_FULL:
         disk = Path(e.filename).parent if e.filename else Path(where)
         try:
             free = f"{shutil.disk_usage(disk).free:,} bytes free"

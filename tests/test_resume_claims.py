@@ -1,4 +1,4 @@
-"""README claims of resume and failure handling, run for real (2 torchrun ranks, gloo):
+"""Claims of resume and failure handling, run for real (2 torchrun ranks, gloo):
 SIGTERM of one rank stops both at one agreed step with one checkpoint; a run stopped
 mid-epoch resumes on another rank count with the rest of its epoch; a stalled rank makes
 the others fail within ``train.collective_timeout_s`` instead of hanging; a resumed run

@@ -145,7 +145,7 @@ def test_a_negative_budget_is_refused_naming_the_flag(raw, tmp_path):
 # than a worker's parse-and-write memory, so that the budget is what bounds the peak.
 MEMORY_ROWS = 4_000_000
 MEMORY_GIB = 0.0625  # 64 MiB, 32 MiB each of the 2 workers: about 11 partitions
-WORKER_MIB = 340  # README: "about 340 MiB peak per worker" (--encoding hash)
+WORKER_MIB = 340  # docs/data.md: "about 340 MiB peak per worker" (--encoding hash)
 _PEAK = ("import json, resource, subprocess, sys; p = subprocess.run(sys.argv[1:], "
          "capture_output=True, text=True); print(json.dumps({'rc': p.returncode, 'log': "
          "p.stdout + p.stderr, 'kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
@@ -166,7 +166,7 @@ def _peak_mib(csv: Path, schema: Path, out: Path, *more: str) -> tuple[float, st
 
 
 def test_the_budget_bounds_the_workers_peak_memory(tmp_path):
-    """README: a worker peaks at about 340 MiB (--encoding hash), plus for vocab what it
+    """docs/data.md: a worker peaks at about 340 MiB (--encoding hash), plus for vocab what it
     counts, and the merge keeps to --memory-gib. So no process of a vocab run under a
     64 MiB budget (32 MiB a worker) peaks above the hash run's peak on the same data plus
     that share plus 16 MiB, while the same run under a budget above the data (one

@@ -118,7 +118,8 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _verify(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.data.preprocess import PreprocessError, load_manifest
+    from dlrm.data.manifest import load_manifest
+    from dlrm.data.preprocess import PreprocessError
     from dlrm.data.verify import verify_dataset
 
     try:
@@ -281,7 +282,7 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _recommend(args: argparse.Namespace, rest: list[str]) -> int:
     from dlrm.data.like import schema_of
-    from dlrm.export import load_exported
+    from dlrm.model_dir import load_exported
     from dlrm.predict import Scorer, layout_for
     from dlrm.recommend import Recommender, candidate_rows, load_lines
     from dlrm.request_rows import RequestRows

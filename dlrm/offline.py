@@ -22,7 +22,7 @@ from dlrm.config import Config, load_config
 from dlrm.data.integrity import WRITE
 from dlrm.data.like import check_same_encoding
 from dlrm.data.loader import ParquetBatches
-from dlrm.data.preprocess import load_manifest
+from dlrm.data.manifest import load_manifest
 from dlrm.data.schema import Features
 from dlrm.data.split_checks import check_vocab_rows
 from dlrm.data.splits import ALL, resolve_split, row_ranges, split_specs

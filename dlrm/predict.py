@@ -42,9 +42,9 @@ from dlrm.data.loader import table_rows, to_batch
 from dlrm.data.passes import encode
 from dlrm.data.rejects import one_line
 from dlrm.data.vocab import Encoder
-from dlrm.export import TABLES, Exported, load_exported
 from dlrm.fsutil import atomic_path
 from dlrm.metrics import sigmoid
+from dlrm.model_dir import TABLES, Exported, load_exported
 from dlrm.workers import worker_pool
 
 BATCH = 4096  # rows per forward pass

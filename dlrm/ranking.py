@@ -34,8 +34,9 @@ from dlrm.data.splits import Segment, resolve_split
 from dlrm.dist import barrier
 from dlrm.evaluate import gather_predictions, predict
 from dlrm.fsutil import atomic_write_json
+from dlrm.model_dir import items_of_dataset
 from dlrm.offline import Offline
-from dlrm.recommend import items_of_dataset, user_with_items
+from dlrm.recommend import user_with_items
 
 KS = (10, 20)
 MAX_SCORES = 200_000_000  # candidate rows beyond which all-item ranking must be sampled

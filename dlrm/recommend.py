@@ -19,41 +19,10 @@ import numpy as np
 import pyarrow as pa
 
 from dlrm.data.codecs import category_values
-from dlrm.data.declared import Schema
 from dlrm.data.integrity import read_table
-from dlrm.data.splits import ALL, resolve_split
+from dlrm.model_dir import ITEMS, KEY
 from dlrm.predict import Scorer
 from dlrm.request_rows import RequestRows, RowsError
-
-ITEMS = "items.parquet"
-KEY = "item"
-
-
-def items_of_dataset(data: Path, manifest: dict[str, Any], schema: Schema,
-                     vocabs: dict[str, np.ndarray], specs: list[str] = (ALL,)) -> pa.Table:
-    """Every distinct item (by its key's id) of the rows ``specs`` name in a dataset (the
-    training split), its features as first seen there."""
-    key, parts, seen = schema.item[0], [], np.zeros(0, np.int64)
-    for segment in resolve_split(data, manifest, list(specs)):
-        table = read_table(segment.path, segment.bytes, columns=list(schema.item))
-        table = table.slice(segment.start, segment.stop - segment.start)
-        ids = table.column(key).to_numpy()
-        first = np.unique(ids, return_index=True)[1]
-        fresh = first[~np.isin(ids[first], seen) & (ids[first] > 1)]  # not missing or OOV
-        parts.append(table.take(np.sort(fresh)))
-        seen = np.union1d(seen, ids[fresh])
-    items = pa.concat_tables(parts) if parts else read_table(segment.path).slice(0, 0)
-    return items.append_column(KEY, pa.array(key_names(items.column(key).to_numpy(),
-                                                       vocabs.get(key))))
-
-
-def key_names(ids: np.ndarray, vocab: np.ndarray | None) -> list[str]:
-    """Items' keys for people: the value an id stands for (an integer key itself, a text
-    key ``#`` and its hash); a hashed feature: ``id:N``."""
-    if vocab is None:
-        return [f"id:{i}" for i in ids]
-    values = [int(v) for v in vocab[ids - 2]]
-    return [str(v) if v < 2**63 else f"#{v:016x}" for v in values]
 
 
 class Recommender:

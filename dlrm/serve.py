@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from dlrm.data.blocks import Block
 from dlrm.data.like import schema_of
-from dlrm.export import Exported
+from dlrm.model_dir import Exported, load_exported
 from dlrm.predict import Scorer, layout_for
 from dlrm.recommend import Recommender
 from dlrm.request_rows import RequestRows, RowsError
@@ -210,7 +210,6 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     """Serves until SIGTERM or SIGINT (requests in flight finish first)."""
     import uvicorn
 
-    from dlrm.export import load_exported
 
     app = create_app(load_exported(model), max_body_bytes)
     print(json.dumps({"event": "serve", "model": model, "url": f"http://{host}:{port}"}),

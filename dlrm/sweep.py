@@ -41,7 +41,8 @@ from optuna.trial import TrialState
 
 from dlrm.compare import compare, final_metrics
 from dlrm.config import ConfigError, load_config
-from dlrm.data.preprocess import PreprocessError, load_manifest
+from dlrm.data.manifest import load_manifest
+from dlrm.data.preprocess import PreprocessError
 from dlrm.data.schema import Features
 from dlrm.fsutil import atomic_write_json, read_toml
 from dlrm.report import read_metrics

@@ -46,7 +46,7 @@ def preprocess(code: Path, inputs: list[Path], out: Path, workers: int, extra: l
 LOADER = """
 import sys, time
 from dlrm.data.loader import ParquetBatches
-from dlrm.data.preprocess import load_manifest
+from dlrm.data.preprocess import load_manifest  # (re-exported there: older commits too)
 from dlrm.data.schema import Features
 from dlrm.data.splits import resolve_split
 data = sys.argv[1]

@@ -78,7 +78,7 @@ def main() -> None:
 
     from dlrm.config import load_config
     from dlrm.data.loader import ParquetBatches
-    from dlrm.data.preprocess import load_manifest
+    from dlrm.data.manifest import load_manifest
     from dlrm.data.splits import resolve_split, split_specs
 
     with tempfile.TemporaryDirectory(prefix="bench_loader-") as tmp:

@@ -129,7 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.ceiling_only:  # one of concurrent_ceiling's processes: print the median step
         from dlrm.config import load_config
-        from dlrm.data.preprocess import load_manifest
+        from dlrm.data.manifest import load_manifest
 
         config = load_config(args.config, [f"--data.path={args.data}"])
         times = bench_ceiling(config, load_manifest(args.data)["cardinalities"],
@@ -141,7 +141,7 @@ def main() -> None:
                      "is warm-up)")
 
     from dlrm.config import load_config
-    from dlrm.data.preprocess import load_manifest
+    from dlrm.data.manifest import load_manifest
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_train-"))
     ours = [work / "run"] + ([] if args.data else [work / "raw", work / "data"])

@@ -31,7 +31,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.config import ModelConfig, OptimConfig, ShardingConfig
 from dlrm.data.loader import ParquetBatches
-from dlrm.data.preprocess import load_manifest
+from dlrm.data.manifest import load_manifest
 from dlrm.data.schema import CRITEO, SPARSE_NAMES
 from dlrm.data.splits import resolve_split
 from dlrm.dist import init_distributed

@@ -20,7 +20,7 @@ from helpers import REPO, dlrm
 from sklearn.metrics import roc_auc_score
 
 from dlrm.data.loader import ParquetBatches
-from dlrm.data.preprocess import FORMAT, MANIFEST
+from dlrm.data.manifest import FORMAT, MANIFEST
 from dlrm.data.schema import Features
 from dlrm.data.splits import default_split_specs, resolve_split
 

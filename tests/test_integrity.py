@@ -21,7 +21,8 @@ from helpers import REPO, dlrm, mount_tmpfs, quiet, umount
 
 from dlrm.data.integrity import DataError
 from dlrm.data.loader import PAD_LABEL, ParquetBatches
-from dlrm.data.preprocess import PreprocessError, load_manifest, preprocess
+from dlrm.data.manifest import load_manifest
+from dlrm.data.preprocess import PreprocessError, preprocess
 from dlrm.data.schema import Features
 from dlrm.data.splits import resolve_split
 from dlrm.data.synth import synth

@@ -15,7 +15,7 @@ from helpers import dlrm
 
 from dlrm.data.codecs import category_values
 from dlrm.data.declared import load_schema
-from dlrm.export import load_exported
+from dlrm.model_dir import load_exported
 from dlrm.predict import Scorer, layout_for
 from dlrm.recommend import Recommender
 from dlrm.request_rows import RequestRows, RowsError

@@ -10,7 +10,8 @@ import torch
 from helpers import dlrm, quiet
 
 from dlrm.data.loader import ParquetBatches
-from dlrm.data.preprocess import load_manifest, preprocess
+from dlrm.data.manifest import load_manifest
+from dlrm.data.preprocess import preprocess
 from dlrm.data.splits import default_split_specs, resolve_split
 from dlrm.data.synth import synth
 from dlrm.metrics import auc

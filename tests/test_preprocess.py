@@ -28,7 +28,8 @@ from helpers import REPO, dataset_state, dlrm, quiet, read_units, tsv_row, write
 import dlrm.data.preprocess as pre
 from dlrm import cli
 from dlrm.data.codecs import hex_column
-from dlrm.data.preprocess import Encoding, PreprocessError, load_manifest, preprocess
+from dlrm.data.manifest import load_manifest
+from dlrm.data.preprocess import Encoding, PreprocessError, preprocess
 from dlrm.data.schema import (
     DENSE_NAMES,
     LABEL,

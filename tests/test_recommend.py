@@ -15,7 +15,8 @@ from helpers import Server, dlrm, torchrun
 from dlrm.data.codecs import category_values
 from dlrm.data.declared import SchemaError, load_schema
 from dlrm.data.synth_declared import PlantedModel
-from dlrm.export import export, load_exported
+from dlrm.export import export
+from dlrm.model_dir import load_exported
 from dlrm.predict import Scorer, layout_for, predict
 from dlrm.recommend import Recommender
 from dlrm.request_rows import RequestRows

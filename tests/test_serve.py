@@ -17,7 +17,8 @@ import pytest
 from helpers import Server
 
 from dlrm.data.like import schema_of
-from dlrm.export import export, load_exported
+from dlrm.export import export
+from dlrm.model_dir import load_exported
 from dlrm.predict import Scorer, layout_for, predict
 from dlrm.request_rows import RequestRows
 from dlrm.serve import Batcher

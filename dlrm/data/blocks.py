@@ -8,15 +8,19 @@ reader as raw bytes, and the rows some column found bad turned into rejects.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from dlrm.data.chunks import LineReader, Options, Task
-from dlrm.data.rejects import REJECT_REASONS, REJECT_TEXT_BYTES, Reject
+from dlrm.data.rejects import REJECT_REASONS, REJECT_TEXT_BYTES, Reject, one_line
+from dlrm.fsutil import atomic_path
 
 # Per categorical feature: (uint64 values, present) for one id per row, or (uint64 values
 # of all bags, lengths) for a bag per row.
@@ -175,3 +179,23 @@ class RowProblems:
         return [Reject(int(lines[i]), REJECT_REASONS[int(self.reason[i])],
                        texts[k].removesuffix(b"\r")[:REJECT_TEXT_BYTES])
                 for i, k in zip(bad, where, strict=True)]
+
+
+def with_rejects(blocks: Iterator[Block], path: Path, summary: dict[str, Any]) -> Iterator[Block]:
+    """Passes ``blocks`` through, writing their rejects to ``path`` (atomically, once all
+    are read); then fills ``summary`` with ``lines``, ``rejected_by_reason`` and, with side
+    tables, ``unmatched`` (per table, the rows whose key it lacks)."""
+    reasons: Counter[str] = Counter()
+    lines, unmatched = 0, None
+    with atomic_path(path) as tmp, open(tmp, "wb") as rejects:
+        for block in blocks:
+            lines = block.lines
+            if block.unmatched is not None:
+                unmatched = [a + b for a, b in zip(unmatched or [0] * len(block.unmatched),
+                                                   block.unmatched, strict=True)]
+            for r in block.rejects:
+                reasons[r.reason] += 1
+                rejects.write(b"%d\t%s\t%s\n" % (r.line, r.reason.encode(), one_line(r.text)))
+            yield block
+    summary.update(lines=lines, rejected_by_reason=dict(sorted(reasons.items())),
+                   **({"unmatched": unmatched} if unmatched is not None else {}))

@@ -18,10 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlrm.data.blocks import Block, bag_array
+from dlrm.data.blocks import Block, bag_array, with_rejects
 from dlrm.data.chunks import Options, Task
 from dlrm.data.layout import Layout
-from dlrm.data.rejects import with_rejects
 from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.data.shards import PeriodShards, Shards, remove_stale
 from dlrm.data.staging import IPC_OPTIONS, read_staged, stage_batch, staged_paths, staged_schema

@@ -33,8 +33,11 @@ and converting columns), ``rejects``, ``like`` (another dataset's encoding), ``s
 (rows kept between the two passes), ``vocab`` (ids), ``vocab_merge`` (counts into
 vocabularies within a memory budget), ``passes`` (what a worker does for
 one chunk in each pass), ``shards`` (writing them, by time period where the schema has a
-time column) and ``timeline`` (a time column's periods, sorted where they came out of
-order); this module drives them and writes the manifest.
+time column), ``timeline`` (a time column's periods, sorted where they came out of
+order) and ``manifest`` (what it records, and reading it back); this module drives them:
+``_Run`` holds one run's inputs and decisions, and reads top to bottom (``finished``: a
+complete dataset already there; ``begin``: resume or start; ``execute``: the passes;
+``finish``: the rejects, the periods and the manifest).
 
 One writer: a run holds ``out``'s lock (``writer_lock``) throughout, and a second run into
 the same directory is refused, naming the first. Workers die with the run (``workers``).
@@ -57,6 +60,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +75,18 @@ from dlrm.data.inputs import check_inputs, layout_of
 from dlrm.data.integrity import DataError, check_file
 from dlrm.data.layout import Layout
 from dlrm.data.like import VOCAB, Reference
+from dlrm.data.manifest import (
+    FORMAT,
+    MANIFEST,
+    fingerprint,
+    joins_record,
+    load_manifest,
+    oov_rates,
+    same_vocab_rows,
+    schema_json,
+    standardize,
+)
 from dlrm.data.passes import WORK, write_chunk
-from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.data.splits import split_units
 from dlrm.data.timeline import assemble_periods
 from dlrm.data.vocab import Encoder, Encoding, save_tables
@@ -84,15 +98,6 @@ from dlrm.heap import keep_freed_memory
 from dlrm.workers import manager, worker_pool
 
 __all__ = ["Encoding", "Options", "PreprocessError", "load_manifest", "preprocess"]
-
-MANIFEST = "manifest.json"
-FORMAT = "dlrm-criteo-parquet/1"
-
-
-def _fingerprint(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
 
 def _run(pool: ProcessPoolExecutor, fn: Callable, tasks: list[Task], args: tuple,
          bar: tqdm | None, updates: Any) -> None:
@@ -152,284 +157,225 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
                                   "its rows; --vocab-from has nothing to count")
     check_inputs(paths, encoding)
     layout = layout_of(schema or load_schema(SCHEMAS / "criteo.toml"), encoding, paths)
-    out = Path(out)
-    with writer_lock(out, PreprocessError, "dlrm preprocess"):
-        return _locked(paths, out, opts, layout, ref, vocab_from, t0, log)
+    run = _Run(paths, Path(out), opts, layout, ref, vocab_from, log, t0)
+    with writer_lock(run.out, PreprocessError, "dlrm preprocess"):
+        done = run.finished()
+        if done is not None:
+            return done
+        try:
+            run.begin()
+            return run.execute()
+        except OSError as e:
+            raise PreprocessError(f"writing under {run.out} failed: {io_fault(e, run.out)}"
+                                  ) from None
 
 
-def _locked(paths: list[Path], out: Path, opts: Options, layout: Layout,
-            ref: Reference | None, vocab_from: list[str] | None, t0: float,
-            log: Callable[[str], Any]) -> dict[str, Any]:
-    """:func:`preprocess` once it holds ``out``'s lock: a rerun's checks, then the run."""
-    plan = {"format": FORMAT, "encoding": layout.encoding_json(),
-            "sources": [_fingerprint(p) for p in paths]}
-    if layout.schema is not None:
-        plan["schema"] = layout.schema.to_json()
-    if ref is not None:
-        plan["like"] = ref.to_json()
-    if layout.vocab and ref is None:
-        plan["vocab_from"] = vocab_from
+@dataclass
+class _Run:
+    """One run over ``paths`` into ``out``, its inputs and encoding decided; ``stage``
+    (whether the counting pass stages the parsed rows) is decided by :meth:`begin`."""
 
-    if (out / MANIFEST).exists():
-        old = load_manifest(out)
+    paths: list[Path]
+    out: Path
+    opts: Options
+    layout: Layout
+    ref: Reference | None  # --like
+    vocab_from: list[str] | None
+    log: Callable[[str], Any]
+    t0: float
+    stage: bool = False
+
+    @property
+    def work(self) -> Path:
+        return self.out / WORK
+
+    @property
+    def counts(self) -> bool:
+        """Whether a first pass counts the values (vocab encoding, not --like)."""
+        return bool(self.layout.vocab and self.ref is None)
+
+    def plan(self) -> dict[str, Any]:
+        """What makes the dataset what it is: a rerun or a resumed run must match it."""
+        plan = {"format": FORMAT, "encoding": self.layout.encoding_json(),
+                "sources": [fingerprint(p) for p in self.paths]}
+        if self.layout.schema is not None:
+            plan["schema"] = self.layout.schema.to_json()
+        if self.ref is not None:
+            plan["like"] = self.ref.to_json()
+        if self.counts:
+            plan["vocab_from"] = self.vocab_from
+        return plan
+
+    def finished(self) -> dict[str, Any] | None:
+        """The manifest of ``out`` if it already holds this dataset (None: it holds no
+        complete one); PreprocessError if it holds another."""
+        if not (self.out / MANIFEST).exists():
+            return None
+        old, plan = load_manifest(self.out), self.plan()
         same = (old.get("encoding") == plan["encoding"]
                 and old["schema"].get("declared") == plan.get("schema")
                 and old.get("like") == plan.get("like")
-                and _same_vocab_rows(old, plan)
+                and same_vocab_rows(old, plan)
                 and [{k: s[k] for k in ("path", "bytes", "mtime_ns")} for s in old["sources"]]
                 == plan["sources"])
-        if same:
-            log(f"preprocess: {out} already holds this dataset; nothing to do")
-            return old
-        raise PreprocessError(f"{out} already holds another dataset ({out / MANIFEST}); "
-                              "choose another --out")
-    work = out / WORK
-    plan_path = work / "plan.json"
-    if plan_path.exists():
-        old = json.loads(plan_path.read_text())
-        if {k: v for k, v in old.items() if k != "stage"} != plan:
-            raise PreprocessError(f"{out} holds an unfinished run over other inputs or another "
-                                  f"encoding ({plan_path}); choose another --out or delete it")
-        log(f"preprocess: resuming the unfinished run in {out}")
-        plan["stage"] = old.get("stage", True)  # as it began
-    elif any(p.name not in (LOCK, WORK) for p in out.iterdir()):
-        raise PreprocessError(f"{out} is not empty and holds no dlrm dataset; choose another --out")
-    else:
-        # A run killed before its plan was written had done nothing yet.
-        shutil.rmtree(work, ignore_errors=True)
-        plan["stage"] = choose_staging(paths, layout, out,
-                                       bool(layout.vocab and ref is None and opts.stage), log)
+        if not same:
+            raise PreprocessError(f"{self.out} already holds another dataset "
+                                  f"({self.out / MANIFEST}); choose another --out")
+        self.log(f"preprocess: {self.out} already holds this dataset; nothing to do")
+        return old
 
-    try:
-        return _preprocess(paths, out, opts, layout, plan, t0, log, ref)
-    except OSError as e:
-        raise PreprocessError(f"writing under {out} failed: {io_fault(e, out)}") from None
+    def begin(self) -> None:
+        """Resumes the unfinished run in ``out`` (the same plan), or starts in an empty
+        directory; PreprocessError for anything else there."""
+        plan_path = self.work / "plan.json"
+        if plan_path.exists():
+            old = json.loads(plan_path.read_text())
+            if {k: v for k, v in old.items() if k != "stage"} != self.plan():
+                raise PreprocessError(f"{self.out} holds an unfinished run over other inputs "
+                                      f"or another encoding ({plan_path}); choose another "
+                                      "--out or delete it")
+            self.log(f"preprocess: resuming the unfinished run in {self.out}")
+            self.stage = old.get("stage", True)  # as it began
+        elif any(p.name not in (LOCK, WORK) for p in self.out.iterdir()):
+            raise PreprocessError(f"{self.out} is not empty and holds no dlrm dataset; choose "
+                                  "another --out")
+        else:
+            # A run killed before its plan was written had done nothing yet.
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.stage = choose_staging(self.paths, self.layout, self.out,
+                                        self.counts and self.opts.stage, self.log)
+        # First: a _work without it holds nothing.
+        atomic_write_json(plan_path, {**self.plan(), "stage": self.stage})
 
+    def execute(self) -> dict[str, Any]:
+        """Both passes, then the manifest; returns it."""
+        out, work, opts, layout, ref, log = (self.out, self.work, self.opts, self.layout,
+                                             self.ref, self.log)
+        for sub in ("counts", "staged", "rejects", "done"):
+            (work / sub).mkdir(parents=True, exist_ok=True)
+        tasks = plan_tasks(self.paths, opts.chunk_bytes,
+                           whole=layout.schema is not None and layout.schema.format == "parquet")
+        # Largest first: the pool's tail is then short.
+        by_size = sorted(tasks, key=lambda t: -t.bytes)
+        workers = min(opts.workers or os.cpu_count() or 1, len(tasks))
+        total = sum(p.stat().st_size for p in self.paths)
+        staged = self.counts and self.stage  # the counting pass stages the parsed rows
+        bar = tqdm(total=total * (2 if self.counts else 1), unit="B", unit_scale=True,
+                   desc="preprocess", dynamic_ncols=True) if os.isatty(1) else None
+        progress = manager() if bar is not None else contextlib.nullcontext()
+        with progress, worker_pool(workers, keep_freed_memory) as pool:
+            updates = progress.Queue() if bar is not None else None
+            tables = work / TABLES if layout.vocab else None
+            vocabs: dict[str, np.ndarray] = {}
+            selection, record = None, None
+            if ref is not None and layout.vocab:
+                vocabs = ref.vocabs()
+                record = {"like": str(ref.path), **ref.vocab_from}
+                save_tables(vocabs, tables)
+            elif layout.vocab:
+                budget = budget_bytes(opts.memory_gib) // workers
 
-def _preprocess(paths: list[Path], out: Path, opts: Options, layout: Layout,
-                plan: dict[str, Any], t0: float, log: Callable[[str], Any],
-                ref: Reference | None) -> dict[str, Any]:
-    work = out / WORK
-    atomic_write_json(work / "plan.json", plan)  # first: a _work without it holds nothing
-    for sub in ("counts", "staged", "rejects", "done"):
-        (work / sub).mkdir(parents=True, exist_ok=True)
-    tasks = plan_tasks(paths, opts.chunk_bytes,
-                       whole=layout.schema is not None and layout.schema.format == "parquet")
-    # Largest first: the pool's tail is then short.
-    by_size = sorted(tasks, key=lambda t: -t.bytes)
-    workers = min(opts.workers or os.cpu_count() or 1, len(tasks))
-    total = sum(p.stat().st_size for p in paths)
-    count = layout.vocab and ref is None  # a pass that counts the values
-    staged = count and plan["stage"]  # and stages the parsed rows for the second pass
-    passes = 2 if count else 1
-    bar = tqdm(total=total * passes, unit="B", unit_scale=True, desc="preprocess",
-               dynamic_ncols=True) if os.isatty(1) else None
-    progress = manager() if bar is not None else contextlib.nullcontext()
-    with progress, worker_pool(workers, keep_freed_memory) as pool:
-        updates = progress.Queue() if bar is not None else None
-        tables = work / TABLES if layout.vocab else None
-        vocabs: dict[str, np.ndarray] = {}
-        selection, record = None, None
-        if ref is not None and layout.vocab:
-            vocabs = ref.vocabs()
-            record = {"like": str(ref.path), **ref.vocab_from}
-            save_tables(vocabs, tables)
-        elif layout.vocab:
-            budget = budget_bytes(opts.memory_gib) // workers
+                def run(fn: Callable, jobs: list, args: tuple, progress: bool = False) -> None:
+                    _run(pool, fn, jobs, args, bar if progress else None,
+                         updates if progress else None)
 
-            def run(fn: Callable, jobs: list, args: tuple, progress: bool = False) -> None:
-                _run(pool, fn, jobs, args, bar if progress else None,
-                     updates if progress else None)
+                vocabs, selection = count_values(run, tasks, by_size, work, layout,
+                                                 self.vocab_from, opts, staged, budget, log)
+                record = selection.record
+            if vocabs:
+                with atomic_path(out / VOCAB) as tmp:
+                    if ref is not None:  # the same bytes, so that its checksum still matches
+                        shutil.copyfile(ref.path / VOCAB, tmp)
+                    else:
+                        np.savez(tmp, **vocabs)
+            cardinalities = [int(vocabs[c].size) + 2 if c in vocabs else e.buckets
+                             for c, e in zip(layout.sparse, layout.encodings, strict=True)]
+            del vocabs  # mapped files (or, --like, arrays) the workers look up on their own
+            todo = [t for t in by_size if not (work / "done" / f"{t.key}.json").exists()]
+            encoder = Encoder(layout.sparse, layout.encodings, str(tables) if tables else None)
+            log(f"preprocess: writing the shards of {len(todo)} chunks")
+            _run(pool, write_chunk, todo, (opts, str(out), encoder, layout, staged), bar,
+                 updates)
+        if bar is not None:
+            bar.close()
 
-            vocabs, selection = count_values(run, tasks, by_size, work, layout,
-                                             plan["vocab_from"], opts, staged, budget, log)
-            record = selection.record
-        if vocabs:
-            with atomic_path(out / VOCAB) as tmp:
-                if ref is not None:  # the same bytes, so that its checksum still matches
-                    shutil.copyfile(ref.path / VOCAB, tmp)
-                else:
-                    np.savez(tmp, **vocabs)
-        cardinalities = [int(vocabs[c].size) + 2 if c in vocabs else e.buckets
-                         for c, e in zip(layout.sparse, layout.encodings, strict=True)]
-        del vocabs  # mapped files (or, --like, arrays) that the workers look up on their own
-        todo = [t for t in by_size if not (work / "done" / f"{t.key}.json").exists()]
-        encoder = Encoder(layout.sparse, layout.encodings, str(tables) if tables else None)
-        log(f"preprocess: writing the shards of {len(todo)} chunks")
-        _run(pool, write_chunk, todo, (opts, str(out), encoder, layout, staged), bar, updates)
-    if bar is not None:
-        bar.close()
+        log("preprocess: assembling the rejects and the manifest")
+        manifest = self.finish(tasks, cardinalities, record, selection)
+        read = manifest["rows_accepted"] + manifest["rows_rejected"]
+        log(f"preprocess: {read} rows read, {manifest['rows_accepted']} accepted, "
+            f"{manifest['rows_rejected']} rejected {manifest['rejected_by_reason']} "
+            f"in {manifest['seconds']:.1f}s -> {out}")
+        return manifest
 
-    log("preprocess: assembling the rejects and the manifest")
-    manifest = _finish(paths, tasks, out, layout, cardinalities, t0, log, ref, record,
-                       selection)
-    read = manifest["rows_accepted"] + manifest["rows_rejected"]
-    log(f"preprocess: {read} rows read, {manifest['rows_accepted']} accepted, "
-        f"{manifest['rows_rejected']} rejected {manifest['rejected_by_reason']} "
-        f"in {manifest['seconds']:.1f}s -> {out}")
-    return manifest
-
-
-def _standardize(layout: Layout, sums: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    """Mean and std of each standardized dense feature over the training sources (every
-    source, or with a time column every period, but the last; a single one: all of it),
-    from the chunks' sums."""
-    wanted = layout.standardized
-    if not wanted:
-        return {}
-    names = list(sums)
-    train = names[:-1] or names
-    total = sum(sums[n] for n in train)
-    out = {}
-    for j in wanted:
-        rows, first, second = total[j]
-        mean = first / rows if rows else 0.0
-        std = float(np.sqrt(max(second / rows - mean * mean, 0.0))) if rows else 0.0
-        out[layout.dense[j]] = {"mean": mean, "std": std or 1.0, "rows": int(rows),
-                                "sources": train}
-    return out
-
-
-_SPARSE_IDS = (f"{MISSING_ID} = missing, {OOV_ID} = out of vocabulary, 2.. = vocabulary by "
-               "descending frequency (hash: 1 + value % (buckets-1))")
-
-
-def _schema_json(layout: Layout) -> dict[str, Any]:
-    """The manifest's ``schema``: the features everything downstream reads (``Features``);
-    for a declared schema also each bag feature's pooling, its time column and the
-    declaration itself."""
-    schema = {"label": layout.label, "dense": list(layout.dense), "sparse": list(layout.sparse)}
-    if layout.schema is None:
-        return {**schema, "dense_transform": "missing -> 0, negative -> 0, log1p; float32",
-                "sparse_ids": _SPARSE_IDS}
-    return {**schema, "label_kind": layout.schema.kind,
-            "pooling": [c.pooling for c in layout.schema.categorical],
-            "bags": [c.name for c in layout.schema.categorical if c.multi],
-            **({"time": {"column": layout.time.column, "period": layout.time.period,
-                         "values": "timestamp, UTC, whole seconds"}} if layout.time else {}),
-            "sparse_ids": _SPARSE_IDS, "declared": layout.schema.to_json()}
-
-
-def _finish(paths: list[Path], tasks: list[Task], out: Path, layout: Layout,
-            cardinalities: list[int], t0: float, log: Callable[[str], Any],
-            ref: Reference | None, vocab_from: dict[str, Any] | None,
-            selection: Selection | None) -> dict[str, Any]:
-    """Per-source rejects with file-wide line numbers, the periods of a time column,
-    then the manifest (``vocab_from``: the rows the vocabularies were counted on, among
-    the units ``selection`` saw, which must be the dataset's), then cleanup."""
-    work = out / WORK
-    sources = []
-    sums: dict[str, np.ndarray] = {}  # per source: each dense feature's rows, sum, squares
-    dones = []  # every chunk's record, in input order
-    (out / "rejects").mkdir(exist_ok=True)
-    for p in paths:
-        name = source_name(p)
-        chunks = [t for t in tasks if t.source == name]
-        reasons: Counter[str] = Counter()
-        files, offset = [], 0
-        sums[name] = np.zeros((len(layout.dense), 3))
-        with atomic_path(out / "rejects" / f"{name}.tsv") as tmp, open(tmp, "wb") as merged:
-            for t in sorted(chunks, key=lambda t: t.index):
-                done = json.loads((work / "done" / f"{t.key}.json").read_text())
-                dones.append(done)
-                reasons.update(done["rejected_by_reason"])
-                if "dense_sums" in done:  # an older version's record has none
-                    sums[name] += np.asarray(done["dense_sums"]).reshape(-1, 3)
-                files += done["files"]
-                with open(work / "rejects" / f"{t.key}.tsv", "rb") as part:
-                    for line in part:
-                        number, rest = line.split(b"\t", 1)
-                        merged.write(b"%d\t%s" % (int(number) + offset, rest))
-                offset += done["lines"]
-        accepted, rejected = sum(f["rows"] for f in files), sum(reasons.values())
-        sources.append({
-            "name": name, **_fingerprint(p), "rows_read": accepted + rejected,
-            "rows_accepted": accepted, "rows_rejected": rejected,
+    def finish(self, tasks: list[Task], cardinalities: list[int],
+               vocab_from: dict[str, Any] | None, selection: Selection | None) -> dict[str, Any]:
+        """Per-source rejects with file-wide line numbers, the periods of a time column,
+        then the manifest (``vocab_from``: the rows the vocabularies were counted on, among
+        the units ``selection`` saw, which must be the dataset's), then cleanup."""
+        paths, out, work, layout, ref, log = (self.paths, self.out, self.work, self.layout,
+                                              self.ref, self.log)
+        sources = []
+        sums: dict[str, np.ndarray] = {}  # per source: each dense feature's rows, sum, squares
+        dones = []  # every chunk's record, in input order
+        (out / "rejects").mkdir(exist_ok=True)
+        for p in paths:
+            name = source_name(p)
+            chunks = [t for t in tasks if t.source == name]
+            reasons: Counter[str] = Counter()
+            files, offset = [], 0
+            sums[name] = np.zeros((len(layout.dense), 3))
+            with atomic_path(out / "rejects" / f"{name}.tsv") as tmp, open(tmp, "wb") as merged:
+                for t in sorted(chunks, key=lambda t: t.index):
+                    done = json.loads((work / "done" / f"{t.key}.json").read_text())
+                    dones.append(done)
+                    reasons.update(done["rejected_by_reason"])
+                    if "dense_sums" in done:  # an older version's record has none
+                        sums[name] += np.asarray(done["dense_sums"]).reshape(-1, 3)
+                    files += done["files"]
+                    with open(work / "rejects" / f"{t.key}.tsv", "rb") as part:
+                        for line in part:
+                            number, rest = line.split(b"\t", 1)
+                            merged.write(b"%d\t%s" % (int(number) + offset, rest))
+                    offset += done["lines"]
+            accepted, rejected = sum(f["rows"] for f in files), sum(reasons.values())
+            sources.append({
+                "name": name, **fingerprint(p), "rows_read": accepted + rejected,
+                "rows_accepted": accepted, "rows_rejected": rejected,
+                "rejected_by_reason": dict(sorted(reasons.items())),
+                **({} if layout.time else {"files": files}),
+            })
+        periods = None
+        if layout.time:  # the rows are laid out by period, which the splits then name
+            periods, sums = assemble_periods(dones, out, work, layout, log)
+        reasons = Counter()
+        for s in sources:
+            reasons.update(s["rejected_by_reason"])
+        stats = ref.standardize if ref is not None else standardize(layout, sums)
+        manifest = {
+            "format": FORMAT,
+            "schema": schema_json(layout) | ({"standardize": stats} if stats else {}),
+            "encoding": layout.encoding_json(),
+            **({"like": ref.to_json()} if ref is not None else {}),
+            "cardinalities": cardinalities,
+            "oov_rate": oov_rates(layout, dones),
+            **({"joins": joins_record(layout, dones)}
+               if layout.schema and layout.schema.joins else {}),
+            **({"vocab_from": vocab_from} if vocab_from is not None else {}),
+            "sources": sources,
+            **({"periods": periods} if periods is not None else {}),
+            "rows_accepted": sum(s["rows_accepted"] for s in sources),
+            "rows_rejected": sum(s["rows_rejected"] for s in sources),
             "rejected_by_reason": dict(sorted(reasons.items())),
-            **({} if layout.time else {"files": files}),
-        })
-    periods = None
-    if layout.time:  # the rows are laid out by period, which the splits then name
-        periods, sums = assemble_periods(dones, out, work, layout, log)
-    reasons = Counter()
-    for s in sources:
-        reasons.update(s["rejected_by_reason"])
-    standardize = ref.standardize if ref is not None else _standardize(layout, sums)
-    manifest = {
-        "format": FORMAT,
-        "schema": _schema_json(layout) | ({"standardize": standardize} if standardize else {}),
-        "encoding": layout.encoding_json(),
-        **({"like": ref.to_json()} if ref is not None else {}),
-        "cardinalities": cardinalities,
-        "oov_rate": _oov_rates(layout, dones),
-        **({"joins": _joins(layout, dones)} if layout.schema and layout.schema.joins else {}),
-        **({"vocab_from": vocab_from} if vocab_from is not None else {}),
-        "sources": sources,
-        **({"periods": periods} if periods is not None else {}),
-        "rows_accepted": sum(s["rows_accepted"] for s in sources),
-        "rows_rejected": sum(s["rows_rejected"] for s in sources),
-        "rejected_by_reason": dict(sorted(reasons.items())),
-        "seconds": round(time.time() - t0, 3),
-    }
-    if selection is not None:  # before the dataset is complete, not after
-        check_units(selection, split_units(manifest))
-    for f in (f for unit in split_units(manifest) for f in unit["files"]):
-        try:
-            check_file(out / f["path"], f.get("bytes"))
-        except DataError as e:
-            raise PreprocessError(f"{e}: something else wrote into {out} during this run; "
-                                  "preprocess again into an empty directory") from None
-    atomic_write_json(out / MANIFEST, manifest)
-    shutil.rmtree(work, ignore_errors=True)
-    return manifest
-
-
-def _joins(layout: Layout, dones: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per side table: its file and key, and the rows whose key it lacks."""
-    joins = layout.schema.joins
-    misses = np.zeros(len(joins), np.int64)
-    for done in dones:
-        misses += np.asarray(done.get("unmatched", [0] * len(joins)), np.int64)
-    return [{"file": j.file, "key": j.key, "columns": list(j.columns),
-             "rows_without_match": int(n)} for j, n in zip(joins, misses, strict=True)]
-
-
-def _oov_rates(layout: Layout, dones: list[dict[str, Any]]) -> dict[str, float]:
-    """Per vocab-encoded feature: the share of its values (missing ones aside) that were
-    out of vocabulary: below min_frequency or over max_vocab, or (``--like``) never seen
-    by the dataset the vocabulary came from."""
-    counts = np.zeros((len(layout.sparse), 2))
-    for done in dones:
-        counts += np.asarray(done.get("oov", np.zeros_like(counts)))
-    return {c: round(float(oov / values), 6) if values else 0.0
-            for c, e, (values, oov) in zip(layout.sparse, layout.encodings, counts, strict=True)
-            if e.type == "vocab"}
-
-
-def _same_vocab_rows(old: dict[str, Any], plan: dict[str, Any]) -> bool:
-    """Whether a complete dataset's vocabularies were counted on the rows a rerun asks for
-    (one from before the record: only if it asks for the default)."""
-    if "vocab_from" not in plan:
-        return True
-    record = old.get("vocab_from", {"default": True})
-    if plan["vocab_from"] is None:
-        return bool(record.get("default"))
-    return record.get("specs") == plan["vocab_from"]
-
-
-def load_manifest(dataset: str | Path) -> dict[str, Any]:
-    """Reads a dataset's manifest; a clear error if the dataset is missing or incomplete."""
-    path = Path(dataset) / MANIFEST
-    if not Path(dataset).is_dir():
-        raise PreprocessError(f"dataset directory not found: {dataset}")
-    if not path.is_file():
-        raise PreprocessError(
-            f"{path} not found: {dataset} is not a complete dataset (run `dlrm preprocess`)"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PreprocessError(f"{path}: corrupt manifest: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise PreprocessError(f"{path}: unknown format {manifest.get('format')!r}, want {FORMAT}")
-    return manifest
+            "seconds": round(time.time() - self.t0, 3),
+        }
+        if selection is not None:  # before the dataset is complete, not after
+            check_units(selection, split_units(manifest))
+        for f in (f for unit in split_units(manifest) for f in unit["files"]):
+            try:
+                check_file(out / f["path"], f.get("bytes"))
+            except DataError as e:
+                raise PreprocessError(f"{e}: something else wrote into {out} during this run; "
+                                      "preprocess again into an empty directory") from None
+        atomic_write_json(out / MANIFEST, manifest)
+        shutil.rmtree(work, ignore_errors=True)
+        return manifest

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from dlrm.config import DataConfig
-from dlrm.data.preprocess import load_manifest
+from dlrm.data.manifest import load_manifest
 from dlrm.data.schema import Features
 from dlrm.data.splits import (
     count_rows,

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dlrm.data.chunks import Options, PreprocessError, Task, source_name
+from dlrm.data.encode import encode
 from dlrm.data.layout import Layout
-from dlrm.data.passes import encode
 from dlrm.data.staging import IPC_OPTIONS, stage_batch, staged_schema
 from dlrm.data.vocab import Encoder, Encoding
 

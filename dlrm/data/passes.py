@@ -18,8 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlrm.data.blocks import Block, bag_array, with_rejects
+from dlrm.data.blocks import Block, with_rejects
 from dlrm.data.chunks import Options, Task
+from dlrm.data.encode import encode
 from dlrm.data.layout import Layout
 from dlrm.data.schema import MISSING_ID, OOV_ID
 from dlrm.data.shards import PeriodShards, Shards, remove_stale
@@ -150,18 +151,6 @@ def value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     counted = pc.value_counts(pa.array(values))
     return (counted.field("values").to_numpy(),
             counted.field("counts").to_numpy().astype(np.int64))
-
-
-def encode(block: Block, encoder: Encoder, layout: Layout) -> pa.Table:
-    arrays = [pa.array(block.label)] + [pa.array(x) for x in block.dense]
-    for f, (values, mask) in enumerate(block.hex):
-        if layout.multi[f]:  # mask: the length of each row's bag
-            arrays.append(bag_array(encoder.ids(f, values), mask))
-        else:
-            arrays.append(pa.array(encoder.ids(f, values, mask)))
-    if layout.time is not None:
-        arrays.append(pa.array(block.time, pa.timestamp("s")))
-    return pa.Table.from_arrays(arrays, schema=layout.output_schema())
 
 
 def out_of_vocabulary(batch: pa.Table, layout: Layout) -> np.ndarray:

@@ -450,19 +450,21 @@ def check_features(config: Config, features: Features) -> None:
                               f"validation metrics are {', '.join(fits[1:])}")
 
 
+def toml_value(v: Any) -> str:
+    """``v`` as TOML writes it (a dict as an inline table; a number as Python writes it)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return repr(v)
+
+
 def to_toml(config: Config) -> str:
     """The resolved config as TOML (written to the run directory)."""
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
-        return repr(v)
 
     lines = []
     for f in dataclasses.fields(config):
@@ -470,6 +472,6 @@ def to_toml(config: Config) -> str:
         section = getattr(config, f.name)
         for g in dataclasses.fields(section):
             if getattr(section, g.name) is not None:  # None: absent, the default applies
-                lines.append(f"{g.name} = {fmt(getattr(section, g.name))}")
+                lines.append(f"{g.name} = {toml_value(getattr(section, g.name))}")
         lines.append("")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's dlrm, not another one installed
 
-from dlrm.config import Config  # noqa: E402
+from dlrm.config import Config, toml_value  # noqa: E402
 
 OUT = ROOT / "docs" / "config.md"
 COMMAND = ".venv/bin/python scripts/config_reference.py"
@@ -71,21 +71,6 @@ def type_name(t: Any) -> str:
     if t is type(None):
         return "None"
     return t.__name__
-
-
-def toml_value(v: Any) -> str:
-    """``v`` as TOML writes it (a dict as an inline table)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, int | float):
-        return repr(v)
-    raise TypeError(f"no TOML spelling for {v!r}")
 
 
 def default_of(f: dataclasses.Field) -> Any:

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from dlrm.data.batches import table_rows, to_batch
 from dlrm.data.blocks import Block
 from dlrm.data.chunks import Options, Task, plan_tasks
 from dlrm.data.declared import Schema, is_criteo
@@ -39,7 +40,6 @@ from dlrm.data.integrity import WRITE
 from dlrm.data.joins import based
 from dlrm.data.layout import Layout
 from dlrm.data.like import schema_of
-from dlrm.data.loader import table_rows, to_batch
 from dlrm.data.rejects import one_line
 from dlrm.data.vocab import Encoder
 from dlrm.fsutil import atomic_path

@@ -21,8 +21,9 @@ from helpers import REPO, quiet, tsv_row, write_lines
 from torchrec.datasets.utils import Batch
 
 from dlrm.config import ConfigError, ModelConfig, load_config
+from dlrm.data.batches import make_batch
 from dlrm.data.integrity import DataError
-from dlrm.data.loader import PAD_LABEL, ParquetBatches, make_batch
+from dlrm.data.loader import PAD_LABEL, ParquetBatches
 from dlrm.data.multi_hot import MultiHot
 from dlrm.data.preprocess import preprocess
 from dlrm.data.schema import (

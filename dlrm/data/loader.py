@@ -28,17 +28,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import torch
 from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dlrm.data.batches import Rows, filled, is_list_type, table_rows, to_batch
 from dlrm.data.integrity import check_file, check_ids, open_parquet, read_metadata, read_row_group
 from dlrm.data.multi_hot import MultiHot
 from dlrm.data.oov_dropout import drop_to_oov
@@ -61,126 +58,7 @@ class _Piece(NamedTuple):
     row: int
     file_row: int
 
-# ------------------------------------------------------------------ rows and batches
-
-_BAGS = pa.list_(pa.int64())  # the type list columns are read as
-
-
-def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t)
-
-
-def _filled(column: Any, value: int) -> Any:
-    return pc.fill_null(column, value) if column.null_count else column
-
-
-@dataclass
-class _Rows:
-    """Rows in memory: numpy columns; a list (multi-hot) feature as a pyarrow list array."""
-
-    labels: np.ndarray  # [n] float32
-    dense: np.ndarray  # [n, dense features] float32
-    sparse: list[Any]  # per feature: [n] int64 ids, or a list<int64> array of n bags
-    row: np.ndarray | None = None  # [n] each row's number in the split, where needed
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def slice(self, start: int, stop: int) -> _Rows:
-        # numpy and pyarrow both slice without copying
-        return _Rows(self.labels[start:stop], self.dense[start:stop],
-                     [c[start:stop] for c in self.sparse],
-                     None if self.row is None else self.row[start:stop])
-
-    def take(self, index: np.ndarray) -> _Rows:
-        arrow_index = pa.array(index)
-        return _Rows(self.labels[index], self.dense[index],
-                     [c[index] if isinstance(c, np.ndarray) else c.take(arrow_index)
-                      for c in self.sparse], None if self.row is None else self.row[index])
-
-    @staticmethod
-    def concat(parts: list[_Rows]) -> _Rows:
-        if len(parts) == 1:
-            return parts[0]
-        rows = [p.row for p in parts]
-        return _Rows(np.concatenate([p.labels for p in parts]),
-                     np.concatenate([p.dense for p in parts]),
-                     [np.concatenate(cs) if isinstance(cs[0], np.ndarray) else pa.concat_arrays(cs)
-                      for cs in zip(*(p.sparse for p in parts), strict=True)],
-                     None if any(r is None for r in rows) else np.concatenate(rows))
-
-
-def to_batch(rows: _Rows, keys: Sequence[str], multi_hot: MultiHot | None = None) -> Batch:
-    """The Batch of ``rows``: KJT values feature-major under ``keys`` (the categorical
-    features' names), one bag per row and feature."""
-    n = len(rows)
-    values: list[np.ndarray] = []
-    lengths: list[np.ndarray | int] = []
-    for f, column in enumerate(rows.sparse):
-        if isinstance(column, np.ndarray):
-            size = multi_hot.sizes[f] if multi_hot is not None else 1
-            values.append(multi_hot.expand(f, column) if size > 1 else column)
-            lengths.append(size)
-        else:
-            flat = column.flatten()  # respects the slice offset and skips null bags
-            values.append(_filled(flat, MISSING_ID).to_numpy())
-            lengths.append(_filled(pc.list_value_length(column), 0).to_numpy())
-    if all(isinstance(x, int) and x == 1 for x in lengths):
-        lengths_array = np.ones(n * len(lengths), np.int32)  # the one-hot fast path
-    else:
-        lengths_array = np.concatenate(
-            [np.full(n, x, np.int32) if isinstance(x, int) else x.astype(np.int32)
-             for x in lengths])
-    values_array = np.concatenate(values).astype(np.int64, copy=False)
-    return Batch(
-        dense_features=torch.from_numpy(rows.dense),
-        sparse_features=KeyedJaggedTensor.from_lengths_sync(
-            keys=list(keys), values=torch.from_numpy(values_array),
-            lengths=torch.from_numpy(lengths_array)),
-        labels=torch.from_numpy(rows.labels),
-    )
-
-
-def table_rows(table: pa.Table, features: Features, list_features: Sequence[bool],
-               where: Any) -> _Rows:
-    """A dataset table's rows as the model reads them: dense features standardized by the
-    manifest's training statistics, missing ids filled. ``where`` names the table in the
-    error for a column of the wrong kind."""
-    labels = table.column(features.label).to_numpy().astype(np.float32)
-    dense = np.stack([_filled(table.column(c), 0).to_numpy() for c in features.dense],
-                     axis=1) if features.dense else np.zeros((len(labels), 0))
-    for name, mean, std in features.standardize:  # the manifest's training stats
-        j = features.dense.index(name)
-        dense[:, j] = (dense[:, j] - mean) / std
-    sparse: list[Any] = []
-    for name, is_list in zip(features.sparse, list_features, strict=True):
-        column = table.column(name)
-        if _is_list(column.type) != is_list:
-            raise ValueError(f"{where}: column {name} is {column.type}, but "
-                             f"{'a list' if is_list else 'an integer'} column in the "
-                             "split's first file")
-        if is_list:
-            bags = column.combine_chunks()
-            sparse.append(bags if bags.type == _BAGS else bags.cast(_BAGS))
-        else:
-            sparse.append(_filled(column, MISSING_ID).to_numpy().astype(np.int64, copy=False))
-    return _Rows(labels, dense.astype(np.float32, copy=False), sparse)
-
-
-def make_batch(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
-               keys: Sequence[str] = CRITEO.sparse) -> Batch:
-    """Builds a Batch from ``labels [B]``, ``dense [B, D]`` and ``sparse ids [B, F]`` (the
-    F features named by ``keys``).
-
-    One id per row and feature, so every KJT length is 1 and the values are the ids
-    feature-major, as KeyedJaggedTensor lays them out.
-    """
-    rows = _Rows(labels.astype(np.float32), np.ascontiguousarray(dense, dtype=np.float32),
-                 list(sparse.T))
-    return to_batch(rows, keys)
-
-
-def _shuffle(blocks: Iterator[_Rows], buffer: int, rng: np.random.Generator) -> Iterator[_Rows]:
+def _shuffle(blocks: Iterator[Rows], buffer: int, rng: np.random.Generator) -> Iterator[Rows]:
     """The rows of ``blocks`` in random order, through a pool of ``buffer`` rows.
 
     Blocks (row groups) enter the pool whole. Whenever it holds at least 1.5 × ``buffer``
@@ -189,7 +67,7 @@ def _shuffle(blocks: Iterator[_Rows], buffer: int, rng: np.random.Generator) -> 
     once, so the cost per row is a small constant; memory is ~1.5 × ``buffer`` rows plus a
     row group.
     """
-    pool: list[_Rows] = []
+    pool: list[Rows] = []
     have, enough = 0, max(1, buffer // 2)
     for block in blocks:
         pool.append(block)
@@ -197,11 +75,11 @@ def _shuffle(blocks: Iterator[_Rows], buffer: int, rng: np.random.Generator) -> 
         surplus = have - buffer
         if surplus < enough:
             continue
-        rows, order = _Rows.concat(pool), rng.permutation(have)
+        rows, order = Rows.concat(pool), rng.permutation(have)
         yield rows.take(order[:surplus])
         pool, have = [rows.take(order[surplus:])], buffer
     if have:
-        yield _Rows.concat(pool).take(rng.permutation(have))
+        yield Rows.concat(pool).take(rng.permutation(have))
 
 
 def _columns(features: Features) -> list[str]:
@@ -220,7 +98,7 @@ def _list_features(segments: list[Segment], features: Features) -> list[bool]:
     kinds = []
     for name in features.sparse:
         t = schema.field(name).type
-        if _is_list(t) and pa.types.is_integer(t.value_type):
+        if is_list_type(t) and pa.types.is_integer(t.value_type):
             kinds.append(True)
         elif pa.types.is_integer(t):
             kinds.append(False)
@@ -378,7 +256,7 @@ class ParquetBatches:
                 if offset >= seg.stop:
                     break
 
-    def _read(self, chunks: Iterator[_Piece]) -> Iterator[_Rows]:
+    def _read(self, chunks: Iterator[_Piece]) -> Iterator[Rows]:
         columns = _columns(self.features)
         file, open_path = None, None
         try:
@@ -401,24 +279,24 @@ class ParquetBatches:
             if file is not None:
                 file.close()
 
-    def _rows(self, table: pa.Table, path: Path) -> _Rows:
+    def _rows(self, table: pa.Table, path: Path) -> Rows:
         return table_rows(table, self.features, self._list_features, path)
 
-    def _check_ids(self, rows: _Rows, path: Path, file_row: int) -> None:
+    def _check_ids(self, rows: Rows, path: Path, file_row: int) -> None:
         for name, size, column in zip(self.features.sparse, self.cardinalities, rows.sparse,
                                       strict=True):
             if isinstance(column, np.ndarray):
                 check_ids(column, size, name, path, file_row)
             else:
                 offsets = column.offsets.to_numpy()
-                check_ids(_filled(column.flatten(), MISSING_ID).to_numpy(), size, name, path,
+                check_ids(filled(column.flatten(), MISSING_ID).to_numpy(), size, name, path,
                           file_row, offsets - offsets[0])
 
-    def _batches(self, blocks: Iterator[_Rows]) -> Iterator[_Rows]:
+    def _batches(self, blocks: Iterator[Rows]) -> Iterator[Rows]:
         """Cuts the blocks into ``num_batches`` batches; in evaluation, pads the last ones."""
         b, pending, have, emitted = self.batch_size, [], 0, 0
 
-        def padded() -> Iterator[_Rows]:
+        def padded() -> Iterator[Rows]:
             n = 0
             for block in blocks:
                 n += len(block)
@@ -431,7 +309,7 @@ class ParquetBatches:
             have += len(block)
             if have < b:
                 continue
-            rows, start = _Rows.concat(pending), 0
+            rows, start = Rows.concat(pending), 0
             while have - start >= b and emitted < self.num_batches:
                 yield rows.slice(start, start + b)
                 start += b
@@ -440,9 +318,9 @@ class ParquetBatches:
             if emitted == self.num_batches:
                 return
 
-    def _padding(self, n: int) -> _Rows:
+    def _padding(self, n: int) -> Rows:
         ids = np.full(n, MISSING_ID, np.int64)
         bags = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), pa.array(ids))
-        return _Rows(np.full(n, PAD_LABEL, np.float32),
+        return Rows(np.full(n, PAD_LABEL, np.float32),
                      np.zeros((n, len(self.features.dense)), np.float32),
                      [bags if is_list else ids for is_list in self._list_features])

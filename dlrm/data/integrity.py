@@ -19,7 +19,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from dlrm.data.schema import MISSING_ID
 
 WRITE: dict[str, Any] = {"write_page_checksum": True}  # for every pq.ParquetWriter
 
@@ -97,3 +100,21 @@ def check_ids(ids: np.ndarray, cardinality: int, feature: str, path: Path,
                     f"{first_row + row} of the file; {bad.size} such ids here) outside "
                     f"its table of {cardinality} (the manifest's cardinality): the data does "
                     "not match its manifest; `dlrm verify` checks the whole dataset")
+
+
+def check_column_ids(column: Any, cardinality: int, feature: str, path: Path,
+                     first_row: int) -> None:
+    """:func:`check_ids` of a column as it is read: numpy ids, or an Arrow column of ids or
+    of bags of ids (a null id is the missing one)."""
+    if isinstance(column, np.ndarray):
+        check_ids(column, cardinality, feature, path, first_row)
+        return
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = None
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        offsets = column.offsets.to_numpy()
+        offsets = offsets - offsets[0]
+        column = column.flatten()  # respects a slice's offset, skips null bags
+    ids = (pc.fill_null(column, MISSING_ID) if column.null_count else column).to_numpy()
+    check_ids(ids, cardinality, feature, path, first_row, offsets)

@@ -35,8 +35,14 @@ import numpy as np
 import pyarrow as pa
 from torchrec.datasets.utils import Batch
 
-from dlrm.data.batches import Rows, filled, is_list_type, table_rows, to_batch
-from dlrm.data.integrity import check_file, check_ids, open_parquet, read_metadata, read_row_group
+from dlrm.data.batches import Rows, is_list_type, table_rows, to_batch
+from dlrm.data.integrity import (
+    check_column_ids,
+    check_file,
+    open_parquet,
+    read_metadata,
+    read_row_group,
+)
 from dlrm.data.multi_hot import MultiHot
 from dlrm.data.oov_dropout import drop_to_oov
 from dlrm.data.prefetch import Prefetcher
@@ -285,12 +291,7 @@ class ParquetBatches:
     def _check_ids(self, rows: Rows, path: Path, file_row: int) -> None:
         for name, size, column in zip(self.features.sparse, self.cardinalities, rows.sparse,
                                       strict=True):
-            if isinstance(column, np.ndarray):
-                check_ids(column, size, name, path, file_row)
-            else:
-                offsets = column.offsets.to_numpy()
-                check_ids(filled(column.flatten(), MISSING_ID).to_numpy(), size, name, path,
-                          file_row, offsets - offsets[0])
+            check_column_ids(column, size, name, path, file_row)
 
     def _batches(self, blocks: Iterator[Rows]) -> Iterator[Rows]:
         """Cuts the blocks into ``num_batches`` batches; in evaluation, pads the last ones."""

@@ -13,12 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 from tqdm import tqdm
 
-from dlrm.data.integrity import DataError, check_ids, open_parquet, read_row_group
-from dlrm.data.schema import MISSING_ID
+from dlrm.data.integrity import DataError, check_column_ids, open_parquet, read_row_group
 from dlrm.data.splits import split_units
 
 
@@ -31,15 +28,7 @@ def _check_file(path: Path, entry: dict[str, Any], sparse: list[str],
         for g in range(file.metadata.num_row_groups):
             table = read_row_group(file, path, g, use_threads=False)
             for name, size in zip(sparse, cardinalities, strict=True):
-                column = table.column(name)
-                offsets = None
-                if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-                    bags = column.combine_chunks()
-                    offsets = bags.offsets.to_numpy()
-                    offsets = offsets - offsets[0]
-                    column = bags.flatten()
-                ids = pc.fill_null(column, MISSING_ID).to_numpy()
-                check_ids(ids, size, name, path, rows, offsets)
+                check_column_ids(table.column(name), size, name, path, rows)
             rows += table.num_rows
     if rows != entry["rows"]:
         raise DataError(f"{path}: {rows} rows, the manifest records {entry['rows']}")

@@ -18,9 +18,10 @@ def _error(command: str, e: Exception) -> int:
 
 
 def _synth(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.data.declared import SchemaError, load_schema
-    from dlrm.data.synth import synth
-    from dlrm.data.synth_declared import synth_declared
+    from dlrm.errors import SchemaError
+    from dlrm.schema.declared import load_schema
+    from dlrm.synth.criteo import synth
+    from dlrm.synth.declared import synth_declared
 
     try:
         schema = load_schema(args.schema) if args.schema else None
@@ -45,8 +46,9 @@ def _synth(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.data.declared import SchemaError, load_schema
-    from dlrm.data.preprocess import Encoding, Options, PreprocessError, preprocess
+    from dlrm.errors import PreprocessError, SchemaError
+    from dlrm.preprocess.driver import Encoding, Options, preprocess
+    from dlrm.schema.declared import load_schema
 
     # The encoding flags, where given, replace the schema's encoding of every feature
     # (Encoding's defaults for the flags not given).
@@ -69,12 +71,13 @@ def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.config import ConfigError, load_config
+    from dlrm.config import load_config
+    from dlrm.errors import ConfigError
 
     try:
         overrides = rest + ([f"--train.resume={args.resume}"] if args.resume else [])
         config = load_config(args.config, overrides)
-        from dlrm.train import preflight
+        from dlrm.train.trainer import preflight
 
         preflight(config)  # before any process group starts
     except (ConfigError, ValueError) as e:
@@ -93,9 +96,8 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
                 *overrides]
         sys.stdout.flush()
         os.execv(sys.executable, argv)
-    from dlrm.checkpoint import CheckpointError
-    from dlrm.data.integrity import DataError
-    from dlrm.train import train
+    from dlrm.errors import CheckpointError, DataError
+    from dlrm.train.trainer import train
 
     try:
         train(config, args.run_dir)
@@ -110,7 +112,7 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     except DataError as e:  # the rank that read it says so; torchrun stops the others
         return _error("train", e)
     except OSError as e:  # writing the run directory (metrics, TensorBoard, eval files)
-        from dlrm.fsutil import io_fault
+        from dlrm.utils.files import io_fault
 
         # A failed write to an open file names none: then the run directory is named.
         return _error("train", OSError(io_fault(e, Path(args.run_dir or "."))))
@@ -118,9 +120,9 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _verify(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.data.manifest import load_manifest
-    from dlrm.data.preprocess import PreprocessError
     from dlrm.data.verify import verify_dataset
+    from dlrm.errors import PreprocessError
+    from dlrm.schema.manifest import load_manifest
 
     try:
         report = verify_dataset(args.dataset, load_manifest(args.dataset),
@@ -137,7 +139,8 @@ def _verify(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _plan(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.config import ConfigError, load_config
+    from dlrm.config import load_config
+    from dlrm.errors import ConfigError
 
     try:
         config = load_config(args.config, rest)
@@ -148,8 +151,8 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
         # The dataset's features and sizes where it exists; a recipe that sizes every
         # table itself (num_embeddings_per_feature) plans Criteo's without one.
         from dlrm.config import check_features
-        from dlrm.data.schema import CRITEO, Features
         from dlrm.data.split_checks import check_data
+        from dlrm.schema.features import CRITEO, Features
 
         sizes, features = config.model.num_embeddings_per_feature, CRITEO
         if not sizes or os.path.isfile(os.path.join(config.data.path, "manifest.json")):
@@ -162,9 +165,9 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
     import torch
     from torchrec.distributed.planner.types import PlannerError
 
-    from dlrm.model import build_model, table_name
-    from dlrm.optim import apply_embedding_optimizer
-    from dlrm.sharding import Planner, plan_offline
+    from dlrm.train.model import build_model, table_name
+    from dlrm.train.optim import apply_embedding_optimizer
+    from dlrm.train.sharding import Planner, plan_offline
 
     meta = torch.device("meta")
     model = build_model(config.model, features, sizes, meta, meta)
@@ -185,15 +188,13 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _offline_errors():
-    from dlrm.checkpoint import CheckpointError
-    from dlrm.config import ConfigError
-    from dlrm.data.chunks import PreprocessError
+    from dlrm.errors import CheckpointError, ConfigError, PreprocessError
 
     return (CheckpointError, ConfigError, PreprocessError, ValueError)  # ExportError too
 
 
 def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.offline import default_split, evaluate_checkpoint, format_metrics
+    from dlrm.train.offline import default_split, evaluate_checkpoint, format_metrics
 
     try:
         args.split = args.split or default_split(args.data)
@@ -212,8 +213,8 @@ def _evaluate(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _ranking(args: argparse.Namespace) -> int:
-    from dlrm.offline import format_metrics
-    from dlrm.ranking import rank_checkpoint
+    from dlrm.serve.ranking import rank_checkpoint
+    from dlrm.train.offline import format_metrics
 
     if min(args.k) < 1 or args.ranking_candidates < 0:
         raise ValueError("--k must be positive and --ranking-candidates >= 0")
@@ -230,7 +231,7 @@ def _ranking(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.offline import default_split, score_checkpoint
+    from dlrm.train.offline import default_split, score_checkpoint
 
     try:
         args.split = args.split or default_split(args.data)
@@ -245,7 +246,7 @@ def _score(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _export(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.export import export
+    from dlrm.serve.export import export
 
     try:
         info = export(args.checkpoint, args.out, args.tables, clip=not args.no_clip)
@@ -258,8 +259,8 @@ def _export(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _predict(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.data.chunks import Options
-    from dlrm.predict import predict
+    from dlrm.rows.chunks import Options
+    from dlrm.serve.predict import predict
 
     options = Options(workers=args.workers, chunk_bytes=max(1, int(args.chunk_mb * 2**20)))
     try:
@@ -271,7 +272,7 @@ def _predict(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.serve import serve
+    from dlrm.serve.app import serve
 
     try:
         serve(args.model, args.host, args.port, int(args.max_body_mb * 2**20))
@@ -281,11 +282,11 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _recommend(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.data.like import schema_of
-    from dlrm.model_dir import load_exported
-    from dlrm.predict import Scorer, layout_for
-    from dlrm.recommend import Recommender, candidate_rows, load_lines
-    from dlrm.request_rows import RequestRows
+    from dlrm.rows.like import schema_of
+    from dlrm.serve.model_dir import load_exported
+    from dlrm.serve.predict import Scorer, layout_for
+    from dlrm.serve.recommend import Recommender, candidate_rows, load_lines
+    from dlrm.serve.request_rows import RequestRows
 
     try:
         user = json.loads(args.user)
@@ -304,11 +305,11 @@ def _recommend(args: argparse.Namespace, rest: list[str]) -> int:
 def _report(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         if len(args.run_dir) == 1 and args.out is None:
-            from dlrm.report import report
+            from dlrm.experiments.report import report
 
             page = report(args.run_dir[0])
         else:
-            from dlrm.compare import compare
+            from dlrm.experiments.compare import compare
 
             page = compare(args.run_dir, args.out)
     except ValueError as e:
@@ -318,8 +319,8 @@ def _report(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _sweep(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.config import ConfigError
-    from dlrm.sweep import sweep
+    from dlrm.errors import ConfigError
+    from dlrm.experiments.sweep import sweep
 
     try:
         sweep(args.config, args.space, args.trials, args.runs_dir, rest,

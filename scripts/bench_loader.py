@@ -78,8 +78,9 @@ def main() -> None:
 
     from dlrm.config import load_config
     from dlrm.data.loader import ParquetBatches
-    from dlrm.data.manifest import load_manifest
-    from dlrm.data.splits import resolve_split, split_specs
+    from dlrm.data.split_checks import split_specs
+    from dlrm.schema.manifest import load_manifest
+    from dlrm.schema.splits import resolve_split
 
     with tempfile.TemporaryDirectory(prefix="bench_loader-") as tmp:
         data = Path(args.data) if args.data else make_dataset(Path(tmp), args.days,

@@ -209,8 +209,9 @@ def train(data: Path, run: Path) -> dict:
     (tiny.toml, 2 ranks): seconds, and each rank's peak RSS (the run's done event)."""
     from dlrm.config import load_config
     from dlrm.data.loader import ParquetBatches
-    from dlrm.data.manifest import load_manifest
-    from dlrm.data.splits import resolve_split, split_specs
+    from dlrm.data.split_checks import split_specs
+    from dlrm.schema.manifest import load_manifest
+    from dlrm.schema.splits import resolve_split
 
     config = load_config(REPO / "configs" / "tiny.toml", [f"--data.path={data}"])
     manifest = load_manifest(data)

@@ -35,7 +35,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dlrm.data.splits import default_split_specs
+from dlrm.schema.splits import default_split_specs
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {

@@ -57,9 +57,9 @@ def bench_ceiling(config, cardinalities: list[int], batch: int, warmup: int,
     """Seconds of each timed dense forward + backward on one thread (embeddings excluded)."""
     import torch
 
-    from dlrm.data.schema import CRITEO, NUM_DENSE, NUM_SPARSE
-    from dlrm.heap import keep_freed_memory
-    from dlrm.model import build_model
+    from dlrm.schema.features import CRITEO, NUM_DENSE, NUM_SPARSE
+    from dlrm.train.model import build_model
+    from dlrm.utils.heap import keep_freed_memory
 
     keep_freed_memory()  # the heap settings of a training rank (dlrm.dist)
     torch.set_num_threads(1)
@@ -129,7 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.ceiling_only:  # one of concurrent_ceiling's processes: print the median step
         from dlrm.config import load_config
-        from dlrm.data.manifest import load_manifest
+        from dlrm.schema.manifest import load_manifest
 
         config = load_config(args.config, [f"--data.path={args.data}"])
         times = bench_ceiling(config, load_manifest(args.data)["cardinalities"],
@@ -141,7 +141,7 @@ def main() -> None:
                      "is warm-up)")
 
     from dlrm.config import load_config
-    from dlrm.data.manifest import load_manifest
+    from dlrm.schema.manifest import load_manifest
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_train-"))
     ours = [work / "run"] + ([] if args.data else [work / "raw", work / "data"])

@@ -71,7 +71,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
 
     from dlrm.config import load_config
-    from dlrm.train import Trainer
+    from dlrm.train.trainer import Trainer
 
     config = load_config(args.config, [f"--data.path={args.data}", *DEFAULTS, *overrides])
     run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"profile_train-{os.getppid()}"

@@ -33,10 +33,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dlrm.data.declared import load_schema
-from dlrm.data.splits import default_split_specs, resolve_split
-from dlrm.data.synth_declared import PlantedModel
 from dlrm.metrics import auc
+from dlrm.schema.declared import load_schema
+from dlrm.schema.splits import default_split_specs, resolve_split
+from dlrm.synth.declared import PlantedModel
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUND = 50  # L-BFGS iterations between checks of the validation AUC

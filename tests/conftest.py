@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from helpers import quiet, torchrun
 
-from dlrm.data.preprocess import preprocess
-from dlrm.data.synth import synth
+from dlrm.preprocess.driver import preprocess
+from dlrm.synth.criteo import synth
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,9 @@ import sys
 
 import torch
 
-from dlrm.checkpoint import Checkpointer, CheckpointError
-from dlrm.dist import gather_object, init_distributed
+from dlrm.errors import CheckpointError
+from dlrm.train.checkpoint import Checkpointer
+from dlrm.train.dist import gather_object, init_distributed
 
 
 def main(directory: str, out: str) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import dlrm.checkpoint as checkpoint
-from dlrm.dist import init_distributed
+import dlrm.train.checkpoint as checkpoint
+from dlrm.train.dist import init_distributed
 
 
 def main(directory: str, out: str) -> None:

@@ -31,13 +31,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.config import ModelConfig, OptimConfig, ShardingConfig
 from dlrm.data.loader import ParquetBatches
-from dlrm.data.manifest import load_manifest
-from dlrm.data.schema import CRITEO, SPARSE_NAMES
-from dlrm.data.splits import resolve_split
-from dlrm.dist import init_distributed
-from dlrm.model import build_model, table_name
-from dlrm.optim import apply_embedding_optimizer, build_optimizer
-from dlrm.sharding import shard_model
+from dlrm.schema.features import CRITEO, SPARSE_NAMES
+from dlrm.schema.manifest import load_manifest
+from dlrm.schema.splits import resolve_split
+from dlrm.train.dist import init_distributed
+from dlrm.train.model import build_model, table_name
+from dlrm.train.optim import apply_embedding_optimizer, build_optimizer
+from dlrm.train.sharding import shard_model
 
 BATCH = 64
 DENSE_LR = 0.05

@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from dlrm.dist import init_distributed
-from dlrm.preemption import PreemptionFlag
+from dlrm.train.dist import init_distributed
+from dlrm.train.preemption import PreemptionFlag
 
 
 def main(out: str) -> None:

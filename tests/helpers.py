@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from dlrm.data.schema import NUM_DENSE, NUM_SPARSE
+from dlrm.schema.features import NUM_DENSE, NUM_SPARSE
 
 
 def tsv_row(label: str = "1", dense: Iterable[str] | None = None,

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from helpers import torchrun
 
-from dlrm.checkpoint import MARKER, Checkpointer, CheckpointError, _InPlaceSavePlanner, verify
+from dlrm.errors import CheckpointError
+from dlrm.train.checkpoint import MARKER, Checkpointer, _InPlaceSavePlanner, verify
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 from helpers import dlrm, mount_tmpfs, torchrun, umount
 
-from dlrm.checkpoint import Checkpointer, CheckpointError
 from dlrm.config import load_config
-from dlrm.train import Trainer
+from dlrm.errors import CheckpointError
+from dlrm.train.checkpoint import Checkpointer
+from dlrm.train.trainer import Trainer
 
 SMALL = ["--config", "configs/tiny.toml", "--data.batch_size=32", "--train.log_every=10",
          "--model.embedding_dim=8", "--model.dense_arch_layer_sizes=[16,8]",

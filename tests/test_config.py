@@ -10,7 +10,8 @@ import pytest
 import torch.distributed as dist
 
 from dlrm import cli
-from dlrm.config import Config, ConfigError, load_config, to_toml
+from dlrm.config import Config, load_config, to_toml
+from dlrm.errors import ConfigError
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
 
@@ -262,7 +263,7 @@ def test_empty_unknown_section_is_an_error(write_toml):
 
 
 def test_kernel_and_column_shard_constraints_reach_every_table():
-    from dlrm.sharding import table_constraints
+    from dlrm.train.sharding import table_constraints
 
     config = load_config(TINY, ['--sharding.compute_kernels=["fused_uvm_caching"]',
                                 "--sharding.column_shard_dim=32"])

@@ -15,7 +15,8 @@ import pytest
 from helpers import REPO
 
 from dlrm import config as config_module
-from dlrm.config import Config, ConfigError, load_config
+from dlrm.config import Config, load_config
+from dlrm.errors import ConfigError
 
 SCRIPT = REPO / "scripts" / "config_reference.py"
 _spec = importlib.util.spec_from_file_location("config_reference", SCRIPT)

@@ -27,10 +27,11 @@ from helpers import (
 )
 from sklearn.metrics import roc_auc_score
 
-from dlrm.data.declared import SchemaError, is_criteo, load_schema
-from dlrm.data.preprocess import Options, PreprocessError, preprocess
-from dlrm.data.splits import default_split_specs, resolve_split, row_ranges
-from dlrm.data.synth import synth
+from dlrm.errors import PreprocessError, SchemaError
+from dlrm.preprocess.driver import Options, preprocess
+from dlrm.schema.declared import is_criteo, load_schema
+from dlrm.schema.splits import default_split_specs, resolve_split, row_ranges
+from dlrm.synth.criteo import synth
 
 
 def _split_rows(data, manifest: dict, specs: list[str]) -> pa.Table:
@@ -270,7 +271,7 @@ def test_cli_names_a_bad_schema_and_exits_2(tmp_path):
 def test_a_value_gets_the_same_id_whatever_else_its_block_holds():
     """Text is hashed from the words it occupies: neither the longest field of the block
     nor its neighbours change a value's hash; integers stand for themselves."""
-    from dlrm.data.codecs import category_values
+    from dlrm.rows.codecs import category_values
 
     def values(fields):
         return category_values(pa.array(fields, pa.binary()), "auto")[0].tolist()
@@ -395,8 +396,8 @@ def test_standardize_uses_the_training_sources_mean_and_std(tmp_path):
     """A standardized dense feature is stored raw; the manifest holds the mean and std of
     the training sources (all but the last) and the loader applies them."""
     from dlrm.data.loader import ParquetBatches
-    from dlrm.data.schema import Features
-    from dlrm.data.splits import resolve_split
+    from dlrm.schema.features import Features
+    from dlrm.schema.splits import resolve_split
 
     rng = np.random.default_rng(0)
     raw = []

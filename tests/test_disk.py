@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from helpers import quiet, read_units
 
-from dlrm.data.chunks import Options, PreprocessError
-from dlrm.data.declared import load_schema
-from dlrm.data.disk import estimate
-from dlrm.data.inputs import layout_of
-from dlrm.data.preprocess import preprocess
-from dlrm.data.synth import synth
-from dlrm.data.vocab import Encoding
+from dlrm.errors import PreprocessError
+from dlrm.preprocess.disk import estimate
+from dlrm.preprocess.driver import preprocess
+from dlrm.rows.chunks import Options
+from dlrm.rows.inputs import layout_of
+from dlrm.rows.vocab import Encoding
+from dlrm.schema.declared import load_schema
+from dlrm.synth.criteo import synth
 
 
 @pytest.fixture(scope="module")

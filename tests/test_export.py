@@ -15,10 +15,11 @@ import torch
 from helpers import REPO, dlrm
 from sklearn.metrics import roc_auc_score
 
-from dlrm.data.chunks import Options
-from dlrm.export import export
-from dlrm.model_dir import WEIGHTS, ExportError, load_exported
-from dlrm.predict import predict
+from dlrm.errors import ExportError
+from dlrm.rows.chunks import Options
+from dlrm.serve.export import export
+from dlrm.serve.model_dir import WEIGHTS, load_exported
+from dlrm.serve.predict import predict
 
 # Each precision's predictions of the test rows against the checkpoint's own (fp32), measured
 # on the `trained` fixture: the largest difference of a row, the mean one, and that of the

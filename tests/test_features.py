@@ -20,9 +20,9 @@ from helpers import REPO, dlrm
 from sklearn.metrics import roc_auc_score
 
 from dlrm.data.loader import ParquetBatches
-from dlrm.data.manifest import FORMAT, MANIFEST
-from dlrm.data.schema import Features
-from dlrm.data.splits import default_split_specs, resolve_split
+from dlrm.schema.features import Features
+from dlrm.schema.manifest import FORMAT, MANIFEST
+from dlrm.schema.splits import default_split_specs, resolve_split
 
 CARDS = {"user": 60, "item": 40, "genres": 12}
 FEATURES = Features("click", ("age", "price"), tuple(CARDS))

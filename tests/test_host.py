@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dlrm.host import memory_bytes
+from dlrm.utils.host import memory_bytes
 
 MiB = 1 << 20
 PHYSICAL = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

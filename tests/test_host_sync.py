@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from dlrm.config import load_config
-from dlrm.train import Trainer
+from dlrm.train.trainer import Trainer
 
 DLRM = str(Path(__file__).resolve().parent.parent / "dlrm") + "/"
 READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu,

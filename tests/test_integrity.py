@@ -19,15 +19,15 @@ import pytest
 from conftest import SMALL
 from helpers import REPO, dlrm, mount_tmpfs, quiet, umount
 
-from dlrm.data.integrity import DataError
 from dlrm.data.loader import PAD_LABEL, ParquetBatches
-from dlrm.data.manifest import load_manifest
-from dlrm.data.preprocess import PreprocessError, preprocess
-from dlrm.data.schema import Features
-from dlrm.data.splits import resolve_split
-from dlrm.data.synth import synth
 from dlrm.data.verify import verify_dataset
-from dlrm.data.writer_lock import LOCK, writer_lock
+from dlrm.errors import DataError, PreprocessError
+from dlrm.preprocess.driver import preprocess
+from dlrm.schema.features import Features
+from dlrm.schema.manifest import load_manifest
+from dlrm.schema.splits import resolve_split
+from dlrm.synth.criteo import synth
+from dlrm.utils.writer_lock import LOCK, writer_lock
 
 
 @pytest.fixture
@@ -236,7 +236,7 @@ def full_disk(tmp_path):
 
 
 def test_a_full_disk_is_named_as_such_with_its_free_bytes(full_disk):
-    from dlrm.fsutil import io_fault
+    from dlrm.utils.files import io_fault
 
     with pytest.raises(OSError) as caught, open(full_disk / "big", "wb") as f:
         for _ in range(4):
@@ -273,7 +273,7 @@ def test_a_second_training_run_into_one_run_directory_is_refused(small_dataset, 
 
 
 def test_check_ids_finds_negative_and_too_large_ids_and_their_rows():
-    from dlrm.data.integrity import check_ids
+    from dlrm.schema.integrity import check_ids
 
     check_ids(np.array([0, 5, 9]), 10, "C1", Path("f"), 0)  # in range: nothing said
     with pytest.raises(DataError, match=r"f: feature C1 has id -8200000000000000000 \(row 101 "

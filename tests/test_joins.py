@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import dlrm
 
-from dlrm.data.codecs import category_values
-from dlrm.data.declared import load_schema
-from dlrm.model_dir import load_exported
-from dlrm.predict import Scorer, layout_for
-from dlrm.recommend import Recommender
-from dlrm.request_rows import RequestRows, RowsError
+from dlrm.rows.codecs import category_values
+from dlrm.schema.declared import load_schema
+from dlrm.serve.model_dir import load_exported
+from dlrm.serve.predict import Scorer, layout_for
+from dlrm.serve.recommend import Recommender
+from dlrm.serve.request_rows import RequestRows, RowsError
 
 SCHEMA = """
 ignore = ["title"]
@@ -182,7 +182,7 @@ def test_recommend_offers_the_training_items_and_checks_the_user(joined):
 
 
 def test_a_regression_report_plots_predicted_against_actual(joined, monkeypatch):
-    from dlrm import report
+    from dlrm.experiments import report
 
     run = joined[2].parent.parent
     labels = {}  # what each figure's first axes say

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import ML_HEADER, REPO, dlrm, movielens_rows, quiet, read_units, write_csv
 
-from dlrm.data.declared import load_schema
-from dlrm.data.preprocess import PreprocessError, preprocess
+from dlrm.errors import PreprocessError
+from dlrm.preprocess.driver import preprocess
+from dlrm.schema.declared import load_schema
 
 
 def test_a_day_encoded_like_its_dataset_scores_as_it_did_there(small_dataset, trained,

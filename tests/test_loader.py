@@ -20,13 +20,13 @@ import torch
 from helpers import REPO, quiet, tsv_row, write_lines
 from torchrec.datasets.utils import Batch
 
-from dlrm.config import ConfigError, ModelConfig, load_config
+from dlrm.config import ModelConfig, load_config
 from dlrm.data.batches import make_batch
-from dlrm.data.integrity import DataError
 from dlrm.data.loader import PAD_LABEL, ParquetBatches
 from dlrm.data.multi_hot import MultiHot
-from dlrm.data.preprocess import preprocess
-from dlrm.data.schema import (
+from dlrm.errors import ConfigError, DataError
+from dlrm.preprocess.driver import preprocess
+from dlrm.schema.features import (
     CRITEO,
     DENSE_NAMES,
     LABEL,
@@ -36,8 +36,8 @@ from dlrm.data.schema import (
     SPARSE_NAMES,
     holdout_halves,
 )
-from dlrm.data.splits import Segment, default_split_specs, resolve_split
-from dlrm.model import build_model
+from dlrm.schema.splits import Segment, default_split_specs, resolve_split
+from dlrm.train.model import build_model
 
 # ------------------------------------------------------------------ hand-checked dataset
 # Two sources, d0 (5 rows) and d1 (2 rows); the vocabulary is counted over both

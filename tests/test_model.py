@@ -13,8 +13,8 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN, InteractionArch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.config import ModelConfig
-from dlrm.data.schema import CRITEO, NUM_DENSE, SPARSE_NAMES
-from dlrm.model import KeyOrderInteractionArch, build_model, stack_pooled
+from dlrm.schema.features import CRITEO, NUM_DENSE, SPARSE_NAMES
+from dlrm.train.model import KeyOrderInteractionArch, build_model, stack_pooled
 
 CARDS = [5 + i for i in range(len(SPARSE_NAMES))]
 

@@ -10,11 +10,11 @@ import torch
 from helpers import dlrm, quiet
 
 from dlrm.data.loader import ParquetBatches
-from dlrm.data.manifest import load_manifest
-from dlrm.data.preprocess import preprocess
-from dlrm.data.splits import default_split_specs, resolve_split
-from dlrm.data.synth import synth
 from dlrm.metrics import auc
+from dlrm.preprocess.driver import preprocess
+from dlrm.schema.manifest import load_manifest
+from dlrm.schema.splits import default_split_specs, resolve_split
+from dlrm.synth.criteo import synth
 
 DAYS, ROWS = 3, 150_000
 

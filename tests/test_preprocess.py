@@ -25,12 +25,14 @@ import pyarrow.csv as pacsv
 import pytest
 from helpers import REPO, dataset_state, dlrm, quiet, read_units, tsv_row, write_lines
 
-import dlrm.data.preprocess as pre
+import dlrm.preprocess.driver as pre
 from dlrm import cli
-from dlrm.data.codecs import hex_column
-from dlrm.data.manifest import load_manifest
-from dlrm.data.preprocess import Encoding, PreprocessError, preprocess
-from dlrm.data.schema import (
+from dlrm.errors import PreprocessError
+from dlrm.metrics import auc
+from dlrm.preprocess.driver import Encoding, preprocess
+from dlrm.rows.codecs import hex_column
+from dlrm.rows.vocab import hash_table, probe
+from dlrm.schema.features import (
     DENSE_NAMES,
     LABEL,
     MISSING_ID,
@@ -41,9 +43,8 @@ from dlrm.data.schema import (
     TSV_COLUMNS,
     holdout_halves,
 )
-from dlrm.data.synth import synth
-from dlrm.data.vocab import hash_table, probe
-from dlrm.metrics import auc
+from dlrm.schema.manifest import load_manifest
+from dlrm.synth.criteo import synth
 
 ROWS_PER_DAY = 20_000
 

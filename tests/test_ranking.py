@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dlrm.ranking import ranking_metrics
+from dlrm.serve.ranking import ranking_metrics
 
 
 def test_recall_and_ndcg_by_hand():

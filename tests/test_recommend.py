@@ -12,14 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import Server, dlrm, torchrun
 
-from dlrm.data.codecs import category_values
-from dlrm.data.declared import SchemaError, load_schema
-from dlrm.data.synth_declared import PlantedModel
-from dlrm.export import export
-from dlrm.model_dir import load_exported
-from dlrm.predict import Scorer, layout_for, predict
-from dlrm.recommend import Recommender
-from dlrm.request_rows import RequestRows
+from dlrm.errors import SchemaError
+from dlrm.rows.codecs import category_values
+from dlrm.schema.declared import load_schema
+from dlrm.serve.export import export
+from dlrm.serve.model_dir import load_exported
+from dlrm.serve.predict import Scorer, layout_for, predict
+from dlrm.serve.recommend import Recommender
+from dlrm.serve.request_rows import RequestRows
+from dlrm.synth.declared import PlantedModel
 
 USER = ["user_id", "gender", "age", "occupation", "zip"]
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import REPO, checkpoint_tensors, dlrm, torchrun
 
-from dlrm.column_splits import _blend
+from dlrm.train.column_splits import _blend
 
 SMALL = ["--config", "configs/tiny.toml", "--data.batch_size=32", "--train.log_every=10",
          "--model.embedding_dim=8", "--model.dense_arch_layer_sizes=[16,8]",

@@ -19,8 +19,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dlrm.config import ConfigError
-from dlrm.sweep import STUDY, sweep
+from dlrm.errors import ConfigError
+from dlrm.experiments.sweep import STUDY, sweep
 
 SPACE = """
 ["optim.embedding_lr"]

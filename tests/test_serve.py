@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import Server
 
-from dlrm.data.like import schema_of
-from dlrm.export import export
-from dlrm.model_dir import load_exported
-from dlrm.predict import Scorer, layout_for, predict
-from dlrm.request_rows import RequestRows
-from dlrm.serve import Batcher
+from dlrm.rows.like import schema_of
+from dlrm.serve.app import Batcher
+from dlrm.serve.export import export
+from dlrm.serve.model_dir import load_exported
+from dlrm.serve.predict import Scorer, layout_for, predict
+from dlrm.serve.request_rows import RequestRows
 
 
 @pytest.fixture(scope="module")

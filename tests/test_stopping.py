@@ -11,12 +11,12 @@ import pytest
 from conftest import SMALL
 from helpers import dlrm, tsv_row, write_lines
 
-from dlrm.checkpoint import read_marker
 from dlrm.data.loader import ParquetBatches
 from dlrm.data.oov_dropout import drop_to_oov, uniform
-from dlrm.data.preprocess import preprocess
-from dlrm.data.schema import MISSING_ID, NUM_DENSE, NUM_SPARSE, OOV_ID
-from dlrm.data.splits import resolve_split
+from dlrm.preprocess.driver import preprocess
+from dlrm.schema.features import MISSING_ID, NUM_DENSE, NUM_SPARSE, OOV_ID
+from dlrm.schema.splits import resolve_split
+from dlrm.train.checkpoint import read_marker
 
 
 def _lines(run, what):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from helpers import dlrm
 
-from dlrm.data.declared import load_schema
-from dlrm.data.synth_declared import PlantedModel
+from dlrm.schema.declared import load_schema
+from dlrm.synth.declared import PlantedModel
 
 
 def _weight_scales(signal: str) -> list[float]:
@@ -92,8 +92,8 @@ def test_criteo_growth_grows_distinct_values_as_criteo_does():
     all."""
     import pyarrow.compute as pc
 
-    from dlrm.data.synth import CAT_MISSING, ClickModel, generate_day
-    from dlrm.data.synth_growth import expected_distinct, growth_exponent
+    from dlrm.synth.criteo import CAT_MISSING, ClickModel, generate_day
+    from dlrm.synth.growth import expected_distinct, growth_exponent
 
     model = ClickModel.from_seed(0)
     distinct = {}

@@ -19,10 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import REPO, quiet, read_units
 
-from dlrm.data.declared import SchemaError, load_schema
-from dlrm.data.periods import format_times, parse_times, period_keys, period_name
-from dlrm.data.preprocess import Options, preprocess
-from dlrm.data.splits import default_split_specs, resolve_split
+from dlrm.errors import SchemaError
+from dlrm.preprocess.driver import Options, preprocess
+from dlrm.schema.declared import load_schema
+from dlrm.schema.periods import format_times, parse_times, period_keys, period_name
+from dlrm.schema.splits import default_split_specs, resolve_split
 
 DAY = 86_400
 T0 = 1_413_849_600  # 2014-10-21 00:00 UTC

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from helpers import REPO, checkpoint_tensors, dlrm, torchrun
 
 from dlrm.config import OptimConfig
-from dlrm.optim import lr_scale
+from dlrm.train.optim import lr_scale
 
 SMALL = ["--config", "configs/tiny.toml", "--data.batch_size=64", "--train.log_every=1",
          "--model.embedding_dim=8", "--model.dense_arch_layer_sizes=[16,8]",

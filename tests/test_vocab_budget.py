@@ -21,11 +21,11 @@ import pyarrow.csv as pacsv
 import pytest
 from helpers import REPO, dataset_state, dlrm, quiet
 
-import dlrm.data.preprocess as pre
-from dlrm.data.chunks import Options
-from dlrm.data.preprocess import preprocess
-from dlrm.data.synth import synth
-from dlrm.data.vocab import Encoding
+import dlrm.preprocess.driver as pre
+from dlrm.preprocess.driver import preprocess
+from dlrm.rows.chunks import Options
+from dlrm.rows.vocab import Encoding
+from dlrm.synth.criteo import synth
 
 BUDGET_GIB = 0.0001  # ~105 KiB, shared by the 2 workers
 

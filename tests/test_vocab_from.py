@@ -16,12 +16,13 @@ from helpers import REPO, dlrm, quiet, tsv_row, write_lines
 
 from dlrm import cli
 from dlrm.config import load_config
-from dlrm.data.chunks import Options, PreprocessError
-from dlrm.data.declared import load_schema
-from dlrm.data.preprocess import preprocess
-from dlrm.data.schema import MISSING_ID, NUM_DENSE, NUM_SPARSE, OOV_ID
-from dlrm.data.splits import resolve_split
-from dlrm.train import preflight
+from dlrm.errors import PreprocessError
+from dlrm.preprocess.driver import preprocess
+from dlrm.rows.chunks import Options
+from dlrm.schema.declared import load_schema
+from dlrm.schema.features import MISSING_ID, NUM_DENSE, NUM_SPARSE, OOV_ID
+from dlrm.schema.splits import resolve_split
+from dlrm.train.trainer import preflight
 
 TINY = REPO / "configs" / "tiny.toml"
 
@@ -104,7 +105,7 @@ def test_a_time_column_counts_the_earliest_rows_ties_in_input_order(tmp_path):
     assert (ids[:1400] >= 2).all() and (ids[1400:] == OOV_ID).all()
     vocab = np.load(out / "vocab.npz")["row"]
     assert vocab.size == 1400
-    from dlrm.data.codecs import category_values
+    from dlrm.rows.codecs import category_values
 
     texts = pa.array([f"r{i}".encode() for i in order[:1400]], pa.binary())
     assert set(vocab.tolist()) == set(category_values(texts, "auto")[0].tolist())
@@ -204,7 +205,7 @@ def test_the_oov_row_trains_for_values_it_stands_for(tmp_path):
     lines = [tsv_row("1", None, [v] + ["1"] * (NUM_SPARSE - 1))
              for v in ["a", "a", "b", "", "c", "a"]]
     out = tmp_path / "data"
-    from dlrm.data.vocab import Encoding
+    from dlrm.rows.vocab import Encoding
 
     m = preprocess([write_lines(tmp_path / "d", lines)], out, log=quiet,
                    encoding=Encoding(min_frequency=2), vocab_from=["d[0:4/6]"])

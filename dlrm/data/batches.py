@@ -21,7 +21,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.data.multi_hot import MultiHot
-from dlrm.data.schema import CRITEO, MISSING_ID, Features
+from dlrm.schema.features import CRITEO, MISSING_ID, Features
 
 BAGS = pa.list_(pa.int64())  # the type list columns are read as
 

@@ -36,18 +36,18 @@ import pyarrow as pa
 from torchrec.datasets.utils import Batch
 
 from dlrm.data.batches import Rows, is_list_type, table_rows, to_batch
-from dlrm.data.integrity import (
+from dlrm.data.multi_hot import MultiHot
+from dlrm.data.oov_dropout import drop_to_oov
+from dlrm.data.prefetch import Prefetcher
+from dlrm.schema.features import CRITEO, MISSING_ID, Features
+from dlrm.schema.integrity import (
     check_column_ids,
     check_file,
     open_parquet,
     read_metadata,
     read_row_group,
 )
-from dlrm.data.multi_hot import MultiHot
-from dlrm.data.oov_dropout import drop_to_oov
-from dlrm.data.prefetch import Prefetcher
-from dlrm.data.schema import CRITEO, MISSING_ID, Features
-from dlrm.data.splits import Segment, take_rows
+from dlrm.schema.splits import Segment, take_rows
 
 PAD_LABEL = -1.0
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dlrm.data.schema import CRITEO
+from dlrm.schema.features import CRITEO
 
 _DRAW_ROWS = 1 << 20  # table rows drawn per call: caps the int64 temporary, same stream
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dlrm.data.schema import MISSING_ID, OOV_ID
+from dlrm.schema.features import MISSING_ID, OOV_ID
 
 
 def uniform(seed: int, epoch: int, rows: np.ndarray, feature: int) -> np.ndarray:

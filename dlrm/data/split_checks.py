@@ -13,19 +13,28 @@ import logging
 from typing import Any
 
 from dlrm.config import DataConfig
-from dlrm.data.manifest import load_manifest
-from dlrm.data.schema import Features
-from dlrm.data.splits import (
+from dlrm.schema.features import Features
+from dlrm.schema.manifest import load_manifest
+from dlrm.schema.splits import (
     count_rows,
+    default_split_specs,
     describe,
     difference,
     intersection,
     merged,
     row_ranges,
-    split_specs,
 )
 
 logger = logging.getLogger(__name__)
+
+
+def split_specs(cfg: DataConfig, manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """Sources of each split of a run: the config's, else
+    (key absent) the default (see :func:`default_split_specs`); ``"none"`` is no rows."""
+    given = {"train": cfg.train_sources, "val": cfg.val_sources, "test": cfg.test_sources}
+    defaults = default_split_specs(manifest)
+    return {s: defaults[s] if given[s] is None else [] if given[s] == "none" else given[s]
+            for s in ("train", "val", "test")}
 
 
 def check_overlaps(manifest: dict[str, Any], specs: dict[str, list[str]],

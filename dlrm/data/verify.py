@@ -15,8 +15,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dlrm.data.integrity import DataError, check_column_ids, open_parquet, read_row_group
-from dlrm.data.splits import split_units
+from dlrm.errors import DataError
+from dlrm.schema.integrity import check_column_ids, open_parquet, read_row_group
+from dlrm.schema.splits import split_units
 
 
 def _check_file(path: Path, entry: dict[str, Any], sparse: list[str],

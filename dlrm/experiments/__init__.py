@@ -1,0 +1,1 @@
+"""Experiments over runs: `dlrm sweep` (Optuna), `dlrm report` and run comparison."""

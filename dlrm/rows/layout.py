@@ -1,0 +1,89 @@
+"""What the preprocessing workers know of a dataset's layout: its columns, which
+categorical ones hold bags, each one's encoding, and how to read a chunk into blocks.
+
+Criteo's layout reads through the byte-level fast path (``criteo_tsv``), a declared schema
+through ``declared_reader``; either stages its parsed rows between the vocab encoding's
+two passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from dlrm.rows.blocks import Block
+from dlrm.rows.chunks import Options, Task
+from dlrm.rows.criteo_tsv import criteo_blocks
+from dlrm.rows.declared_reader import declared_blocks, parquet_blocks
+from dlrm.rows.vocab import Encoding
+from dlrm.schema.declared import Schema, Time
+from dlrm.schema.features import DENSE_NAMES, LABEL, SPARSE_NAMES
+
+BAGS = pa.list_(pa.int64())
+
+
+@dataclass(frozen=True)
+class Layout:
+    label: str
+    dense: tuple[str, ...]
+    sparse: tuple[str, ...]
+    multi: tuple[bool, ...]  # per categorical feature: a bag per row
+    encodings: tuple[Encoding, ...]  # per categorical feature
+    schema: Schema | None = None  # None: Criteo's fast path
+
+    @classmethod
+    def criteo(cls, encoding: Encoding) -> Layout:
+        n = len(SPARSE_NAMES)
+        return cls(LABEL, tuple(DENSE_NAMES), tuple(SPARSE_NAMES), (False,) * n,
+                   (encoding,) * n)
+
+    @classmethod
+    def declared(cls, schema: Schema) -> Layout:
+        features = schema.features()
+        encodings = tuple(Encoding(c.encoding, c.min_frequency, c.max_vocab, c.buckets)
+                          for c in schema.categorical)
+        return cls(features.label, features.dense, features.sparse,
+                   tuple(c.multi for c in schema.categorical), encodings, schema)
+
+    @property
+    def standardized(self) -> list[int]:
+        """The dense features whose mean and std the manifest records."""
+        if self.schema is None:
+            return []
+        return [j for j, d in enumerate(self.schema.dense) if d.transform == "standardize"]
+
+    @property
+    def time(self) -> Time | None:
+        """The time column, by which the rows are laid out in periods."""
+        return None if self.schema is None else self.schema.time
+
+    @property
+    def regression(self) -> bool:
+        return self.schema is not None and self.schema.kind == "regression"
+
+    @property
+    def vocab(self) -> bool:
+        """Whether any feature needs the counting pass."""
+        return any(e.type == "vocab" for e in self.encodings)
+
+    def blocks(self, task: Task, opts: Options,
+               progress: Callable[[int], None]) -> Iterator[Block]:
+        if self.schema is None:
+            return criteo_blocks(task, opts, progress)
+        read = parquet_blocks if self.schema.format == "parquet" else declared_blocks
+        return read(task, opts, self.schema, progress)
+
+    def output_schema(self) -> pa.Schema:
+        label = pa.float32() if self.regression else pa.int8()
+        time = [(self.time.column, pa.timestamp("s"))] if self.time else []
+        return pa.schema([(self.label, label)] + [(c, pa.float32()) for c in self.dense]
+                         + [(c, BAGS if m else pa.int64())
+                            for c, m in zip(self.sparse, self.multi, strict=True)] + time)
+
+    def encoding_json(self) -> dict:
+        """The manifest's ``encoding``: Criteo's one for all, else one per feature."""
+        if self.schema is None:
+            return self.encodings[0].to_json()
+        return {c: e.to_json() for c, e in zip(self.sparse, self.encodings, strict=True)}

@@ -1,0 +1,104 @@
+"""New files through an existing dataset's encoding (``dlrm preprocess --like DATASET``).
+
+A model's tables are indexed by its training dataset's ids, so tomorrow's log must be
+encoded the way that dataset was: its schema (the header's columns included), each
+feature's vocabulary (a value it never counted becomes the out-of-vocabulary id) or hash
+buckets, and the dense statistics of its training sources. Nothing is counted again.
+The new dataset's manifest names the dataset it was made like (``like``) with a checksum
+of its vocabularies, so that a checkpoint is never scored on ids of another vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlrm.rows.vocab import Encoding
+from dlrm.schema.declared import SCHEMAS, Schema, load_schema
+from dlrm.schema.features import Features
+
+VOCAB = "vocab.npz"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def schema_of(manifest: dict[str, Any]) -> tuple[Schema, Encoding | None]:
+    """The schema a dataset was read with, and Criteo's one encoding for all (None for a
+    declared schema, which holds each feature's)."""
+    declared = manifest["schema"].get("declared")
+    if declared is None:  # Criteo's fast path records one encoding for all
+        return load_schema(SCHEMAS / "criteo.toml"), Encoding(**manifest["encoding"])
+    return Schema.from_json(declared), None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a dataset's encoding consists of, read from its directory."""
+
+    path: Path
+    schema: Schema
+    encoding: Encoding | None  # Criteo's one for all; None: the schema's per feature
+    standardize: dict[str, Any]
+    vocab_sha256: str | None  # None: hash encoding only, no vocabularies
+    vocab_from: dict[str, Any]  # the rows its vocabularies were counted on ({}: unrecorded)
+
+    @classmethod
+    def of(cls, dataset: str | Path, manifest: dict[str, Any]) -> Reference:
+        path = Path(dataset).resolve()
+        schema, encoding = schema_of(manifest)
+        vocab = path / VOCAB
+        return cls(path, schema, encoding, manifest["schema"].get("standardize", {}),
+                   file_sha256(vocab) if vocab.is_file() else None,
+                   manifest.get("vocab_from", {}))
+
+    def vocabs(self) -> dict[str, np.ndarray]:
+        """Each vocab-encoded feature's values in id order, as the dataset holds them."""
+        with np.load(self.path / VOCAB) as z:
+            return {name: z[name] for name in z.files}
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's ``like``."""
+        return {"dataset": str(self.path), "vocab_sha256": self.vocab_sha256}
+
+
+def check_same_encoding(trained_on: str | Path, manifest: dict[str, Any], where: str,
+                        kind: str | None = None) -> None:
+    """A dataset made ``--like`` another must be scored by a model trained on that one's
+    ids: the vocabularies must be the same file, where the training dataset is still
+    there to compare; and its label of the model's ``kind`` (see ``check_label_kind``).
+    ValueError naming both otherwise."""
+    check_label_kind(trained_on, manifest, where, kind)
+    like = manifest.get("like")
+    vocab = Path(trained_on) / VOCAB
+    if like is None or not vocab.is_file() or like["vocab_sha256"] is None:
+        return
+    if file_sha256(vocab) != like["vocab_sha256"]:
+        raise ValueError(f"{where}: the dataset was encoded like {like['dataset']}, whose "
+                         f"vocabularies differ from those of the run's training data "
+                         f"{trained_on}; preprocess it --like {trained_on}")
+
+
+def check_label_kind(trained_on: str | Path, manifest: dict[str, Any], where: str,
+                     kind: str | None = None) -> None:
+    """A model trained for one label kind (``kind``, else that of its training dataset,
+    where it is still there) refuses data of another: ValueError naming both."""
+    if kind is None:
+        path = Path(trained_on) / "manifest.json"
+        if not path.is_file():
+            return
+        kind = Features.of(json.loads(path.read_text())).label_kind
+    got = Features.of(manifest).label_kind
+    if got != kind:
+        raise ValueError(f"{where}: its label is a {got} one, but the model was trained on "
+                         f"{trained_on} for a {kind} label")

@@ -1,0 +1,114 @@
+"""Raw rows given as JSON (objects keyed by column name, or lists in the input's column
+order) → a block of parsed rows, through the same column converters as a file's rows.
+
+Each value becomes the text a file would hold (a number as written, ``null`` as an empty
+field, a list as its items joined by the feature's separator) and the columns are
+converted by ``declared_reader.convert`` with the training dataset's schema (Criteo's
+declared in ``configs/schemas/criteo.toml``). The label may be left out (it is not
+scored), and so may the time column and ignored columns. Anything else wrong names the
+row and the field: ``RowsError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from dlrm.rows.blocks import Block
+from dlrm.rows.declared_reader import convert
+from dlrm.rows.rejects import REJECT_REASONS
+from dlrm.schema.declared import Schema
+
+
+class RowsError(ValueError):
+    """A request's rows that cannot be scored; the message names the row and the field."""
+
+
+class RequestRows:
+    """The columns a row may hold, and their conversion, for one schema."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = dataclasses.replace(schema, time=None)  # not a feature
+        self.columns = list(schema.columns) or [*schema.used(), *schema.ignore]
+        self.optional = {schema.label, *schema.ignore,
+                         *([schema.time.column] if schema.time else [])}
+        self.required = [c for c in self.columns if c not in self.optional]
+        self.separator = {c.name: c.separator for c in schema.categorical if c.multi}
+        self.categorical = {c.name for c in schema.categorical}
+
+    def block(self, rows: Any) -> Block:
+        """The rows' block (every row good) or RowsError."""
+        if not isinstance(rows, list) or not rows:
+            raise RowsError("rows: expected a non-empty list of rows")
+        fields: dict[str, list[bytes | None]] = {c: [] for c in self.columns}
+        for i, row in enumerate(rows):
+            for column, value in self._fields(i, row).items():
+                fields[column].append(value)
+        used = self.schema.used()
+        table = pa.table({c: pa.array(fields[c], pa.binary()) for c in used})
+        block, problems = convert(table, self.schema)
+        bad = np.flatnonzero(problems.reason >= 0)
+        if bad.size:
+            shown = "; ".join(f"row {i}: {REJECT_REASONS[int(problems.reason[i])]}"
+                              for i in bad[:5])
+            raise RowsError(f"{bad.size} row(s) cannot be read: {shown}")
+        return block
+
+    def _fields(self, i: int, row: Any) -> dict[str, bytes | None]:
+        if isinstance(row, dict):
+            extra = [k for k in row if k not in self.columns]
+            if extra:
+                raise RowsError(f"row {i}: unknown field(s) {', '.join(map(str, extra[:5]))}")
+            missing = [c for c in self.required if c not in row]
+            if missing:
+                raise RowsError(f"row {i}: missing field(s) {', '.join(missing[:5])} "
+                                "(give null for a missing value)")
+            named = row
+        elif isinstance(row, list):
+            full, unlabeled = len(self.columns), len(self.columns) - 1
+            if len(row) == full:
+                named = dict(zip(self.columns, row, strict=True))
+            elif len(row) == unlabeled:
+                named = dict(zip([c for c in self.columns if c != self.schema.label], row,
+                                 strict=True))
+            else:
+                raise RowsError(f"row {i}: {len(row)} values, expected {full} (the columns "
+                                f"{', '.join(self.columns)}) or {unlabeled} without the label")
+        else:
+            raise RowsError(f"row {i}: expected an object or a list, got "
+                            f"{type(row).__name__}")
+        out = {c: self.text(i, c, named.get(c)) for c in self.columns}
+        if named.get(self.schema.label) is None:
+            out[self.schema.label] = b"0"  # not scored; any number the rule reads
+        return out
+
+    def text(self, i: int, column: str, value: Any) -> bytes | None:
+        if value is None:
+            return b""
+        if isinstance(value, bool):
+            raise RowsError(f"row {i}, field {column}: expected a number or a string, "
+                            "got a boolean")
+        if isinstance(value, int):
+            if column in self.categorical and not -2**63 <= value < 2**64:
+                raise RowsError(f"row {i}, field {column}: {value} is no 64-bit id")
+            return str(value).encode()
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise RowsError(f"row {i}, field {column}: not a finite number")
+            if column in self.categorical and not (value.is_integer() and abs(value) < 2**53):
+                raise RowsError(f"row {i}, field {column}: {value!r} is no integer id (a "
+                                "categorical value is an integer or a string)")
+            return (str(int(value)) if value.is_integer() and abs(value) < 2**53
+                    else repr(value)).encode()
+        if isinstance(value, str):
+            return value.encode()
+        if isinstance(value, list) and column in self.separator:
+            items = [self.text(i, column, v) for v in value]
+            return self.separator[column].encode().join(x for x in items if x is not None)
+        raise RowsError(f"row {i}, field {column}: expected a number or a string"
+                        + (" or a list" if column in self.separator else "")
+                        + f", got {type(value).__name__}")

@@ -150,9 +150,9 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
             config.sharding.ddr_gib = args.ddr_gib
         # The dataset's features and sizes where it exists; a recipe that sizes every
         # table itself (num_embeddings_per_feature) plans Criteo's without one.
-        from dlrm.config import check_features
         from dlrm.data.split_checks import check_data
         from dlrm.schema.features import CRITEO, Features
+        from dlrm.train.preflight import check_features
 
         sizes, features = config.model.num_embeddings_per_feature, CRITEO
         if not sizes or os.path.isfile(os.path.join(config.data.path, "manifest.json")):

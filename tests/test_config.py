@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
@@ -10,7 +11,17 @@ import pytest
 import torch.distributed as dist
 
 from dlrm import cli
-from dlrm.config import Config, load_config, to_toml
+from dlrm.config import (
+    Config,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    ShardingConfig,
+    TrainConfig,
+    load_config,
+    to_toml,
+)
 from dlrm.errors import ConfigError
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
@@ -272,3 +283,25 @@ def test_kernel_and_column_shard_constraints_reach_every_table():
         "t_C1": (["fused_uvm_caching"], 32), "t_C2": (["fused_uvm_caching"], 32)}
     default = table_constraints(load_config(TINY).sharding, ["t_C1"])["t_C1"]
     assert (default.compute_kernels, default.min_partition) == (None, None)
+
+
+
+@pytest.mark.parametrize("section, key", [
+    (DataConfig(path="d", batch_size=0), "data.batch_size"),
+    (ModelConfig(dense_arch_layer_sizes=[16]), "model.dense_arch_layer_sizes"),
+    (ShardingConfig(compute_kernels=["dense"]), "sharding.compute_kernels"),
+    (OptimConfig(decay_power=0.0), "optim.decay_power"),
+    (TrainConfig(log_every=0), "train.log_every"),
+    (EvalConfig(limit_val_batches=-1), "eval.limit_val_batches"),
+])
+def test_each_section_checks_its_own_values(section, key):
+    """A section validates itself, alone (as torchtitan's config sections do); the whole
+    config refuses the same value naming the same key; with that one field at its default
+    the section is valid."""
+    pattern = "^" + re.escape(key) + ": "
+    with pytest.raises(ConfigError, match=pattern):
+        section.validate()
+    name, field = key.split(".")
+    with pytest.raises(ConfigError, match=pattern):
+        Config(**{"data": DataConfig(path="d"), name: section}).validate()
+    dataclasses.replace(section, **{field: getattr(type(section)(), field)}).validate()

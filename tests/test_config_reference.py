@@ -1,5 +1,5 @@
 """scripts/config_reference.py: docs/config.md is what the generator writes from
-dlrm/config.py's field docstrings (a stale reference fails here), a field without a
+dlrm/config/sections.py's field docstrings (a stale reference fails here), a field without a
 docstring is refused by name, and every key load_config accepts is in the reference."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import tomllib
 import pytest
 from helpers import REPO
 
-from dlrm import config as config_module
 from dlrm.config import Config, load_config
+from dlrm.config import load as config_module
 from dlrm.errors import ConfigError
 
 SCRIPT = REPO / "scripts" / "config_reference.py"

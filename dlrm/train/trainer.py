@@ -16,7 +16,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from dlrm.config import Config, check_features, to_toml
+from dlrm.config import Config, to_toml
 from dlrm.data.loader import ParquetBatches
 from dlrm.data.split_checks import check_data, split_specs
 from dlrm.errors import ConfigError
@@ -35,6 +35,7 @@ from dlrm.train.optim import (
     init_dense_state,
 )
 from dlrm.train.preemption import PreemptionFlag
+from dlrm.train.preflight import check_features
 from dlrm.train.sharding import shard_model
 from dlrm.train.stopping import BEST, Best, best_metric
 from dlrm.utils.files import atomic_write_json, atomic_write_text

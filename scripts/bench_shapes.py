@@ -35,6 +35,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dlrm.schema.manifest import load_manifest
 from dlrm.schema.splits import default_split_specs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,8 +74,8 @@ def dataset(work: Path, schema: str, shape: str, days: int, rows: int,
 def default_splits(data: Path) -> list[str]:
     """With a time column, overrides that set the default split (the last period's
     halves: the rows synth scores) whatever the recipe's."""
-    manifest = json.loads((data / "manifest.json").read_text())
-    if "periods" not in manifest:
+    manifest = load_manifest(data)
+    if manifest.periods is None:
         return []
     return [f"--data.{split}_sources={json.dumps(specs)}"
             for split, specs in default_split_specs(manifest).items()]

@@ -132,7 +132,7 @@ def main() -> None:
         from dlrm.schema.manifest import load_manifest
 
         config = load_config(args.config, [f"--data.path={args.data}"])
-        times = bench_ceiling(config, load_manifest(args.data)["cardinalities"],
+        times = bench_ceiling(config, load_manifest(args.data).cardinalities,
                               args.batch_size, args.warmup, args.iters)
         print(statistics.median(times))
         return
@@ -152,7 +152,7 @@ def main() -> None:
         start = time.perf_counter()
         data = Path(args.data) if args.data else make_dataset(work, args.days, args.rows_per_day)
         config = load_config(args.config, [f"--data.path={data}"])
-        cards = load_manifest(data)["cardinalities"]
+        cards = load_manifest(data).cardinalities
         bs, m = args.batch_size, config.model
         print(f"dataset: {data} ({time.perf_counter() - start:.0f} s); model: {args.config}: "
               f"interaction {m.interaction}, dim {m.embedding_dim}, bottom "

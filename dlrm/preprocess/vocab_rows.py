@@ -26,7 +26,7 @@ import numpy as np
 from dlrm.rows.chunks import Task
 from dlrm.rows.layout import Layout
 from dlrm.schema.periods import period_keys, period_name
-from dlrm.schema.splits import ALL, count_rows, default_split_specs, merged, spec_name, unit_ranges
+from dlrm.schema.splits import ALL, count_rows, default_unit_specs, merged, spec_name, unit_ranges
 from dlrm.utils.files import atomic_path
 
 RECOUNT = "vocab"  # suffix of a recounted chunk's counts key
@@ -87,7 +87,7 @@ def select(work: Path, tasks: list[Task], layout: Layout, specs: list[str] | Non
     kind = "periods" if layout.time else "sources"
     default = specs is None
     if default:
-        specs = default_split_specs({kind: units})["train"]
+        specs = default_unit_specs([u["name"] for u in units])["train"]
     try:
         ranges = merged(unit_ranges(units, specs, kind))
     except ValueError as e:

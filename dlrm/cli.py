@@ -151,14 +151,14 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
         # The dataset's features and sizes where it exists; a recipe that sizes every
         # table itself (num_embeddings_per_feature) plans Criteo's without one.
         from dlrm.data.split_checks import check_data
-        from dlrm.schema.features import CRITEO, Features
+        from dlrm.schema.features import CRITEO
         from dlrm.train.preflight import check_features
 
         sizes, features = config.model.num_embeddings_per_feature, CRITEO
         if not sizes or os.path.isfile(os.path.join(config.data.path, "manifest.json")):
             manifest = check_data(config.data)
-            features = Features.of(manifest)
-            sizes = sizes or manifest["cardinalities"]
+            features = manifest.features
+            sizes = sizes or manifest.cardinalities
         check_features(config, features)  # also one size per feature
     except (ConfigError, ValueError) as e:
         return _error("plan", e)

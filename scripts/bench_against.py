@@ -46,13 +46,20 @@ def preprocess(code: Path, inputs: list[Path], out: Path, workers: int, extra: l
 LOADER = """
 import sys, time
 from dlrm.data.loader import ParquetBatches
-from dlrm.data.preprocess import load_manifest  # (re-exported there: older commits too)
-from dlrm.data.schema import Features
-from dlrm.data.splits import resolve_split
 data = sys.argv[1]
-m = load_manifest(data)
+try:  # the packages by job (issue 26)
+    from dlrm.schema.manifest import load_manifest
+    from dlrm.schema.splits import resolve_split
+    m = load_manifest(data)
+    features, cardinalities = m.features, m.cardinalities
+except ImportError:  # older commits: two flat folders, the manifest a dict
+    from dlrm.data.preprocess import load_manifest
+    from dlrm.data.schema import Features
+    from dlrm.data.splits import resolve_split
+    m = load_manifest(data)
+    features, cardinalities = Features.of(m), m["cardinalities"]
 batches = ParquetBatches(resolve_split(data, m, ["*"]), 2048, 0, 1, prefetch=0,
-                         features=Features.of(m), cardinalities=m["cardinalities"])
+                         features=features, cardinalities=cardinalities)
 t0 = time.perf_counter()
 n = sum(len(b.labels) for b in batches)
 print(n, time.perf_counter() - t0)

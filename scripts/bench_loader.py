@@ -88,7 +88,7 @@ def main() -> None:
         config = load_config(args.config, [f"--data.path={data}"])
         manifest = load_manifest(data)
         segments = resolve_split(data, manifest, split_specs(config.data, manifest)["train"])
-        bs, cards = config.data.batch_size, manifest["cardinalities"]
+        bs, cards = config.data.batch_size, manifest.cardinalities
 
         def loader(**kw) -> ParquetBatches:
             return ParquetBatches(segments, bs, 0, WORLD, **kw)

@@ -16,7 +16,7 @@ sized by the dataset (not the recipe's 40M rows) and the overrides after ``--``,
 prints the test AUC, the planted model's Bayes AUC on the same rows and the gap, and
 beside them the seen-ids oracle and, where ``scripts/well_specified.py`` has been run on
 the shape, the test AUC of the planted model's own form fitted to the training days. Shapes
-(``dlrm.data.synth_declared``):
+(``dlrm.synth.declared``):
 
 - ``high``: the signal in the largest vocabularies (up to 1M ids, long Zipf tails),
   interactions 0.5, seed 0 (the shape of real logs);
@@ -35,6 +35,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dlrm.schema.manifest import load_manifest
 from dlrm.schema.splits import default_split_specs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,8 +74,8 @@ def dataset(work: Path, schema: str, shape: str, days: int, rows: int,
 def default_splits(data: Path) -> list[str]:
     """With a time column, overrides that set the default split (the last period's
     halves: the rows synth scores) whatever the recipe's."""
-    manifest = json.loads((data / "manifest.json").read_text())
-    if "periods" not in manifest:
+    manifest = load_manifest(data)
+    if manifest.periods is None:
         return []
     return [f"--data.{split}_sources={json.dumps(specs)}"
             for split, specs in default_split_specs(manifest).items()]

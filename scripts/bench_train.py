@@ -10,7 +10,7 @@ In one run it
    (``--batch-size``). The 26 pooled embeddings are a random leaf tensor [B, 26, D] that
    requires grad, so the embedding lookups, the all-to-all, the optimizer steps, the DDP
    all-reduce and the loader are all *outside* the ceiling. Same glibc heap settings as a
-   training rank (``dlrm.heap.keep_freed_memory``). Median of ``--iters`` steps after
+   training rank (``dlrm.utils.heap.keep_freed_memory``). Median of ``--iters`` steps after
    ``--warmup``, measured before and again after the training; the faster of the two is
    the ceiling (a slow spell of the host during one of them cannot flatter the ratio).
    The 2-rank ceiling is twice one core's rate;
@@ -61,7 +61,7 @@ def bench_ceiling(config, cardinalities: list[int], batch: int, warmup: int,
     from dlrm.train.model import build_model
     from dlrm.utils.heap import keep_freed_memory
 
-    keep_freed_memory()  # the heap settings of a training rank (dlrm.dist)
+    keep_freed_memory()  # the heap settings of a training rank (dlrm.train.dist)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     dlrm = build_model(config.model, CRITEO, cardinalities, torch.device("cpu"),
@@ -132,7 +132,7 @@ def main() -> None:
         from dlrm.schema.manifest import load_manifest
 
         config = load_config(args.config, [f"--data.path={args.data}"])
-        times = bench_ceiling(config, load_manifest(args.data)["cardinalities"],
+        times = bench_ceiling(config, load_manifest(args.data).cardinalities,
                               args.batch_size, args.warmup, args.iters)
         print(statistics.median(times))
         return
@@ -152,7 +152,7 @@ def main() -> None:
         start = time.perf_counter()
         data = Path(args.data) if args.data else make_dataset(work, args.days, args.rows_per_day)
         config = load_config(args.config, [f"--data.path={data}"])
-        cards = load_manifest(data)["cardinalities"]
+        cards = load_manifest(data).cardinalities
         bs, m = args.batch_size, config.model
         print(f"dataset: {data} ({time.perf_counter() - start:.0f} s); model: {args.config}: "
               f"interaction {m.interaction}, dim {m.embedding_dim}, bottom "

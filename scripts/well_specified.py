@@ -35,6 +35,7 @@ import torch
 
 from dlrm.metrics import auc
 from dlrm.schema.declared import load_schema
+from dlrm.schema.manifest import Manifest, load_manifest
 from dlrm.schema.splits import default_split_specs, resolve_split
 from dlrm.synth.declared import PlantedModel
 
@@ -43,19 +44,19 @@ ROUND = 50  # L-BFGS iterations between checks of the validation AUC
 MAX_ROUNDS = 8  # stop earlier once it moves by less than 1e-4
 
 
-def _rows(data: Path, manifest: dict, specs: list[str]) -> pa.Table:
+def _rows(data: Path, manifest: Manifest, specs: list[str]) -> pa.Table:
     """The rows of one split, in order."""
     return pa.concat_tables([pq.read_table(s.path).slice(s.start, s.stop - s.start)
                              for s in resolve_split(data, manifest, specs)])
 
 
-def _tensors(table: pa.Table, manifest: dict) -> tuple[torch.Tensor, ...]:
-    schema = manifest["schema"]
+def _tensors(table: pa.Table, manifest: Manifest) -> tuple[torch.Tensor, ...]:
+    features = manifest.features
     ids = torch.from_numpy(np.stack([table.column(c).to_numpy().astype(np.int64)
-                                     for c in schema["sparse"]], 1))
+                                     for c in features.sparse], 1))
     dense = torch.from_numpy(np.stack([table.column(c).to_numpy().astype(np.float32)
-                                       for c in schema["dense"]], 1))
-    label = torch.from_numpy(table.column(schema["label"]).to_numpy().astype(np.float32))
+                                       for c in features.dense], 1))
+    label = torch.from_numpy(table.column(features.label).to_numpy().astype(np.float32))
     return ids, dense, label
 
 
@@ -90,7 +91,7 @@ class Planted(torch.nn.Module):
 
 def fit(shape_dir: Path) -> dict:
     data, truth = shape_dir / "data", json.loads((shape_dir / "raw" / "truth.json").read_text())
-    manifest = json.loads((data / "manifest.json").read_text())
+    manifest = load_manifest(data)
     specs = default_split_specs(manifest)
     train, val, test = (_tensors(_rows(data, manifest, specs[s]), manifest)
                         for s in ("train", "val", "test"))
@@ -103,7 +104,7 @@ def fit(shape_dir: Path) -> dict:
     # weight, N(0, 0.5^2) per latent coordinate, scaled by gamma's square root on each side.
     first_prior = [1 / (2 * s * s * rows) for s in planted.scale]
     latent_prior = 1 / (2 * 0.25 * max(truth["interactions"], 1e-9) * rows)
-    model = Planted(manifest["cardinalities"], train[1].shape[1], pairs)
+    model = Planted(manifest.cardinalities, train[1].shape[1], pairs)
     opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=ROUND, history_size=20,
                             line_search_fn="strong_wolfe")
 

@@ -104,12 +104,12 @@ def main() -> None:
     info = init_distributed("cpu")
     rank, world = info.rank, info.world_size
     manifest = load_manifest(dataset)
-    segments = resolve_split(dataset, manifest, [manifest["sources"][0]["name"]])
+    segments = resolve_split(dataset, manifest, [manifest.sources[0]["name"]])
     mcfg = ModelConfig(embedding_dim=16, dense_arch_layer_sizes=[32, 16],
                        over_arch_layer_sizes=[32, 16, 1])
     ocfg = OptimConfig(embedding_optimizer="sgd", embedding_lr=EMBEDDING_LR,
                        dense_optimizer="sgd", dense_lr=DENSE_LR)
-    cards = manifest["cardinalities"]
+    cards = manifest.cardinalities
 
     torch.manual_seed(0)
     reference = build_model(mcfg, CRITEO, cards, torch.device("cpu"),

@@ -30,17 +30,18 @@ from sklearn.metrics import roc_auc_score
 from dlrm.errors import PreprocessError, SchemaError
 from dlrm.preprocess.driver import Options, preprocess
 from dlrm.schema.declared import is_criteo, load_schema
+from dlrm.schema.manifest import Manifest, load_manifest
 from dlrm.schema.splits import default_split_specs, resolve_split, row_ranges
 from dlrm.synth.criteo import synth
 
 
-def _split_rows(data, manifest: dict, specs: list[str]) -> pa.Table:
+def _split_rows(data, manifest: Manifest, specs: list[str]) -> pa.Table:
     """The rows that split ``specs`` name, as the dataset holds them."""
     return pa.concat_tables([pq.read_table(s.path).slice(s.start, s.stop - s.start)
                              for s in resolve_split(data, manifest, specs)])
 
 
-def _source_rows(manifest: dict, specs: list[str], rows: list[list]) -> list[list]:
+def _source_rows(manifest: Manifest, specs: list[str], rows: list[list]) -> list[list]:
     """The source ``rows`` (all inputs' in the dataset's order) that ``specs`` name."""
     return [rows[i] for lo, hi in row_ranges(manifest, specs) for i in range(lo, hi)]
 
@@ -64,24 +65,24 @@ def movielens(tmp_path_factory):
 
 def test_movielens_layout_preprocesses_with_bags_rules_and_rejects(movielens):
     root, raw, manifest = movielens
-    schema = manifest["schema"]
+    schema = manifest.schema
     assert schema["label"] == "rating" and schema["dense"] == []
     assert schema["sparse"] == ["user_id", "movie_id", "genres", "gender", "age", "occupation",
                                 "zip"]
     assert schema["pooling"][2] == "mean" and schema["bags"] == ["genres"]
-    assert manifest["rows_accepted"] == 9000
-    assert manifest["rejected_by_reason"] == {"bad_label": 1, "list_too_long": 1,
+    assert manifest.rows_accepted == 9000
+    assert manifest.rejected_by_reason == {"bad_label": 1, "list_too_long": 1,
                                               "wrong_field_count": 1}
     # The header is line 1: the first bad row follows 3000 good ones.
     rejects = (root / "data" / "rejects" / "ml_1.tsv").read_text().splitlines()
     assert [r.split("\t")[:2] for r in rejects] == [
         ["3002", "bad_label"], ["3003", "wrong_field_count"], ["3004", "list_too_long"]]
-    assert manifest["cardinalities"][:2] == [152, 202]  # ids seen + missing + OOV
-    assert manifest["cardinalities"][2] == len(GENRES) + 2
+    assert manifest.cardinalities[:2] == [152, 202]  # ids seen + missing + OOV
+    assert manifest.cardinalities[2] == len(GENRES) + 2
 
     source = movielens_rows(3000, 0)
-    assert [p["name"] for p in manifest["periods"]] == ["2000-12", "2001-01", "2001-02"]
-    table = pq.read_table(root / "data" / manifest["periods"][0]["files"][0]["path"])
+    assert [p["name"] for p in manifest.periods] == ["2000-12", "2001-01", "2001-02"]
+    table = pq.read_table(root / "data" / manifest.periods[0]["files"][0]["path"])
     labels = [int(r[2] >= 4) for r in source]
     assert table.column("rating").to_pylist() == labels
     bags = table.column("genres").to_pylist()
@@ -99,13 +100,13 @@ def test_small_chunks_give_the_same_dataset(movielens, tmp_path):
     root, raw, manifest = movielens
     small = preprocess(raw, tmp_path / "data", log=quiet, schema=load_schema("movielens"),
                        options=Options(workers=2, chunk_bytes=20_000, block_bytes=8192))
-    assert small["rows_accepted"] == manifest["rows_accepted"]
-    assert small["rejected_by_reason"] == manifest["rejected_by_reason"]
-    assert small["cardinalities"] == manifest["cardinalities"]
-    assert len(small["periods"][0]["files"]) > 1
+    assert small.rows_accepted == manifest.rows_accepted
+    assert small.rejected_by_reason == manifest.rejected_by_reason
+    assert small.cardinalities == manifest.cardinalities
+    assert len(small.periods[0]["files"]) > 1
 
-    assert read_units(tmp_path / "data", small["periods"]).equals(
-        read_units(root / "data", manifest["periods"]))
+    assert read_units(tmp_path / "data", small.periods).equals(
+        read_units(root / "data", manifest.periods))
     assert ((tmp_path / "data" / "rejects" / "ml_1.tsv").read_text()
             == (root / "data" / "rejects" / "ml_1.tsv").read_text())
 
@@ -184,10 +185,10 @@ def test_avazu_layout_with_hash_encoding_from_the_command_line(tmp_path):
     data = tmp_path / "data"
     dlrm("preprocess", "--schema", "avazu", "--input", *map(str, raw), "--out", str(data),
          "--encoding", "hash", "--buckets", "5000")
-    manifest = json.loads((data / "manifest.json").read_text())
-    assert len(manifest["schema"]["sparse"]) == 21 and "hour" not in manifest["schema"]["sparse"]
-    assert manifest["cardinalities"] == [5000] * 21 and manifest["rows_accepted"] == 7500
-    assert set(manifest["encoding"]) == set(manifest["schema"]["sparse"])
+    manifest = load_manifest(data)
+    assert len(manifest.schema["sparse"]) == 21 and "hour" not in manifest.schema["sparse"]
+    assert manifest.cardinalities == [5000] * 21 and manifest.rows_accepted == 7500
+    assert set(manifest.encoding) == set(manifest.schema["sparse"])
 
     # The test split (a single day: its last 1/14 by hour) of the rows as written.
     specs = default_split_specs(manifest)["test"]
@@ -226,9 +227,10 @@ def test_criteo_schema_file_is_the_fast_path_and_the_default(tmp_path):
     assert is_criteo(load_schema("criteo")) and not is_criteo(load_schema("movielens"))
     synth(tmp_path / "raw", days=2, rows_per_day=500, seed=3)
     inputs = [tmp_path / "raw" / f"day_{d}" for d in range(2)]
-    default = preprocess(inputs, tmp_path / "a", workers=1, log=quiet)
+    default = preprocess(inputs, tmp_path / "a", workers=1, log=quiet).to_json()
     declared = preprocess(inputs, tmp_path / "b", workers=1, log=quiet,
-                          schema=load_schema(REPO / "configs" / "schemas" / "criteo.toml"))
+                          schema=load_schema(REPO / "configs" / "schemas" / "criteo.toml")
+                          ).to_json()
     for m in (default, declared):
         m.pop("seconds")
     assert default == declared
@@ -284,7 +286,7 @@ def test_a_value_gets_the_same_id_whatever_else_its_block_holds():
     assert len(set(values([b"a" * n for n in range(1, 100)]))) == 99
 
 
-def _synth_splits(manifest: dict) -> list[str]:
+def _synth_splits(manifest: Manifest) -> list[str]:
     """Overrides that set the default split (the last period's halves, which synth's
     truth scores) whatever the recipe's."""
     return [f"--data.{split}_sources={json.dumps(specs)}"
@@ -306,8 +308,8 @@ def test_planted_data_of_a_schema_trains_to_near_its_bayes_auc(tmp_path, schema,
     days = sorted(raw.glob("day_*.csv"))
     assert len(days) == 3 and days[0].read_text().splitlines()[0].count(",") > 5  # a header
     dlrm("preprocess", "--schema", schema, "--input", *map(str, days), "--out", str(data))
-    manifest = json.loads((data / "manifest.json").read_text())
-    assert [p["rows_accepted"] for p in manifest["periods"]] == [rows] * 3
+    manifest = load_manifest(data)
+    assert [p["rows_accepted"] for p in manifest.periods] == [rows] * 3
     log = torchrun(["-m", "dlrm", "train", "--config", f"configs/{schema}.toml",
                     f"--data.path={data}", "--run-dir", str(tmp_path / "run"),
                     f"--data.batch_size={batch}", *_synth_splits(manifest)]).stdout
@@ -336,10 +338,10 @@ def test_a_parquet_export_gives_the_same_dataset_as_its_csv(tmp_path):
     a = preprocess([csv_path], tmp_path / "from_csv", log=quiet, schema=load_schema("movielens"))
     b = preprocess([parquet_path], tmp_path / "from_parquet", log=quiet,
                    schema=load_schema(schema_path))
-    assert a["cardinalities"] == b["cardinalities"] and b["rows_accepted"] == 2000
+    assert a.cardinalities == b.cardinalities and b.rows_accepted == 2000
 
-    from_parquet = read_units(tmp_path / "from_parquet", b["periods"])
-    assert read_units(tmp_path / "from_csv", a["periods"]).equals(from_parquet)
+    from_parquet = read_units(tmp_path / "from_parquet", b.periods)
+    assert read_units(tmp_path / "from_csv", a.periods).equals(from_parquet)
     assert from_parquet.column("zip")[7].as_py() == 0  # missing
 
 
@@ -352,8 +354,8 @@ def test_parquet_rows_that_break_the_schema_are_rejected_by_row(tmp_path):
                            '[categorical]\ncolumns = ["a", "tags"]\n'
                            '[categorical.per_feature.tags]\nseparator = "|"\nmax_length = 2\n')
     manifest = preprocess([path], tmp_path / "out", log=quiet, schema=load_schema(schema_path))
-    assert manifest["rows_accepted"] == 2
-    assert manifest["rejected_by_reason"] == {"bad_label": 1, "list_too_long": 1}
+    assert manifest.rows_accepted == 2
+    assert manifest.rejected_by_reason == {"bad_label": 1, "list_too_long": 1}
     rejects = (tmp_path / "out" / "rejects" / "part.tsv").read_text().splitlines()
     assert [r.split("\t")[:2] for r in rejects] == [["2", "list_too_long"], ["3", "bad_label"]]
     with pytest.raises(PreprocessError, match="no column b"):
@@ -370,9 +372,9 @@ def test_a_regression_label_trains_with_mse_and_reports_rmse(tmp_path):
     floor = json.loads(out)["test"]["irreducible_rmse"]
     dlrm("preprocess", "--schema", "movielens_rating", "--input",
          *map(str, sorted(raw.glob("day_*.csv"))), "--out", str(data))
-    manifest = json.loads((data / "manifest.json").read_text())
-    assert manifest["schema"]["label_kind"] == "regression"
-    first = pq.read_table(data / manifest["periods"][0]["files"][0]["path"])
+    manifest = load_manifest(data)
+    assert manifest.schema["label_kind"] == "regression"
+    first = pq.read_table(data / manifest.periods[0]["files"][0]["path"])
     assert first.schema.field("rating").type == pa.float32()
     log = torchrun(["-m", "dlrm", "train", "--config", "configs/movielens_rating.toml",
                     f"--data.path={data}", "--run-dir", str(run), *_synth_splits(manifest)]).stdout
@@ -396,7 +398,6 @@ def test_standardize_uses_the_training_sources_mean_and_std(tmp_path):
     """A standardized dense feature is stored raw; the manifest holds the mean and std of
     the training sources (all but the last) and the loader applies them."""
     from dlrm.data.loader import ParquetBatches
-    from dlrm.schema.features import Features
     from dlrm.schema.splits import resolve_split
 
     rng = np.random.default_rng(0)
@@ -414,13 +415,13 @@ def test_standardize_uses_the_training_sources_mean_and_std(tmp_path):
     manifest = preprocess([p for p, _ in raw], tmp_path / "data", log=quiet,
                           schema=load_schema(schema_path))
     train = np.array(raw[0][1] + raw[1][1])  # the missing ones count with their fill
-    stats = manifest["schema"]["standardize"]["x"]
+    stats = manifest.schema["standardize"]["x"]
     assert stats["sources"] == ["day_0", "day_1"] and stats["rows"] == 1000
     assert stats["mean"] == pytest.approx(train.mean(), rel=1e-6)
     assert stats["std"] == pytest.approx(train.std(), rel=1e-5)
-    stored = pq.read_table(tmp_path / "data" / manifest["sources"][2]["files"][0]["path"])
+    stored = pq.read_table(tmp_path / "data" / manifest.sources[2]["files"][0]["path"])
     np.testing.assert_allclose(stored.column("x").to_numpy(), raw[2][1], rtol=1e-6)
-    features = Features.of(manifest)
+    features = manifest.features
     segments = resolve_split(tmp_path / "data", manifest, ["day_2"])
     batch = next(iter(ParquetBatches(segments, 100, 0, 1, features=features, prefetch=0)))
     want = (np.array(raw[2][1][:100]) - train.mean()) / train.std()
@@ -433,10 +434,10 @@ def test_a_windows_export_with_a_bom_and_crlf_lines(tmp_path):
                      b'1,2,5,3,"A, B",Drama|War,M,1,1,10001\r\n2,3,1,4,C,Drama,F,18,2,10002\r\n')
     manifest = preprocess([path], tmp_path / "out", log=quiet, schema=load_schema("movielens"),
                           vocab_from=["*"])
-    assert manifest["rows_accepted"] == 2 and manifest["rows_rejected"] == 0
+    assert manifest.rows_accepted == 2 and manifest.rows_rejected == 0
     vocab = np.load(tmp_path / "out" / "vocab.npz")
     assert sorted(vocab["zip"].tolist()) == [10001, 10002]  # integers: no "\r" left on them
-    table = pq.read_table(tmp_path / "out" / manifest["periods"][0]["files"][0]["path"])
+    table = pq.read_table(tmp_path / "out" / manifest.periods[0]["files"][0]["path"])
     assert table.column("genres").to_pylist() == [[2, 3], [2]]
 
 

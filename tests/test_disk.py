@@ -49,7 +49,7 @@ def _same(a: Path, b: Path) -> None:
 
 def test_no_stage_parses_twice_and_gives_the_same_dataset(raw, tmp_path):
     staged = preprocess(raw, tmp_path / "staged", log=quiet, options=Options(chunk_bytes=1 << 20))
-    assert staged["rows_rejected"] == 3
+    assert staged.rows_rejected == 3
     preprocess(raw, tmp_path / "twice", log=quiet,
                options=Options(chunk_bytes=1 << 20, stage=False))
     _same(tmp_path / "staged", tmp_path / "twice")

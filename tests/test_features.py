@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 from dlrm.data.loader import ParquetBatches
 from dlrm.schema.features import Features
-from dlrm.schema.manifest import FORMAT, MANIFEST
+from dlrm.schema.manifest import FORMAT, MANIFEST, load_manifest
 from dlrm.schema.splits import default_split_specs, resolve_split
 
 CARDS = {"user": 60, "item": 40, "genres": 12}
@@ -75,8 +75,8 @@ SMALL = ["--config", "configs/tiny.toml", "--data.batch_size=64", "--model.embed
 
 
 def test_batches_carry_the_manifests_features(other_dataset):
-    manifest = json.loads((other_dataset / MANIFEST).read_text())
-    features = Features.of(manifest)
+    manifest = load_manifest(other_dataset)
+    features = manifest.features
     assert features == FEATURES
     segments = resolve_split(other_dataset, manifest, ["day_0"])
     batch = next(iter(ParquetBatches(segments, 32, 0, 1, features=features, prefetch=0)))
@@ -92,7 +92,7 @@ def test_train_evaluate_and_plan_follow_the_manifest(other_dataset, tmp_path):
     """The planted signal is learnt through the tables: the test AUC lies within 0.02 of
     the planted model's (the Bayes AUC of the same rows; measured gaps -0.001 to 0.010
     over 5 training seeds) and above what the user's or the item's effect alone ranks."""
-    manifest = json.loads((other_dataset / MANIFEST).read_text())
+    manifest = load_manifest(other_dataset)
     test = pa.concat_tables([pq.read_table(s.path).slice(s.start, s.stop - s.start)
                              for s in resolve_split(other_dataset, manifest,
                                                     default_split_specs(manifest)["test"])])

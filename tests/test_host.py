@@ -1,4 +1,4 @@
-"""dlrm.host.memory_bytes: physical RAM capped by the cgroup limit, read from fake /proc and
+"""dlrm.utils.host.memory_bytes: physical RAM capped by the cgroup limit, read from fake /proc and
 /sys/fs/cgroup trees in real temporary directories, and once from this machine."""
 
 from __future__ import annotations

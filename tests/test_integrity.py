@@ -23,7 +23,6 @@ from dlrm.data.loader import PAD_LABEL, ParquetBatches
 from dlrm.data.verify import verify_dataset
 from dlrm.errors import DataError, PreprocessError
 from dlrm.preprocess.driver import preprocess
-from dlrm.schema.features import Features
 from dlrm.schema.manifest import load_manifest
 from dlrm.schema.splits import resolve_split
 from dlrm.synth.criteo import synth
@@ -37,14 +36,14 @@ def dataset(small_dataset, tmp_path) -> Path:
 
 
 def _shard(dataset: Path) -> Path:
-    return dataset / load_manifest(dataset)["sources"][0]["files"][0]["path"]
+    return dataset / load_manifest(dataset).sources[0]["files"][0]["path"]
 
 
 def _read_all(dataset: Path) -> int:
     manifest = load_manifest(dataset)
     batches = ParquetBatches(resolve_split(dataset, manifest, ["*"]), 256, 0, 1, pad=True,
-                             prefetch=0, features=Features.of(manifest),
-                             cardinalities=manifest["cardinalities"])
+                             prefetch=0, features=manifest.features,
+                             cardinalities=manifest.cardinalities)
     return sum(int((b.labels != PAD_LABEL).sum()) for b in batches)
 
 
@@ -69,7 +68,7 @@ def test_every_flipped_byte_is_refused_naming_the_file(dataset):
         except Exception:
             pass
     shard.write_bytes(original)
-    assert _read_all(dataset) == load_manifest(dataset)["rows_accepted"]
+    assert _read_all(dataset) == load_manifest(dataset).rows_accepted
     assert silent_unverified > 0  # the flips are ones a plain read would hand back
 
 
@@ -95,11 +94,11 @@ def _edit_manifest(dataset: Path, **changes) -> None:
 
 def test_ids_beyond_the_manifests_cardinality_are_refused(dataset):
     manifest = load_manifest(dataset)
-    cards = list(manifest["cardinalities"])
+    cards = list(manifest.cardinalities)
     f = max(range(len(cards)), key=lambda i: cards[i])
     cards[f] = 3  # ids 0..2 only: the data holds larger ones
     _edit_manifest(dataset, cardinalities=cards)
-    name = manifest["schema"]["sparse"][f]
+    name = manifest.schema["sparse"][f]
     with pytest.raises(DataError, match=rf"feature {name} has id \d+ \(row \d+ of the file; "
                                         r"\d+ such ids here\) outside its table of 3"):
         _read_all(dataset)
@@ -111,9 +110,9 @@ def test_verify_command_passes_a_good_dataset_and_names_each_bad_file(dataset):
     ok = dlrm("verify", str(dataset))
     event = json.loads(ok.stdout.strip().splitlines()[-1])
     assert event == {"event": "verify", "dataset": str(dataset), "files": 3,
-                     "rows": load_manifest(dataset)["rows_accepted"], "bad_files": 0}
+                     "rows": load_manifest(dataset).rows_accepted, "bad_files": 0}
     manifest = load_manifest(dataset)
-    first, last = (dataset / s["files"][0]["path"] for s in manifest["sources"][::2])
+    first, last = (dataset / s["files"][0]["path"] for s in manifest.sources[::2])
     with open(first, "r+b") as f:
         f.truncate(1000)
     last.unlink()
@@ -128,14 +127,14 @@ def test_training_on_damaged_data_exits_2_naming_it(dataset, tmp_path, damage):
     """The whole chain: a rank's loader thread finds it mid-epoch, `dlrm train` says so
     in one line and exits 2 (it used to train on, exit 0)."""
     manifest = load_manifest(dataset)
-    shard = dataset / manifest["sources"][1]["files"][0]["path"]  # read once training is on
+    shard = dataset / manifest.sources[1]["files"][0]["path"]  # read once training is on
     if damage == "flip":
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0x10
         shard.write_bytes(bytes(data))
         want = f"{shard}: corrupt"
     else:
-        _edit_manifest(dataset, cardinalities=[3] * len(manifest["cardinalities"]))
+        _edit_manifest(dataset, cardinalities=[3] * len(manifest.cardinalities))
         want = "outside its table of 3"
     proc = dlrm("train", *SMALL, f"--data.path={dataset}", "--run-dir", str(tmp_path / "run"),
                 check=False)
@@ -158,7 +157,7 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path\n"
-         "from dlrm.data.writer_lock import writer_lock\n"
+         "from dlrm.utils.writer_lock import writer_lock\n"
          "with writer_lock(Path(sys.argv[1]), RuntimeError, 'x'):\n"
          "    print('held', flush=True); time.sleep(60)", str(out)],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)
@@ -172,7 +171,7 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path):
         holder.kill()
         holder.wait()
     # The holder's death released the lock: the dataset can now be written.
-    assert preprocess(inputs, out, workers=1, log=quiet)["rows_accepted"] == 600
+    assert preprocess(inputs, out, workers=1, log=quiet).rows_accepted == 600
 
 
 def test_the_lock_is_held_for_the_block_only(tmp_path):
@@ -222,7 +221,7 @@ def test_workers_die_with_a_killed_preprocess(tmp_path):
         time.sleep(0.05)
     assert not [w for w in workers if _alive(w)]
     dlrm(*args)
-    assert load_manifest(tmp_path / "out")["rows_accepted"] == 120_000
+    assert load_manifest(tmp_path / "out").rows_accepted == 120_000
 
 
 @pytest.fixture
@@ -295,6 +294,6 @@ def test_a_run_killed_before_its_plan_was_written_is_started_afresh(tmp_path):
     (out / "_work").mkdir(parents=True)
     (out / LOCK).touch()
     (out / "_work" / f"plan.tmp-{os.getpid() + 1}.json").write_text("{")  # its half-write
-    assert preprocess(inputs, out, workers=1, log=quiet)["rows_accepted"] == 600
+    assert preprocess(inputs, out, workers=1, log=quiet).rows_accepted == 600
     assert sorted(p.name for p in out.iterdir()) == [LOCK, "data", "manifest.json",
                                                      "rejects", "vocab.npz"]

@@ -24,18 +24,18 @@ def test_a_day_encoded_like_its_dataset_scores_as_it_did_there(small_dataset, tr
     manifest = preprocess([raw / "day_2"], new, log=quiet, like=small_dataset)
     original = json.loads((small_dataset / "manifest.json").read_text())
     # The same ids and dense values as the dataset holds for that day, counted nowhere.
-    assert read_units(new, manifest["sources"]).equals(
+    assert read_units(new, manifest.sources).equals(
         read_units(small_dataset, original["sources"][2:]))
-    assert manifest["like"]["dataset"] == str(small_dataset.resolve())
-    assert manifest["cardinalities"] == original["cardinalities"]
+    assert manifest.like["dataset"] == str(small_dataset.resolve())
+    assert manifest.cardinalities == original["cardinalities"]
     # Day 2 is the dataset's val and test day, which its vocabularies did not count: the
     # values only it holds are out of vocabulary here as they are there.
-    assert max(manifest["oov_rate"].values()) > 0
-    assert manifest["vocab_from"] == {"like": str(small_dataset.resolve()),
+    assert max(manifest.oov_rate.values()) > 0
+    assert manifest.vocab_from == {"like": str(small_dataset.resolve()),
                                       **original["vocab_from"]}
     # Made like the new one, a dataset still carries the training vocabulary's checksum.
     again = preprocess([raw / "day_1"], tmp_path / "again", log=quiet, like=new)
-    assert again["like"]["vocab_sha256"] == manifest["like"]["vocab_sha256"]
+    assert again.like["vocab_sha256"] == manifest.like["vocab_sha256"]
 
     # Scored whole (the default split of a --like dataset) it gives the probabilities the
     # run's val and test halves of that day got.
@@ -80,16 +80,16 @@ def test_unseen_values_are_out_of_vocabulary_and_counted(tmp_path):
     write_csv(tmp_path / "new.csv", ML_HEADER, rows)
     manifest = preprocess([tmp_path / "new.csv"], tmp_path / "like", log=quiet,
                           like=tmp_path / "base")
-    assert manifest["encoding"] == base["encoding"]
-    assert manifest["cardinalities"] == base["cardinalities"]
-    rate = manifest["oov_rate"]
+    assert manifest.encoding == base.encoding
+    assert manifest.cardinalities == base.cardinalities
+    rate = manifest.oov_rate
     assert rate["user_id"] == 0.25 and rate["movie_id"] == 0.1
     genres = sum(len(r[5].split("|")) for r in rows)
     assert rate["genres"] == round(100 / genres, 6)  # "Documentary" only
     assert rate["gender"] == rate["zip"] == 0.0
 
     vocab = np.load(tmp_path / "base" / "vocab.npz")
-    table = read_units(tmp_path / "like", manifest["periods"])
+    table = read_units(tmp_path / "like", manifest.periods)
     users = table.column("user_id").to_numpy()
     known = {int(v): i + 2 for i, v in enumerate(vocab["user_id"])}  # an integer is its value
     assert list(users) == [known.get(r[0], 1) for r in rows]

@@ -3,6 +3,7 @@ list (multi-hot) columns, shuffle, background prefetch, MLPerf multi-hot expansi
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import math
@@ -88,7 +89,7 @@ def hand_dataset(tmp_path_factory):
 
 def test_first_batch_by_hand(hand_dataset):
     out, manifest = hand_dataset
-    assert manifest["cardinalities"][:2] == [5, 6]
+    assert manifest.cardinalities[:2] == [5, 6]
     batches = ParquetBatches(resolve_split(out, manifest, ["d0"]), batch_size=2, rank=0,
                              world_size=1)
     assert len(batches) == 2  # 5 rows: two full batches, the last row left out
@@ -290,7 +291,7 @@ def test_single_source_splits_by_row_order_like_kaggle(numbered_dataset):
     """One source (Kaggle's train.txt): 6/7 train, then val and test halve the last 7th;
     no row in two splits, every row in one."""
     out, manifest = numbered_dataset
-    one = {**manifest, "sources": manifest["sources"][:1]}  # day_0: rows 0..599
+    one = dataclasses.replace(manifest, sources=manifest.sources[:1])  # day_0: rows 0..599
     specs = default_split_specs(one)
     rows = {split: _split_rows(out, one, spec) for split, (spec,) in specs.items()}
     assert rows["train"] == list(range(0, 514))  # floor(600 * 6/7)
@@ -481,7 +482,7 @@ def report():  # registered first, so it runs after the loader's own exit hook
     print("alive at exit:", len(alive))
 atexit.register(report)
 from dlrm.data.loader import ParquetBatches
-from dlrm.data.splits import Segment
+from dlrm.schema.splits import Segment
 segments = [Segment(p, a, b) for p, a, b in {[(str(g.path), g.start, g.stop) for g in grouped]!r}]
 held = iter(ParquetBatches(segments, 8, 0, 1, prefetch=2))
 next(held)
@@ -528,7 +529,7 @@ MLPERF_SIZES = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100
 
 def test_multi_hot_expansion(numbered_dataset):
     out, manifest = numbered_dataset
-    cards = manifest["cardinalities"]
+    cards = manifest.cardinalities
     segments = resolve_split(out, manifest, ["day_0", "day_1"])
     one_hot = ParquetBatches(segments, BATCH, 1, 2, pad=True)
     multi = ParquetBatches(segments, BATCH, 1, 2, pad=True, multi_hot_sizes=MLPERF_SIZES,

@@ -103,7 +103,7 @@ _HEAP_PROBE = """
 import resource, sys
 import numpy as np
 if sys.argv[1] == "keep":
-    from dlrm.heap import keep_freed_memory
+    from dlrm.utils.heap import keep_freed_memory
     keep_freed_memory()
 
 def rss_mib():

@@ -66,7 +66,7 @@ def test_interactions_beat_first_order(tmp_path: Path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     dlrm_auc = [r for r in records if "eval/test/auc" in r][-1]["eval/test/auc"]
 
-    baseline = first_order_auc(data, manifest["cardinalities"])
+    baseline = first_order_auc(data, manifest.cardinalities)
     print(f"bayes {bayes:.4f} dlrm {dlrm_auc:.4f} first-order {baseline:.4f}")
     assert 0.65 < baseline < bayes
     assert dlrm_auc > baseline + 0.03

@@ -43,7 +43,7 @@ from dlrm.schema.features import (
     TSV_COLUMNS,
     holdout_halves,
 )
-from dlrm.schema.manifest import load_manifest
+from dlrm.schema.manifest import Manifest, load_manifest
 from dlrm.synth.criteo import synth
 
 ROWS_PER_DAY = 20_000
@@ -61,8 +61,8 @@ def read_raw(path: Path) -> pa.Table:
     )
 
 
-def read_source(out: Path, manifest: dict, name: str) -> pa.Table:
-    return read_units(out, [s for s in manifest["sources"] if s["name"] == name])
+def read_source(out: Path, manifest: Manifest, name: str) -> pa.Table:
+    return read_units(out, [s for s in manifest.sources if s["name"] == name])
 
 
 def expected_dense(raw: list[str]) -> np.ndarray:
@@ -105,14 +105,14 @@ def small_raw(tmp_path_factory):
 def test_manifest_summary(synth_data):
     m = synth_data["manifest"]
     assert {"rows_accepted", "rows_rejected", "rejected_by_reason", "cardinalities",
-            "encoding", "sources"} <= m.keys()
-    assert m["rows_accepted"] == 2 * ROWS_PER_DAY
-    assert m["rows_rejected"] == 0 and m["rejected_by_reason"] == {}
-    assert m["encoding"] == {"type": "vocab", "min_frequency": 1, "max_vocab": 0}
-    assert len(m["cardinalities"]) == NUM_SPARSE
-    assert all(type(c) is int and c >= 2 for c in m["cardinalities"])
-    assert [s["name"] for s in m["sources"]] == ["day_0", "day_1"]
-    for s in m["sources"]:
+            "encoding", "sources"} <= m.to_json().keys()
+    assert m.rows_accepted == 2 * ROWS_PER_DAY
+    assert m.rows_rejected == 0 and m.rejected_by_reason == {}
+    assert m.encoding == {"type": "vocab", "min_frequency": 1, "max_vocab": 0}
+    assert len(m.cardinalities) == NUM_SPARSE
+    assert all(type(c) is int and c >= 2 for c in m.cardinalities)
+    assert [s["name"] for s in m.sources] == ["day_0", "day_1"]
+    for s in m.sources:
         assert s["rows_accepted"] == sum(f["rows"] for f in s["files"]) == ROWS_PER_DAY
     assert load_manifest(synth_data["out"]) == m
 
@@ -125,11 +125,11 @@ def test_parquet_types_and_id_ranges(synth_data):
         assert table.schema.field(LABEL).type == pa.int8()
         for c in DENSE_NAMES:
             assert table.schema.field(c).type == pa.float32()
-        for c, card in zip(SPARSE_NAMES, m["cardinalities"], strict=True):
+        for c, card in zip(SPARSE_NAMES, m.cardinalities, strict=True):
             assert table.schema.field(c).type == pa.int64()
             ids = table.column(c).to_numpy()
             assert ids.min() >= 0 and ids.max() < card
-    for c, card in zip(SPARSE_NAMES, m["cardinalities"], strict=True):
+    for c, card in zip(SPARSE_NAMES, m.cardinalities, strict=True):
         assert vocab[c].dtype == np.uint64
         assert vocab[c].size + 2 == card
 
@@ -141,7 +141,7 @@ def test_rows_match_an_independent_encoding(synth_data):
     out, m, raw = synth_data["out"], synth_data["manifest"], synth_data["raw"]
     features = ["C1", "C3", "C19"]  # small vocab, large vocab, often missing
     vocabs = {c: reference_vocab(raw["day_0"].column(c).to_pylist()) for c in features}
-    assert m["vocab_from"] == {"specs": ["day_0"], "default": True,
+    assert m.vocab_from == {"specs": ["day_0"], "default": True,
                                "rows": [[0, ROWS_PER_DAY]], "rows_counted": ROWS_PER_DAY}
     unseen = 0
     for name, src in raw.items():
@@ -234,10 +234,10 @@ def test_dense_field_rules(tmp_path, text, value):
     m = preprocess([write_lines(tmp_path / "d.tsv", rows)], out, workers=1, log=quiet)
     table = read_source(out, m, "d")
     if value is None:
-        assert m["rejected_by_reason"] == {"bad_dense": 1}
+        assert m.rejected_by_reason == {"bad_dense": 1}
         assert table.num_rows == 1
     else:
-        assert m["rows_rejected"] == 0
+        assert m.rows_rejected == 0
         want = np.log1p(np.array([3.0, value], np.float64)).astype(np.float32)
         np.testing.assert_array_equal(table.column("I1").to_numpy(), want)
 
@@ -351,11 +351,11 @@ def test_bad_rows_are_counted_and_written_with_line_numbers(tmp_path):
     src, reasons, lines = _bad_rows_file(tmp_path / "mixed.tsv")
     out = tmp_path / "dataset"
     m = preprocess([src], out, workers=1, log=quiet)
-    assert m["rejected_by_reason"] == {"bad_categorical": 1, "bad_dense": 2, "bad_label": 2,
+    assert m.rejected_by_reason == {"bad_categorical": 1, "bad_dense": 2, "bad_label": 2,
                                        "empty_line": 1, "wrong_field_count": 2}
-    assert m["rows_rejected"] == len(reasons) == 8
-    assert m["rows_accepted"] == len(GOOD_I1)
-    assert m["sources"][0]["rows_read"] == len(lines)
+    assert m.rows_rejected == len(reasons) == 8
+    assert m.rows_accepted == len(GOOD_I1)
+    assert m.sources[0]["rows_read"] == len(lines)
     rejects = (out / "rejects" / "mixed.tsv").read_text().splitlines()
     got = {}
     for entry in rejects:
@@ -399,7 +399,7 @@ def test_reject_line_numbers_across_chunks_and_blocks(tmp_path):
     table = read_source(tmp_path / "out", m, "blocks")
     good = [n for n in range(1, len(lines) + 1) if n not in reasons]
     np.testing.assert_array_equal(table.column("I1").to_numpy(), expected_dense(good))
-    assert len(m["sources"][0]["files"]) > 10  # really many chunks
+    assert len(m.sources[0]["files"]) > 10  # really many chunks
 
 
 def test_empty_sources_have_no_rows(tmp_path):
@@ -409,9 +409,9 @@ def test_empty_sources_have_no_rows(tmp_path):
     empty_gz.write_bytes(gzip.compress(b""))
     good = write_lines(tmp_path / "day_2", [tsv_row()] * 3)
     m = preprocess([empty, empty_gz, good], tmp_path / "dataset", workers=1, log=quiet)
-    assert [(s["name"], s["rows_read"], s["files"]) for s in m["sources"][:2]] == [
+    assert [(s["name"], s["rows_read"], s["files"]) for s in m.sources[:2]] == [
         ("day_0", 0, []), ("day_1", 0, [])]
-    assert m["rows_accepted"] == 3 and m["rows_rejected"] == 0
+    assert m.rows_accepted == 3 and m.rows_rejected == 0
 
 
 # ---------------------------------------------------------------------------- encodings
@@ -423,8 +423,8 @@ def test_hash_encoding_via_cli(small_raw, tmp_path):
                    "--encoding", "hash", "--buckets", "1000"])
     assert rc == 0
     m = load_manifest(out)
-    assert m["encoding"] == {"type": "hash", "buckets": 1000}
-    assert m["cardinalities"] == [1000] * NUM_SPARSE
+    assert m.encoding == {"type": "hash", "buckets": 1000}
+    assert m.cardinalities == [1000] * NUM_SPARSE
     assert not (out / "vocab.npz").exists()
     table, raw = read_source(out, m, "day_0"), read_raw(small_raw)
     for c in SPARSE_NAMES:
@@ -439,7 +439,7 @@ def test_vocab_min_frequency(small_raw, tmp_path):
     out = tmp_path / "dataset"
     m = preprocess([small_raw], out, workers=1, encoding=Encoding(min_frequency=2), log=quiet,
                    vocab_from=["day_0"])
-    assert m["encoding"]["min_frequency"] == 2
+    assert m.encoding["min_frequency"] == 2
     table, raw = read_source(out, m, "day_0"), read_raw(small_raw)
     vocab = np.load(out / "vocab.npz")
     singletons = 0
@@ -447,7 +447,7 @@ def test_vocab_min_frequency(small_raw, tmp_path):
         values = raw.column(c).to_pylist()
         ref = reference_vocab(values, min_frequency=2)
         assert vocab[c].tolist() == list(ref)
-        assert m["cardinalities"][f] == len(ref) + 2
+        assert m.cardinalities[f] == len(ref) + 2
         counts = Counter(values)
         want = [MISSING_ID if not v else ref[int(v, 16)] if counts[v] >= 2 else OOV_ID
                 for v in values]
@@ -460,7 +460,7 @@ def test_vocab_max_vocab(small_raw, tmp_path):
     out = tmp_path / "dataset"
     m = preprocess([small_raw], out, workers=1, encoding=Encoding(max_vocab=3), log=quiet)
     table, raw = read_source(out, m, "day_0"), read_raw(small_raw)
-    assert all(c <= 5 for c in m["cardinalities"])
+    assert all(c <= 5 for c in m.cardinalities)
     values = raw.column("C3").to_pylist()
     top = dict(list(reference_vocab(values).items())[:3])
     want = [top.get(int(v, 16), OOV_ID) if v else MISSING_ID for v in values]
@@ -576,7 +576,7 @@ def test_every_kind_of_bad_line_in_plain_and_gzip_sources(tmp_path):
 
     opts = pre.Options(workers=2, block_bytes=4096, max_line_bytes=4000)
     m = preprocess([plain, tmp_path / "day_1.gz"], tmp_path / "out", log=quiet, options=opts)
-    day0, day1 = m["sources"]
+    day0, day1 = m.sources
     assert day0["rejected_by_reason"] == {"invalid_utf8": 1, "line_too_long": 2,
                                           "wrong_field_count": 1}
     rejects = (tmp_path / "out" / "rejects" / "day_0.tsv").read_bytes().splitlines()
@@ -597,7 +597,7 @@ def test_every_kind_of_bad_line_in_plain_and_gzip_sources(tmp_path):
     truncated = [r for r in reject_lines if "\ttruncated_gzip\t" in r]
     assert len(truncated) == 1
     assert int(truncated[0].split("\t")[0]) == day1["rows_read"]  # the last line read
-    assert m["rows_rejected"] == sum(m["rejected_by_reason"].values())
+    assert m.rows_rejected == sum(m.rejected_by_reason.values())
 
 
 def _chunks(log: str, what: str) -> int:

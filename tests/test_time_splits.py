@@ -5,7 +5,6 @@ rejected by line, and a run killed while it sorts resumed to the same dataset.""
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import signal
@@ -22,6 +21,7 @@ from helpers import REPO, quiet, read_units
 from dlrm.errors import SchemaError
 from dlrm.preprocess.driver import Options, preprocess
 from dlrm.schema.declared import load_schema
+from dlrm.schema.manifest import load_manifest
 from dlrm.schema.periods import format_times, parse_times, period_keys, period_name
 from dlrm.schema.splits import default_split_specs, resolve_split
 
@@ -69,7 +69,7 @@ def _log(path, rows, times, fmt="unix", bad=()):
 
 
 def _table(root, manifest, unit=None):
-    return read_units(root, manifest["periods"] if unit is None else [unit])
+    return read_units(root, manifest.periods if unit is None else [unit])
 
 
 def _rows_and_times(table):
@@ -97,20 +97,20 @@ def shuffled(tmp_path_factory):
 def test_periods_in_time_order_hold_every_row_once(shuffled):
     root, times, manifest, logged = shuffled
     names = [period_name(int(k), "day") for k in np.unique(period_keys(times, "day"))]
-    assert [p["name"] for p in manifest["periods"]] == names == [
+    assert [p["name"] for p in manifest.periods] == names == [
         "2014-10-21", "2014-10-22", "2014-10-23", "2014-10-24", "2014-10-25", "2014-10-26"]
     assert sum("sorting" in line for line in logged) == 6  # no period came in order
     rows, got = _rows_and_times(_table(root / "data", manifest))
     # Every row once, by time; rows of the same second in input order (a stable sort).
     assert rows.tolist() == np.lexsort((np.arange(times.size), times)).tolist()
     assert (got == times[rows]).all()
-    for p in manifest["periods"]:
+    for p in manifest.periods:
         rows, got = _rows_and_times(_table(root / "data", manifest, p))
         assert {period_name(int(k), "day") for k in period_keys(got, "day")} == {p["name"]}
         assert (p["first"], p["last"], p["rows_accepted"]) == (got.min(), got.max(), rows.size)
         assert all(f["path"].startswith(f"data/{p['name']}/sorted-") for f in p["files"])
-    assert "files" not in manifest["sources"][0]  # the periods hold the files
-    assert manifest["schema"]["time"]["column"] == "ts"
+    assert "files" not in manifest.sources[0]  # the periods hold the files
+    assert manifest.schema["time"]["column"] == "ts"
     assert sorted(p.name for p in (root / "data" / "data").iterdir()) == names  # no leftovers
     assert sum(1 for _ in (root / "data" / "data").rglob("*.parquet")) == 6
 
@@ -131,7 +131,7 @@ def test_default_split_is_the_last_period_halved_by_time(shuffled):
     assert split_times["train"].max() < split_times["val"].min()
     assert split_times["val"].max() <= split_times["test"].min()
     # The standardized feature's statistics come from the training periods.
-    stats = manifest["schema"]["standardize"]["x"]
+    stats = manifest.schema["standardize"]["x"]
     assert stats["sources"] == specs["train"] and stats["rows"] == split_times["train"].size
     train_rows = np.flatnonzero(times < T0 + 5 * DAY)
     assert stats["mean"] == pytest.approx((train_rows % 7).mean())
@@ -155,8 +155,8 @@ def test_a_log_in_time_order_is_kept_as_written(tmp_path):
                           schema=_schema(tmp_path, fmt="%Y-%m-%d %H:%M:%S"), vocab_from=["*"],
                           options=Options(workers=2, chunk_bytes=30_000))
     assert not any("sorting" in line for line in logged)
-    assert [p["rows_accepted"] for p in manifest["periods"]] == [1440, 1440, 1120]
-    assert all("/log-" in f["path"] for p in manifest["periods"] for f in p["files"])
+    assert [p["rows_accepted"] for p in manifest.periods] == [1440, 1440, 1120]
+    assert all("/log-" in f["path"] for p in manifest.periods for f in p["files"])
     rows, got = _rows_and_times(_table(tmp_path / "data", manifest))
     assert rows.tolist() == list(range(4000)) and (got == times).all()
 
@@ -168,8 +168,8 @@ def test_bad_times_are_rejected_by_line_and_the_rest_kept(tmp_path):
     _log(tmp_path / "only_bad.csv", [], np.zeros(0, np.int64), bad=["1,2,never,u1,60"])
     manifest = preprocess([tmp_path / "log.csv", tmp_path / "only_bad.csv"], tmp_path / "data",
                           log=quiet, schema=_schema(tmp_path), vocab_from=["*"])
-    assert manifest["rejected_by_reason"] == {"bad_time": 4}
-    assert manifest["rows_accepted"] == 51 and manifest["sources"][1]["rows_accepted"] == 0
+    assert manifest.rejected_by_reason == {"bad_time": 4}
+    assert manifest.rows_accepted == 51 and manifest.sources[1]["rows_accepted"] == 0
     rejects = (tmp_path / "data" / "rejects" / "log.tsv").read_text().splitlines()
     assert [r.split("\t")[:2] for r in rejects] == [["52", "bad_time"], ["53", "bad_time"],
                                                     ["54", "bad_time"]]
@@ -194,7 +194,7 @@ def test_parquet_timestamps_give_the_same_dataset_as_csv_text(tmp_path):
                          schema=load_schema(tmp_path / "pq.toml"))
     csv_ = preprocess([tmp_path / "log.csv"], tmp_path / "from_csv", log=quiet,
                       schema=_schema(tmp_path, "week", "%Y-%m-%d %H:%M:%S"))
-    assert [p["name"] for p in parquet["periods"]] == [p["name"] for p in csv_["periods"]] == [
+    assert [p["name"] for p in parquet.periods] == [p["name"] for p in csv_.periods] == [
         "2014-W43", "2014-W44", "2014-W45"]
     assert _table(tmp_path / "from_parquet", parquet).equals(_table(tmp_path / "from_csv", csv_))
 
@@ -262,10 +262,10 @@ def test_sigkill_while_sorting_periods_then_rerun_equals_uninterrupted(tmp_path)
     sorted_again = re.findall(r"period (\S+) is not in time order; sorting", log)
     assert len(sorted_again) == len(set(sorted_again))  # each once
     assert set(sorted_again) == everyone - recorded  # not the ones sorted before the kill
-    a = json.loads((whole / "manifest.json").read_text())
-    b = json.loads((killed / "manifest.json").read_text())
-    assert [p["files"] for p in a["periods"]] == [p["files"] for p in b["periods"]]
-    assert len(a["periods"]) == 240
+    a = load_manifest(whole)
+    b = load_manifest(killed)
+    assert [p["files"] for p in a.periods] == [p["files"] for p in b.periods]
+    assert len(a.periods) == 240
     assert _table(whole, a).equals(_table(killed, b))
     assert not (killed / "_work").exists()
     assert sum(1 for _ in (killed / "data").rglob("*.parquet")) == 240

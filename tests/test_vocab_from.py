@@ -49,13 +49,13 @@ def _ids(out, manifest, column):
 def test_default_counts_every_day_but_the_last(tmp_path):
     out = tmp_path / "data"
     m = preprocess(_criteo_days(tmp_path), out, workers=1, log=quiet)
-    assert m["vocab_from"] == {"specs": ["day_0", "day_1"], "default": True,
+    assert m.vocab_from == {"specs": ["day_0", "day_1"], "default": True,
                                "rows": [[0, 600]], "rows_counted": 600}
     c1 = _ids(out, m, "C1")
     # Each C1 value is seen once: the counted rows have ids of their own, the last day's
     # are all out of vocabulary.
     assert sorted(c1[:600].tolist()) == list(range(2, 602)) and (c1[600:] == OOV_ID).all()
-    assert m["cardinalities"][0] == 602
+    assert m.cardinalities[0] == 602
     assert (_ids(out, m, "C2") >= 2).all()  # C2's values are all seen in training
 
 
@@ -72,14 +72,14 @@ def test_exactly_the_named_rows_are_counted_in_chunks_across_the_bounds(tmp_path
     m = preprocess(_criteo_days(tmp_path), out, log=logged.append, vocab_from=specs,
                    options=Options(workers=2, chunk_bytes=6000, stage=stage))
     rows = np.zeros(900, bool)
-    for lo, hi in m["vocab_from"]["rows"]:
+    for lo, hi in m.vocab_from["rows"]:
         rows[lo:hi] = True
-    assert m["vocab_from"]["rows"] == want
+    assert m.vocab_from["rows"] == want
     assert any("counted again" in line and not line.split(";")[1].startswith(" 0 ")
                for line in logged)
     c1 = _ids(out, m, "C1")
     assert (c1[rows] >= 2).all() and (c1[~rows] == OOV_ID).all()
-    assert np.unique(c1[rows]).size == rows.sum() == m["cardinalities"][0] - 2
+    assert np.unique(c1[rows]).size == rows.sum() == m.cardinalities[0] - 2
 
 
 def test_a_time_column_counts_the_earliest_rows_ties_in_input_order(tmp_path):
@@ -99,7 +99,7 @@ def test_a_time_column_counts_the_earliest_rows_ties_in_input_order(tmp_path):
     out = tmp_path / "data"
     m = preprocess([path], out, schema=load_schema(schema_path), vocab_from=["*[0:0.7]"],
                    log=quiet, options=Options(workers=2, chunk_bytes=5000))
-    assert m["vocab_from"]["rows"] == [[0, 1400]]
+    assert m.vocab_from["rows"] == [[0, 1400]]
     order = np.lexsort((np.arange(n), times))  # the dataset's row order
     ids = _ids(out, m, "row")
     assert (ids[:1400] >= 2).all() and (ids[1400:] == OOV_ID).all()

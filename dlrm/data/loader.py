@@ -139,12 +139,12 @@ class ParquetBatches:
         multi_hot_sizes: empty, or the bag size of each categorical feature: one-hot ids
             are expanded into MLPerf DLRMv2's synthetic multi-hot bags (:class:`MultiHot`).
             A feature stored as a list column must have size 1 (it is multi-hot already).
-        cardinalities: ids per feature (``manifest["cardinalities"]``); needed with
+        cardinalities: ids per feature (``Manifest.cardinalities``); needed with
             ``multi_hot_sizes``. Where given, every row group's ids are checked against
             them as it is read (``integrity.check_ids``): an id outside its table stops
             the epoch with a DataError naming the feature, the id and the file.
         multi_hot_seed: seed of the multi-hot tables; 0 gives MLPerf's.
-        features: the dataset's columns (``Features.of(manifest)``): the label, the dense
+        features: the dataset's columns (``Manifest.features``): the label, the dense
             features (the batch's dense tensor, in this order) and the categorical ones
             (the KJT's keys, in this order).
         finish: applied to each batch by the thread that makes it (the prefetch thread,

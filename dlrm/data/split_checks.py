@@ -1,5 +1,5 @@
 """Checks of a run's splits against each other and against the rows a dataset's
-vocabularies were counted on (``manifest["vocab_from"]``, see ``dlrm.data.vocab_rows``).
+vocabularies were counted on (``Manifest.vocab_from``, see ``dlrm.preprocess.vocab_rows``).
 
 No row may be in two of train, val and test unless ``data.allow_overlap`` says so; no val
 or test row may have been counted by the vocabulary, or its values would have ids (and
@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any
 
 from dlrm.config import DataConfig
-from dlrm.schema.features import Features
-from dlrm.schema.manifest import load_manifest
+from dlrm.schema.manifest import Manifest, load_manifest
 from dlrm.schema.splits import (
     count_rows,
     default_split_specs,
@@ -28,7 +26,7 @@ from dlrm.schema.splits import (
 logger = logging.getLogger(__name__)
 
 
-def split_specs(cfg: DataConfig, manifest: dict[str, Any]) -> dict[str, list[str]]:
+def split_specs(cfg: DataConfig, manifest: Manifest) -> dict[str, list[str]]:
     """Sources of each split of a run: the config's, else
     (key absent) the default (see :func:`default_split_specs`); ``"none"`` is no rows."""
     given = {"train": cfg.train_sources, "val": cfg.val_sources, "test": cfg.test_sources}
@@ -37,7 +35,7 @@ def split_specs(cfg: DataConfig, manifest: dict[str, Any]) -> dict[str, list[str
             for s in ("train", "val", "test")}
 
 
-def check_overlaps(manifest: dict[str, Any], specs: dict[str, list[str]],
+def check_overlaps(manifest: Manifest, specs: dict[str, list[str]],
                    ranges: dict[str, list[tuple[int, int]]]) -> None:
     """Raises ValueError naming two splits (or one split twice) that share rows."""
     for split, r in ranges.items():
@@ -55,29 +53,23 @@ def check_overlaps(manifest: dict[str, Any], specs: dict[str, list[str]],
                 "data.allow_overlap = true for a deliberate overlap)")
 
 
-def counted_rows(manifest: dict[str, Any]) -> list[tuple[int, int]] | None:
+def counted_rows(manifest: Manifest) -> list[tuple[int, int]] | None:
     """The rows of this dataset its vocabularies were counted on; None where unknown (a
     dataset from before the record) or where no row of it was (hash encoding only, or a
     vocabulary taken ``--like`` from another dataset)."""
-    record = manifest.get("vocab_from")
+    record = manifest.vocab_from
     if record is None or "like" in record:
         return None
     return [tuple(r) for r in record["rows"]]
 
 
-def has_vocab(manifest: dict[str, Any]) -> bool:
-    enc = manifest.get("encoding", {})
-    encodings = [enc] if "type" in enc else list(enc.values())
-    return any(e.get("type") == "vocab" for e in encodings)
-
-
-def check_vocab_rows(manifest: dict[str, Any], ranges: dict[str, list[tuple[int, int]]],
+def check_vocab_rows(manifest: Manifest, ranges: dict[str, list[tuple[int, int]]],
                      dataset: str, splits: tuple[str, ...] = ("val", "test")) -> None:
     """Raises ValueError if rows of ``splits`` were counted by the vocabulary (a leak);
     warns where training rows were not counted, or where the dataset does not say."""
-    if not has_vocab(manifest):
+    if not manifest.has_vocab:
         return
-    if "vocab_from" not in manifest:
+    if manifest.vocab_from is None:
         logger.warning("%s: the manifest does not record which rows its vocabularies were "
                        "counted on (made before --vocab-from): they may hold ids that only "
                        "val or test rows have; preprocess again to be sure", dataset)
@@ -85,7 +77,7 @@ def check_vocab_rows(manifest: dict[str, Any], ranges: dict[str, list[tuple[int,
     counted = counted_rows(manifest)
     if counted is None:
         return
-    record = manifest["vocab_from"]
+    record = manifest.vocab_from
     for split in splits:
         leaked = intersection(counted, ranges.get(split, []))
         if leaked:
@@ -102,7 +94,7 @@ def check_vocab_rows(manifest: dict[str, Any], ranges: dict[str, list[tuple[int,
                        dataset, describe(manifest, missed), " ".join(record["specs"]))
 
 
-def check_data(cfg: DataConfig) -> dict[str, Any]:
+def check_data(cfg: DataConfig) -> Manifest:
     """Everything about the data that can be wrong, checked before any process group starts:
     the split sources, their overlaps, and the rows the vocabularies were counted on.
 
@@ -124,8 +116,4 @@ def check_data(cfg: DataConfig) -> dict[str, Any]:
     if not cfg.allow_overlap:
         check_overlaps(manifest, specs, ranges)
     check_vocab_rows(manifest, ranges, cfg.path)
-    try:
-        Features.of(manifest)
-    except ValueError as e:
-        raise ValueError(f"data.path: {cfg.path}: {e}") from None
-    return manifest
+    return manifest  # its features checked as it was read

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from dlrm.errors import DataError
 from dlrm.schema.integrity import check_column_ids, open_parquet, read_row_group
-from dlrm.schema.splits import split_units
+from dlrm.schema.manifest import Manifest
 
 
 def _check_file(path: Path, entry: dict[str, Any], sparse: list[str],
@@ -36,13 +36,13 @@ def _check_file(path: Path, entry: dict[str, Any], sparse: list[str],
     return rows
 
 
-def verify_dataset(dataset: str | Path, manifest: dict[str, Any],
+def verify_dataset(dataset: str | Path, manifest: Manifest,
                    log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Checks every shard of ``dataset``; returns ``{"files", "rows", "bad": [messages]}``."""
     dataset = Path(dataset)
-    sparse = list(manifest["schema"]["sparse"])
-    cardinalities = list(manifest["cardinalities"])
-    entries = [f for unit in split_units(manifest) for f in unit["files"]]
+    sparse = list(manifest.features.sparse)
+    cardinalities = list(manifest.cardinalities)
+    entries = manifest.files
     if entries and "bytes" not in entries[0]:
         log(f"verify: {dataset} was written before shards carried checksums and sizes; "
             "a flipped byte cannot be found in it (preprocess it again)")

@@ -43,7 +43,6 @@ from dlrm.config import load_config
 from dlrm.errors import ConfigError, PreprocessError
 from dlrm.experiments.compare import compare, final_metrics
 from dlrm.experiments.report import read_metrics
-from dlrm.schema.features import Features
 from dlrm.schema.manifest import load_manifest
 from dlrm.utils.files import atomic_write_json, read_toml
 
@@ -125,7 +124,7 @@ def sweep(config: str, space_path: str, trials: int, runs_dir: str | Path,
     # names must be one the config has, with a value of its type.
     base = load_config(config, [*overrides, *(override(k, _first(s)) for k, s in space.items())])
     try:
-        kind = Features.of(load_manifest(base.data.path)).label_kind
+        kind = load_manifest(base.data.path).features.label_kind
     except PreprocessError as e:
         raise ConfigError(f"data.path: {e}") from None
     metric, direction = ("rmse", "minimize") if kind == "regression" else ("auc", "maximize")

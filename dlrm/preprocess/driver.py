@@ -89,8 +89,7 @@ from dlrm.rows.like import VOCAB, Reference
 from dlrm.rows.vocab import Encoder, Encoding, save_tables
 from dlrm.schema.declared import SCHEMAS, Schema, load_schema
 from dlrm.schema.integrity import check_file
-from dlrm.schema.manifest import FORMAT, MANIFEST, load_manifest
-from dlrm.schema.splits import split_units
+from dlrm.schema.manifest import FORMAT, MANIFEST, Manifest, load_manifest
 from dlrm.utils.files import atomic_path, atomic_write_json, io_fault
 from dlrm.utils.heap import keep_freed_memory
 from dlrm.utils.workers import manager, worker_pool
@@ -120,15 +119,15 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
                encoding: Encoding | None = None, log: Callable[[str], Any] = print,
                options: Options | None = None, schema: Schema | None = None,
                like: str | Path | None = None,
-               vocab_from: list[str] | None = None) -> dict[str, Any]:
-    """Preprocesses ``inputs`` into the dataset directory ``out``; returns the manifest.
+               vocab_from: list[str] | None = None) -> Manifest:
+    """Preprocesses ``inputs`` into the dataset directory ``out``; returns its manifest.
 
     ``schema``: the layout of the inputs (default: ``configs/schemas/criteo.toml``);
     ``encoding``, when given, is every categorical feature's. ``like``: a dataset whose
     schema, encoding, vocabularies and dense statistics are applied instead (see
-    ``dlrm.data.like``); nothing is counted. ``vocab_from``: the rows the vocabularies
+    ``dlrm.rows.like``); nothing is counted. ``vocab_from``: the rows the vocabularies
     are counted on, as split sources (default: the default split's training rows; see
-    ``dlrm.data.vocab_rows``); every other value is out of vocabulary.
+    ``dlrm.preprocess.vocab_rows``); every other value is out of vocabulary.
 
     A rerun over a complete dataset made from the same (unchanged) inputs with the same
     encoding returns its manifest without redoing anything; a rerun over an interrupted
@@ -205,17 +204,17 @@ class _Run:
             plan["vocab_from"] = self.vocab_from
         return plan
 
-    def finished(self) -> dict[str, Any] | None:
+    def finished(self) -> Manifest | None:
         """The manifest of ``out`` if it already holds this dataset (None: it holds no
         complete one); PreprocessError if it holds another."""
         if not (self.out / MANIFEST).exists():
             return None
         old, plan = load_manifest(self.out), self.plan()
-        same = (old.get("encoding") == plan["encoding"]
-                and old["schema"].get("declared") == plan.get("schema")
-                and old.get("like") == plan.get("like")
-                and same_vocab_rows(old, plan)
-                and [{k: s[k] for k in ("path", "bytes", "mtime_ns")} for s in old["sources"]]
+        same = (old.encoding == plan["encoding"]
+                and old.declared == plan.get("schema")
+                and old.like == plan.get("like")
+                and same_vocab_rows(old.vocab_from, plan)
+                and [{k: s[k] for k in ("path", "bytes", "mtime_ns")} for s in old.sources]
                 == plan["sources"])
         if not same:
             raise PreprocessError(f"{self.out} already holds another dataset "
@@ -246,7 +245,7 @@ class _Run:
         # First: a _work without it holds nothing.
         atomic_write_json(plan_path, {**self.plan(), "stage": self.stage})
 
-    def execute(self) -> dict[str, Any]:
+    def execute(self) -> Manifest:
         """Both passes, then the manifest; returns it."""
         out, work, opts, layout, ref, log = (self.out, self.work, self.opts, self.layout,
                                              self.ref, self.log)
@@ -300,14 +299,14 @@ class _Run:
 
         log("preprocess: assembling the rejects and the manifest")
         manifest = self.finish(tasks, cardinalities, record, selection)
-        read = manifest["rows_accepted"] + manifest["rows_rejected"]
-        log(f"preprocess: {read} rows read, {manifest['rows_accepted']} accepted, "
-            f"{manifest['rows_rejected']} rejected {manifest['rejected_by_reason']} "
-            f"in {manifest['seconds']:.1f}s -> {out}")
+        read = manifest.rows_accepted + manifest.rows_rejected
+        log(f"preprocess: {read} rows read, {manifest.rows_accepted} accepted, "
+            f"{manifest.rows_rejected} rejected {manifest.rejected_by_reason} "
+            f"in {manifest.seconds:.1f}s -> {out}")
         return manifest
 
     def finish(self, tasks: list[Task], cardinalities: list[int],
-               vocab_from: dict[str, Any] | None, selection: Selection | None) -> dict[str, Any]:
+               vocab_from: dict[str, Any] | None, selection: Selection | None) -> Manifest:
         """Per-source rejects with file-wide line numbers, the periods of a time column,
         then the manifest (``vocab_from``: the rows the vocabularies were counted on, among
         the units ``selection`` saw, which must be the dataset's), then cleanup."""
@@ -367,9 +366,11 @@ class _Run:
             "rejected_by_reason": dict(sorted(reasons.items())),
             "seconds": round(time.time() - self.t0, 3),
         }
+        # As it is read back: checked as every reader's is.
+        written = Manifest.from_json(json.loads(json.dumps(manifest)), out / MANIFEST)
         if selection is not None:  # before the dataset is complete, not after
-            check_units(selection, split_units(manifest))
-        for f in (f for unit in split_units(manifest) for f in unit["files"]):
+            check_units(selection, written.units)
+        for f in written.files:
             try:
                 check_file(out / f["path"], f.get("bytes"))
             except DataError as e:
@@ -377,4 +378,4 @@ class _Run:
                                       "preprocess again into an empty directory") from None
         atomic_write_json(out / MANIFEST, manifest)
         shutil.rmtree(work, ignore_errors=True)
-        return manifest
+        return written

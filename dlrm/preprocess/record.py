@@ -79,12 +79,13 @@ def oov_rates(layout: Layout, dones: list[dict[str, Any]]) -> dict[str, float]:
             if e.type == "vocab"}
 
 
-def same_vocab_rows(old: dict[str, Any], plan: dict[str, Any]) -> bool:
-    """Whether a complete dataset's vocabularies were counted on the rows a rerun asks for
-    (one from before the record: only if it asks for the default)."""
+def same_vocab_rows(old: dict[str, Any] | None, plan: dict[str, Any]) -> bool:
+    """Whether a complete dataset's vocabularies were counted on (its manifest's
+    ``vocab_from``) the rows a rerun asks for (one from before the record, None: only if it
+    asks for the default)."""
     if "vocab_from" not in plan:
         return True
-    record = old.get("vocab_from", {"default": True})
+    record = {"default": True} if old is None else old
     if plan["vocab_from"] is None:
         return bool(record.get("default"))
     return record.get("specs") == plan["vocab_from"]

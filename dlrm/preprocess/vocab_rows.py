@@ -2,7 +2,7 @@
 
 A vocabulary holds the values of the training rows only: a value that only val or test
 rows hold must be out of vocabulary there, as it will be for a model serving new rows. The
-rows are named as splits name them (``dlrm.data.splits``: sources, or with a time column
+rows are named as splits name them (``dlrm.schema.splits``: sources, or with a time column
 periods, and exact fractions of them; default: the default split's training rows), but
 they are known only once every chunk is read, since a chunk's place among the rows (and,
 with a time column, the order of the rows) depends on all of them.
@@ -26,7 +26,7 @@ import numpy as np
 from dlrm.rows.chunks import Task
 from dlrm.rows.layout import Layout
 from dlrm.schema.periods import period_keys, period_name
-from dlrm.schema.splits import ALL, count_rows, default_split_specs, merged, spec_name, unit_ranges
+from dlrm.schema.splits import ALL, count_rows, default_unit_specs, merged, spec_name, unit_ranges
 from dlrm.utils.files import atomic_path
 
 RECOUNT = "vocab"  # suffix of a recounted chunk's counts key
@@ -87,7 +87,7 @@ def select(work: Path, tasks: list[Task], layout: Layout, specs: list[str] | Non
     kind = "periods" if layout.time else "sources"
     default = specs is None
     if default:
-        specs = default_split_specs({kind: units})["train"]
+        specs = default_unit_specs([u["name"] for u in units])["train"]
     try:
         ranges = merged(unit_ranges(units, specs, kind))
     except ValueError as e:

@@ -11,7 +11,6 @@ of its vocabularies, so that a checkpoint is never scored on ids of another voca
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 
 from dlrm.rows.vocab import Encoding
 from dlrm.schema.declared import SCHEMAS, Schema, load_schema
-from dlrm.schema.features import Features
+from dlrm.schema.manifest import MANIFEST, DatasetEncoding, Manifest, load_manifest
 
 VOCAB = "vocab.npz"
 
@@ -33,13 +32,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def schema_of(manifest: dict[str, Any]) -> tuple[Schema, Encoding | None]:
-    """The schema a dataset was read with, and Criteo's one encoding for all (None for a
-    declared schema, which holds each feature's)."""
-    declared = manifest["schema"].get("declared")
-    if declared is None:  # Criteo's fast path records one encoding for all
-        return load_schema(SCHEMAS / "criteo.toml"), Encoding(**manifest["encoding"])
-    return Schema.from_json(declared), None
+def schema_of(dataset: DatasetEncoding) -> tuple[Schema, Encoding | None]:
+    """The schema a dataset was read with (its manifest, or what a model directory keeps
+    of it), and Criteo's one encoding for all (None for a declared schema, which holds each
+    feature's)."""
+    if dataset.declared is None:  # Criteo's fast path records one encoding for all
+        return load_schema(SCHEMAS / "criteo.toml"), Encoding(**dataset.encoding)
+    return Schema.from_json(dataset.declared), None
 
 
 @dataclass(frozen=True)
@@ -54,13 +53,13 @@ class Reference:
     vocab_from: dict[str, Any]  # the rows its vocabularies were counted on ({}: unrecorded)
 
     @classmethod
-    def of(cls, dataset: str | Path, manifest: dict[str, Any]) -> Reference:
+    def of(cls, dataset: str | Path, manifest: Manifest) -> Reference:
         path = Path(dataset).resolve()
         schema, encoding = schema_of(manifest)
         vocab = path / VOCAB
-        return cls(path, schema, encoding, manifest["schema"].get("standardize", {}),
+        return cls(path, schema, encoding, manifest.standardize,
                    file_sha256(vocab) if vocab.is_file() else None,
-                   manifest.get("vocab_from", {}))
+                   manifest.vocab_from or {})
 
     def vocabs(self) -> dict[str, np.ndarray]:
         """Each vocab-encoded feature's values in id order, as the dataset holds them."""
@@ -72,14 +71,14 @@ class Reference:
         return {"dataset": str(self.path), "vocab_sha256": self.vocab_sha256}
 
 
-def check_same_encoding(trained_on: str | Path, manifest: dict[str, Any], where: str,
+def check_same_encoding(trained_on: str | Path, manifest: Manifest, where: str,
                         kind: str | None = None) -> None:
     """A dataset made ``--like`` another must be scored by a model trained on that one's
     ids: the vocabularies must be the same file, where the training dataset is still
     there to compare; and its label of the model's ``kind`` (see ``check_label_kind``).
     ValueError naming both otherwise."""
     check_label_kind(trained_on, manifest, where, kind)
-    like = manifest.get("like")
+    like = manifest.like
     vocab = Path(trained_on) / VOCAB
     if like is None or not vocab.is_file() or like["vocab_sha256"] is None:
         return
@@ -89,16 +88,15 @@ def check_same_encoding(trained_on: str | Path, manifest: dict[str, Any], where:
                          f"{trained_on}; preprocess it --like {trained_on}")
 
 
-def check_label_kind(trained_on: str | Path, manifest: dict[str, Any], where: str,
+def check_label_kind(trained_on: str | Path, manifest: Manifest, where: str,
                      kind: str | None = None) -> None:
     """A model trained for one label kind (``kind``, else that of its training dataset,
     where it is still there) refuses data of another: ValueError naming both."""
     if kind is None:
-        path = Path(trained_on) / "manifest.json"
-        if not path.is_file():
+        if not (Path(trained_on) / MANIFEST).is_file():
             return
-        kind = Features.of(json.loads(path.read_text())).label_kind
-    got = Features.of(manifest).label_kind
+        kind = load_manifest(trained_on).features.label_kind
+    got = manifest.features.label_kind
     if got != kind:
         raise ValueError(f"{where}: its label is a {got} one, but the model was trained on "
                          f"{trained_on} for a {kind} label")

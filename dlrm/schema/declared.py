@@ -46,10 +46,10 @@ preprocess``). A file has these tables; every key but the columns has a default:
     format = "%y%m%d%H"     # unix (seconds), unix_ms, or a strptime format (UTC); a
                             # Parquet timestamp or date column is read as such
     period = "day"          # hour, day, week or month: the dataset's sources are its
-                            # periods, each in time order (see dlrm.data.periods)
+                            # periods, each in time order (see dlrm.schema.periods)
 
     [[join]]                # optional, repeatable: a side table joined by key (see
-    file = "users.csv"      # dlrm.data.joins); its columns are declared as features
+    file = "users.csv"      # dlrm.schema.joins); its columns are declared as features
     key = "user_id"
     columns = ["age"]
 

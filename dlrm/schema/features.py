@@ -32,7 +32,7 @@ def holdout_halves(num_rows: int) -> tuple[tuple[int, int], tuple[int, int]]:
 @dataclass(frozen=True)
 class Features:
     """The columns of a preprocessed dataset, by name, as its manifest records them
-    (``manifest["schema"]``). The loader, the model, the planner and the config checks
+    (``Manifest.features``). The loader, the model, the planner and the config checks
     read them from here: nothing downstream of preprocessing assumes Criteo's layout."""
 
     label: str
@@ -44,10 +44,10 @@ class Features:
     standardize: tuple[tuple[str, float, float], ...] = ()
 
     @classmethod
-    def of(cls, manifest: dict[str, Any]) -> Features:
-        """The features a manifest records; ValueError naming what is missing."""
+    def from_schema(cls, schema: dict[str, Any]) -> Features:
+        """The features a manifest's ``schema`` records (``Manifest.features``);
+        ValueError naming what is missing."""
         try:
-            schema = manifest["schema"]
             scale = tuple((name, float(s["mean"]), float(s["std"]))
                           for name, s in schema.get("standardize", {}).items())
             return cls(str(schema["label"]), tuple(schema["dense"]), tuple(schema["sparse"]),

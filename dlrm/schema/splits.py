@@ -14,6 +14,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from dlrm.schema.manifest import Manifest
+
 ALL = "*"
 _SPEC = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<a>[0-9./]*):(?P<b>[0-9./]*)\])?$")
 
@@ -29,12 +31,7 @@ class Segment:
     bytes: int | None = None
 
 
-def split_units(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The units splits name, in order: the periods of a time column, else the sources."""
-    return manifest["periods"] if "periods" in manifest else manifest["sources"]
-
-
-def default_split_specs(manifest: dict[str, Any]) -> dict[str, list[str]]:
+def default_split_specs(manifest: Manifest) -> dict[str, list[str]]:
     """The default splits, by row order, no row in two of them.
 
     Day files (torchrec_dlrm's convention), or the periods of a time column: train on all
@@ -44,7 +41,12 @@ def default_split_specs(manifest: dict[str, Any]) -> dict[str, list[str]]:
     into val and test, as the DLRM paper splits it. (torchrec_dlrm's Kaggle path lets val
     and test overlap train.)
     """
-    names = [s["name"] for s in split_units(manifest)]
+    return default_unit_specs([u["name"] for u in manifest.units])
+
+
+def default_unit_specs(names: list[str]) -> dict[str, list[str]]:
+    """The default splits of units of these names, in order (see
+    :func:`default_split_specs`)."""
     if len(names) == 1:
         (one,) = names
         return {"train": [f"{one}[0:6/7]"], "val": [f"{one}[6/7:13/14]"],
@@ -98,16 +100,15 @@ def unit_ranges(units: list[dict[str, Any]], specs: list[str], kind: str = "sour
     return ranges
 
 
-def row_ranges(manifest: dict[str, Any], specs: list[str]) -> list[tuple[int, int]]:
+def row_ranges(manifest: Manifest, specs: list[str]) -> list[tuple[int, int]]:
     """The global row ranges ``[lo, hi)`` that ``specs`` name in a dataset (see
-    :func:`unit_ranges`), in the order of ``split_units``."""
-    kind = "periods" if "periods" in manifest else "sources"
-    return unit_ranges(split_units(manifest), specs, kind)
+    :func:`unit_ranges`), in the order of its units."""
+    return unit_ranges(manifest.units, specs, manifest.unit_kind)
 
 
-def resolve_split(dataset: str | Path, manifest: dict[str, Any], specs: list[str]) -> list[Segment]:
+def resolve_split(dataset: str | Path, manifest: Manifest, specs: list[str]) -> list[Segment]:
     """Turns specs (see :func:`unit_ranges`) into segments of the dataset's files."""
-    files = [f for s in split_units(manifest) for f in s["files"]]
+    files = manifest.files
     segments: list[Segment] = []
     for lo, hi in row_ranges(manifest, specs):
         offset = 0
@@ -155,12 +156,12 @@ def count_rows(ranges: list[tuple[int, int]]) -> int:
     return sum(hi - lo for lo, hi in merged(ranges))
 
 
-def describe(manifest: dict[str, Any], ranges: list[tuple[int, int]]) -> str:
+def describe(manifest: Manifest, ranges: list[tuple[int, int]]) -> str:
     """Rows as a reader finds them: ``N rows (rows a..b-1 of period P, ...)``, the first
     few ranges named by the units they fall in."""
     parts = []
     for lo, hi in merged(ranges)[:3]:
-        for name, s, e in _starts(split_units(manifest)):
+        for name, s, e in _starts(manifest.units):
             a, b = max(lo, s), min(hi, e)
             if a < b:
                 parts.append(f"{name} rows {a - s}..{b - s - 1}")

@@ -1,9 +1,9 @@
 """An exported model behind HTTP (``dlrm serve``): Starlette on uvicorn.
 
 - ``POST /predict`` ``{"rows": [...]}``: rows as objects keyed by column name or lists in
-  the input's column order (``dlrm.request_rows``) → ``{"predictions": [...]}``, click
+  the input's column order (``dlrm.serve.request_rows``) → ``{"predictions": [...]}``, click
   probabilities (a regression label: predicted values), one per row, in order.
-- ``POST /recommend``: see ``dlrm.recommend``.
+- ``POST /recommend``: see ``dlrm.serve.recommend``.
 - ``GET /health``; ``GET /metadata``: the schema, the table precision and the checkpoint.
 
 Rows are parsed in the request's own thread; scoring is micro-batched: requests that

@@ -1,6 +1,6 @@
 """A checkpoint → a model directory that scores raw rows on its own (``dlrm export``).
 
-The directory's layout and its loading are ``dlrm.model_dir``'s. A checkpoint written by
+The directory's layout and its loading are ``dlrm.serve.model_dir``'s. A checkpoint written by
 any number of ranks is read whole, without a process group, by
 ``torch.distributed.checkpoint`` (its metadata first checked by the checkpoint module's
 safe unpickler); below fp32 the tables go through TorchRec's inference quantization.
@@ -25,7 +25,7 @@ from dlrm.errors import ExportError
 from dlrm.rows.like import VOCAB, schema_of
 from dlrm.rows.vocab import save_tables
 from dlrm.schema.integrity import WRITE, read_table
-from dlrm.schema.manifest import load_manifest
+from dlrm.schema.manifest import Manifest, load_manifest
 from dlrm.schema.splits import resolve_split
 from dlrm.serve.model_dir import (
     FORMAT,
@@ -72,13 +72,12 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
                           "(data.multi_hot_sizes), which raw rows do not have: not exported")
     data = Path(config.data.path)
     manifest = load_manifest(data)
-    dataset = json.loads(json.dumps(  # a copy: the model's own files are named in it
-        {k: manifest[k] for k in ("format", "schema", "encoding", "cardinalities")}))
+    dataset = manifest.encoding_json()  # a copy: the model's own files are named in it
     info = {"format": FORMAT, "tables": tables, "checkpoint": str(checkpoint.resolve()),
             "step": marker["position"]["step"], "model": dataclasses.asdict(config.model),
             "table_sizes": marker["position"]["table_sizes"], "trained_on": str(data.resolve()),
             "dataset": dataset}
-    if manifest["schema"].get("label_kind") == "regression":
+    if manifest.features.label_kind == "regression":
         train = split_specs(config.data, manifest)["train"]
         info["prediction_range"] = label_range(data, manifest, train) if clip else None
     model = float_model(info)
@@ -127,9 +126,9 @@ def _same_export(out: Path, checkpoint: Path, tables: str, clip: bool) -> dict[s
     return info if same else None
 
 
-def label_range(data: Path, manifest: dict[str, Any], specs: list[str]) -> list[float]:
+def label_range(data: Path, manifest: Manifest, specs: list[str]) -> list[float]:
     """The smallest and largest label of the rows ``specs`` name."""
-    label, lo, hi = manifest["schema"]["label"], np.inf, -np.inf
+    label, lo, hi = manifest.features.label, np.inf, -np.inf
     for segment in resolve_split(data, manifest, specs):
         column = read_table(segment.path, segment.bytes, columns=[label]).column(label)
         values = column.slice(segment.start, segment.stop - segment.start).to_numpy()

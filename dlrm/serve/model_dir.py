@@ -9,7 +9,7 @@
 - ``tables/``: the training dataset's vocabularies as the hash tables preprocessing
   looks ids up in (vocab-encoded features);
 - ``items.parquet``: where the schema names item features, every distinct item of the
-  training data (``dlrm.recommend``'s default candidates);
+  training data (``dlrm.serve.recommend``'s default candidates);
 - ``weights.pt``: the unsharded model's tensors, read back with ``weights_only`` (nothing
   is unpickled but tensors, TorchRec's packed int4 tensor among them). Below fp32 the
   tables are TorchRec's quantized ``EmbeddingBagCollection``
@@ -41,6 +41,7 @@ from dlrm.errors import ExportError
 from dlrm.schema.declared import Schema
 from dlrm.schema.features import Features
 from dlrm.schema.integrity import read_table
+from dlrm.schema.manifest import DatasetEncoding, Manifest
 from dlrm.schema.splits import ALL, resolve_split
 from dlrm.train.model import DLRMTrain, build_model
 
@@ -53,26 +54,28 @@ _DATA_TYPES = {"fp16": DataType.FP16, "int8": DataType.INT8, "int4": DataType.IN
 
 @dataclass
 class Exported:
-    """A loaded model directory: the model (eval mode, CPU) and what encodes its input."""
+    """A loaded model directory: the model (eval mode, CPU) and what encodes its input:
+    the training dataset's manifest as far as encoding needs it (``model.json``'s
+    ``dataset``)."""
 
     path: Path
     info: dict[str, Any]
     model: DLRMTrain
+    manifest: DatasetEncoding
 
     @property
     def features(self) -> Features:
-        return Features.of(self.info["dataset"])
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        """The training dataset's manifest as far as encoding needs it."""
-        return self.info["dataset"]
+        return self.manifest.features
 
 
 def float_model(info: dict[str, Any]) -> DLRMTrain:
     cpu = torch.device("cpu")
-    return build_model(ModelConfig(**info["model"]), Features.of(info["dataset"]),
+    return build_model(ModelConfig(**info["model"]), _features(info),
                        info["table_sizes"], cpu, sparse_device=cpu)
+
+
+def _features(info: dict[str, Any]) -> Features:
+    return Features.from_schema(info["dataset"]["schema"])
 
 
 JOINS = "joins"  # MODEL/joins/: the side tables of the schema, which it names relatively
@@ -80,7 +83,7 @@ ITEMS = "items.parquet"  # with [roles]: the candidates `dlrm recommend` scores 
 KEY = "item"  # its column of the keys people read
 
 
-def items_of_dataset(data: Path, manifest: dict[str, Any], schema: Schema,
+def items_of_dataset(data: Path, manifest: Manifest, schema: Schema,
                      vocabs: dict[str, np.ndarray], specs: list[str] = (ALL,)) -> pa.Table:
     """Every distinct item (by its key's id) of the rows ``specs`` name in a dataset (the
     training split), its features as first seen there."""
@@ -119,6 +122,8 @@ def load_exported(path: str | Path) -> Exported:
         raise ExportError(f"{path / MODEL_JSON}: corrupt ({e})") from None
     if info.get("format") != FORMAT:
         raise ExportError(f"{path / MODEL_JSON}: unknown format {info.get('format')!r}")
+    dataset = DatasetEncoding.from_json(info.get("dataset"), path / MODEL_JSON, ExportError,
+                                        "dataset.")
     model = float_model(info) if info["tables"] == "fp32" else _quantized_shell(info)
     try:
         # Tensors only; TorchRec's packed int4 tensor type is the one class admitted.
@@ -129,13 +134,13 @@ def load_exported(path: str | Path) -> Exported:
                           f"({str(e).splitlines()[0]})") from None
     model.load_state_dict(weights)
     model.eval()
-    return Exported(path, info, model)
+    return Exported(path, info, model, dataset)
 
 
 def _quantized_shell(info: dict[str, Any]) -> DLRMTrain:
     """The quantized model's modules, without quantizing anything: a float model whose
     tables are on the meta device, its collection replaced by an empty quantized one."""
-    model = build_model(ModelConfig(**info["model"]), Features.of(info["dataset"]),
+    model = build_model(ModelConfig(**info["model"]), _features(info),
                         info["table_sizes"], torch.device("cpu"))
     arch = model.model.sparse_arch
     configs = [dataclasses.replace(t, data_type=_DATA_TYPES[info["tables"]])

@@ -2,7 +2,7 @@
 
 The rows go through the preprocessing readers (the same chunks, parsers, checks and
 rejects) and are encoded with the training dataset's vocabularies or hash buckets and
-dense statistics (``dlrm.export``), so a row scores exactly as it would after
+dense statistics (``dlrm.serve.export``), so a row scores exactly as it would after
 ``preprocess --like`` and ``score``. Chunks are scored by a pool of processes, each with
 its own copy of the model, and written in input order as they complete, so memory is a
 few chunks' rows whatever the input's size.

@@ -22,9 +22,8 @@ from dlrm.data.loader import ParquetBatches
 from dlrm.data.split_checks import check_vocab_rows, split_specs
 from dlrm.metrics import curves, regression_curves, sigmoid, split_metrics
 from dlrm.rows.like import check_same_encoding
-from dlrm.schema.features import Features
 from dlrm.schema.integrity import WRITE
-from dlrm.schema.manifest import load_manifest
+from dlrm.schema.manifest import Manifest, load_manifest
 from dlrm.schema.splits import ALL, resolve_split, row_ranges
 from dlrm.train.checkpoint import Checkpointer, read_marker
 from dlrm.train.dist import init_distributed, resolve_device
@@ -44,7 +43,7 @@ def run_config(checkpoint: Path) -> Config:
     return load_config(path)
 
 
-def split_specs_for(config: Config, manifest: dict[str, Any], split: str) -> list[str]:
+def split_specs_for(config: Config, manifest: Manifest, split: str) -> list[str]:
     """The sources of ``split`` in the dataset: the run's choice (or the default
     convention), or every row for ``all``."""
     if split == "all":
@@ -55,7 +54,7 @@ def split_specs_for(config: Config, manifest: dict[str, Any], split: str) -> lis
 def default_split(data: str | Path) -> str:
     """The split scored when none is named: a dataset made ``--like`` the training data
     is new data, all of it; any other, the run's test split."""
-    return "all" if "like" in load_manifest(data) else "test"
+    return "all" if load_manifest(data).like is not None else "test"
 
 
 class Offline:
@@ -73,9 +72,9 @@ class Offline:
         check_same_encoding(config.data.path, manifest, str(data),
                             position.get("label_kind"))
         config.data = dataclasses.replace(config.data, path=str(data))
-        features = Features.of(manifest)
+        features = manifest.features
         sizes = position["table_sizes"]
-        check_tables_hold(features, sizes, manifest["cardinalities"],
+        check_tables_hold(features, sizes, manifest.cardinalities,
                           f"{data} against the tables of {self.checkpoint}")
         specs = split_specs_for(config, manifest, split)
         if split in ("val", "test"):  # its rows must not have been counted as training's
@@ -102,7 +101,7 @@ class Offline:
         self.batches = ParquetBatches(
             segments, bs, self.dist.rank, self.dist.world_size, pad=True, features=features,
             multi_hot_sizes=config.data.multi_hot_sizes,
-            cardinalities=manifest["cardinalities"], multi_hot_seed=config.data.multi_hot_seed)
+            cardinalities=manifest.cardinalities, multi_hot_seed=config.data.multi_hot_seed)
 
     def predictions(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(labels, logits) of the whole split in row order on rank 0; None elsewhere."""

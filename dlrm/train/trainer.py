@@ -22,6 +22,7 @@ from dlrm.data.split_checks import check_data, split_specs
 from dlrm.errors import ConfigError
 from dlrm.metrics import HEADLINE
 from dlrm.schema.features import Features
+from dlrm.schema.manifest import Manifest
 from dlrm.schema.splits import resolve_split
 from dlrm.train.checkpoint import Checkpointer
 from dlrm.train.dist import broadcast_object, gather_object, init_distributed, resolve_device
@@ -47,16 +48,16 @@ SPLITS = ("train", "val", "test")
 logger = logging.getLogger(__name__)
 
 
-def preflight(config: Config) -> dict[str, Any]:
+def preflight(config: Config) -> Manifest:
     """Everything that can be wrong before any process group starts; returns the manifest.
 
     Raises:
         ValueError: naming the key, path or source at fault.
     """
     manifest = check_data(config.data)
-    features = Features.of(manifest)
+    features = manifest.features
     check_features(config, features)
-    table_sizes(config.model, features, manifest["cardinalities"])
+    table_sizes(config.model, features, manifest.cardinalities)
     check_device(config)
     return manifest
 
@@ -83,7 +84,7 @@ def sharded_model(config: Config, features: Features, sizes: list[int], device: 
                   ) -> tuple[DistributedModelParallel, str, list[dict[str, float]]]:
     """The DLRM of ``config`` over ``features``, with tables of ``sizes`` rows, built on the
     meta device, its embedding optimizer fused, sharded by the planner over this process
-    group (see :func:`dlrm.sharding.shard_model` for what is returned)."""
+    group (see :func:`dlrm.train.sharding.shard_model` for what is returned)."""
     model = build_model(config.model, features, sizes, device)
     if config.train.autocast == "bf16":
         autocast_dense(model, device)
@@ -118,10 +119,10 @@ class Trainer:
         data, eval_bs = config.data, config.eval.batch_size or config.data.batch_size
         specs = split_specs(data, manifest)
         segments = {s: resolve_split(data.path, manifest, specs[s]) for s in SPLITS}
-        self.features = Features.of(manifest)
+        self.features = manifest.features
         every = dict(features=self.features, prefetch=data.prefetch,
                      multi_hot_sizes=data.multi_hot_sizes,
-                     cardinalities=manifest["cardinalities"], multi_hot_seed=data.multi_hot_seed,
+                     cardinalities=manifest.cardinalities, multi_hot_seed=data.multi_hot_seed,
                      # pinned in the loader's thread, so the pipeline's copy is asynchronous
                      finish=Batch.pin_memory if device.type == "cuda" else None)
         self.train_batches = ParquetBatches(
@@ -143,7 +144,7 @@ class Trainer:
 
         # Model: tables on meta, sharded by the planner; dense parts replicated under DDP.
         torch.manual_seed(config.train.seed)
-        self.table_sizes = table_sizes(config.model, self.features, manifest["cardinalities"])
+        self.table_sizes = table_sizes(config.model, self.features, manifest.cardinalities)
         self.model, plan, memory = sharded_model(config, self.features, self.table_sizes, device,
                                                  data.batch_size)
         if self.dist.is_main:

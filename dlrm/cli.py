@@ -77,7 +77,7 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         overrides = rest + ([f"--train.resume={args.resume}"] if args.resume else [])
         config = load_config(args.config, overrides)
-        from dlrm.train.trainer import preflight
+        from dlrm.train.preflight import preflight
 
         preflight(config)  # before any process group starts
     except (ConfigError, ValueError) as e:
@@ -148,18 +148,9 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
             config.sharding.hbm_gib = args.hbm_gib
         if args.ddr_gib is not None:
             config.sharding.ddr_gib = args.ddr_gib
-        # The dataset's features and sizes where it exists; a recipe that sizes every
-        # table itself (num_embeddings_per_feature) plans Criteo's without one.
-        from dlrm.data.split_checks import check_data
-        from dlrm.schema.features import CRITEO
-        from dlrm.train.preflight import check_features
+        from dlrm.train.preflight import plan_inputs
 
-        sizes, features = config.model.num_embeddings_per_feature, CRITEO
-        if not sizes or os.path.isfile(os.path.join(config.data.path, "manifest.json")):
-            manifest = check_data(config.data)
-            features = manifest.features
-            sizes = sizes or manifest.cardinalities
-        check_features(config, features)  # also one size per feature
+        features, sizes = plan_inputs(config)
     except (ConfigError, ValueError) as e:
         return _error("plan", e)
     import torch

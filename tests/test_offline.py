@@ -73,3 +73,33 @@ def test_bad_checkpoints_and_runs_are_clear_errors(trained, small_dataset, tmp_p
     err = _fails("evaluate", "--checkpoint", str(copy), "--data", str(small_dataset)).stderr
     assert str(copy) in err and "incomplete" in err
     assert "metrics.jsonl" in _fails("report", str(tmp_path)).stderr
+
+
+def test_offline_builds_from_the_run_config_as_written(trained, small_dataset, tmp_path):
+    """Scoring a checkpoint on another copy of its dataset reads that copy's rows while
+    the run's config stays as the run wrote it (its data path, device and embedding
+    optimizer unchanged): the inference settings are the model builder's, not a rewrite."""
+    copy = tmp_path / "copy"
+    shutil.copytree(small_dataset, copy)
+    code = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from dlrm.train.offline import Offline\n"
+        "from dlrm.train.preflight import run_config\n"
+        "ckpt, data = Path(sys.argv[1]), sys.argv[2]\n"
+        "o = Offline(ckpt, data, 'test')\n"
+        "root = Path(data).resolve()\n"
+        "under = all(Path(s.path).resolve().is_relative_to(root) for s in o.segments)\n"
+        "print(json.dumps({'same': o.config == run_config(ckpt),\n"
+        "                  'data_path': o.config.data.path,\n"
+        "                  'optimizer': o.config.optim.embedding_optimizer,\n"
+        "                  'under': under,\n"
+        "                  'rows': sum(s.stop - s.start for s in o.segments)}))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(trained), str(copy)], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["same"] is True
+    assert got["data_path"] == str(small_dataset)
+    assert got["optimizer"] == "adagrad"  # configs/tiny.toml's, though SGD scores
+    assert got["under"] is True  # every row read from the copy
+    assert got["rows"] == 2000  # the second half of the last day's 4000

@@ -40,7 +40,7 @@ from dlrm.serve.model_dir import (
 )
 from dlrm.train.checkpoint import verify
 from dlrm.train.model import DLRMTrain
-from dlrm.train.offline import run_config
+from dlrm.train.preflight import run_config
 from dlrm.utils.files import atomic_write_json
 
 

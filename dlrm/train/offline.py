@@ -3,12 +3,12 @@
 Alone or under torchrun, on any number of ranks whatever the number that trained: the
 planner shards the tables for this world and torch.distributed.checkpoint reshards the
 saved ones into it. The run's ``config.toml`` (two levels above the checkpoint) gives the
-model; the checkpoint's marker gives the table sizes.
+model, read as the run wrote it; the checkpoint's marker gives the table sizes
+(``dlrm.train.preflight.checkpoint_inputs`` reads and checks them with the dataset).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -17,38 +17,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dlrm.config import Config, load_config
 from dlrm.data.loader import ParquetBatches
-from dlrm.data.split_checks import check_vocab_rows, split_specs
+from dlrm.data.split_checks import split_specs
 from dlrm.metrics import curves, regression_curves, sigmoid, split_metrics
-from dlrm.rows.like import check_same_encoding
 from dlrm.schema.integrity import WRITE
-from dlrm.schema.manifest import Manifest, load_manifest
-from dlrm.schema.splits import ALL, resolve_split, row_ranges
-from dlrm.train.checkpoint import Checkpointer, read_marker
+from dlrm.schema.manifest import load_manifest
+from dlrm.schema.splits import resolve_split
+from dlrm.train.checkpoint import Checkpointer
 from dlrm.train.dist import init_distributed, resolve_device
 from dlrm.train.evaluate import gather_predictions, predict
-from dlrm.train.model import check_tables_hold
+from dlrm.train.preflight import checkpoint_inputs
+from dlrm.train.sharding import sharded_model
 from dlrm.utils.files import atomic_path, atomic_write_json
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
-
-
-def run_config(checkpoint: Path) -> Config:
-    """The config of the run that wrote ``checkpoint`` (``RUN/checkpoints/step-N``)."""
-    path = checkpoint.parent.parent / "config.toml"
-    if not path.is_file():
-        raise ValueError(f"{path}: not found; a checkpoint is read with the config.toml of "
-                         "its run directory (RUN/checkpoints/step-N → RUN/config.toml)")
-    return load_config(path)
-
-
-def split_specs_for(config: Config, manifest: Manifest, split: str) -> list[str]:
-    """The sources of ``split`` in the dataset: the run's choice (or the default
-    convention), or every row for ``all``."""
-    if split == "all":
-        return [ALL]
-    return split_specs(config.data, manifest)[split]
 
 
 def default_split(data: str | Path) -> str:
@@ -62,45 +44,28 @@ class Offline:
 
     def __init__(self, checkpoint: str | Path, data: str | Path, split: str = "test",
                  batch_size: int = 0) -> None:
-        from dlrm.train.trainer import sharded_model
-
         self.checkpoint = Path(checkpoint)
         # Checksums are checked by every rank together when the state is loaded.
-        position = read_marker(self.checkpoint)["position"]  # CheckpointError if absent
-        config = run_config(self.checkpoint)
-        manifest = load_manifest(data)
-        check_same_encoding(config.data.path, manifest, str(data),
-                            position.get("label_kind"))
-        config.data = dataclasses.replace(config.data, path=str(data))
+        inputs = checkpoint_inputs(self.checkpoint, data, split)
+        config, manifest = inputs.config, inputs.manifest
         features = manifest.features
-        sizes = position["table_sizes"]
-        check_tables_hold(features, sizes, manifest.cardinalities,
-                          f"{data} against the tables of {self.checkpoint}")
-        specs = split_specs_for(config, manifest, split)
-        if split in ("val", "test"):  # its rows must not have been counted as training's
-            check_vocab_rows(manifest, {split: row_ranges(manifest, specs)}, str(data),
-                             (split,))
-        segments = resolve_split(data, manifest, specs)
         # The run's device where this host has it (a GPU-trained run evaluates on CPU too).
-        config.train.device = resolve_device(
-            config.train.device if torch.cuda.is_available() else "cpu")
-        if config.train.device == "cpu":
-            config.train.autocast = "none"
-        # Inference needs no optimizer state; SGD has a kernel on every device.
-        config.optim = dataclasses.replace(config.optim, embedding_optimizer="sgd")
-        self.dist = init_distributed(config.train.device, config.train.collective_timeout_s)
+        device = resolve_device(config.train.device if torch.cuda.is_available() else "cpu")
+        self.dist = init_distributed(device, config.train.collective_timeout_s)
         bs = batch_size or config.eval.batch_size or config.data.batch_size
-        self.model, _, _ = sharded_model(config, features, sizes, self.dist.device, bs)
+        self.model, _, _ = sharded_model(config, features, inputs.sizes, self.dist.device, bs,
+                                         inference=True)
         state = {"model": self.model.state_dict()}
         Checkpointer(self.checkpoint.parent).load(self.checkpoint, state)
         self.model.load_state_dict(state["model"])
-        self.step = position["step"]
+        self.step = inputs.position["step"]
         self.label_kind = features.label_kind
         self.config, self.manifest, self.features, self.batch_size = config, manifest, features, bs
-        self.segments, self.split_specs = segments, split_specs(config.data, manifest)
+        self.segments = resolve_split(data, manifest, inputs.specs)
+        self.split_specs = split_specs(config.data, manifest)
         self.batches = ParquetBatches(
-            segments, bs, self.dist.rank, self.dist.world_size, pad=True, features=features,
-            multi_hot_sizes=config.data.multi_hot_sizes,
+            self.segments, bs, self.dist.rank, self.dist.world_size, pad=True,
+            features=features, multi_hot_sizes=config.data.multi_hot_sizes,
             cardinalities=manifest.cardinalities, multi_hot_seed=config.data.multi_hot_seed)
 
     def predictions(self) -> tuple[np.ndarray, np.ndarray] | None:

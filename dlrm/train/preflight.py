@@ -1,12 +1,29 @@
 """The checks of a config against its dataset and this host, made before any process group
-starts (each config section checks its own values itself: ``dlrm.config.sections``)."""
+starts, for every command that reads a dataset with a model: ``dlrm train``
+(:func:`preflight`), ``dlrm plan`` (:func:`plan_inputs`), and ``dlrm evaluate``, ``dlrm
+score`` and ``dlrm export`` of a checkpoint (:func:`checkpoint_inputs`, :func:`run_config`).
+Each config section checks its own values itself (``dlrm.config.sections``).
+"""
 
 from __future__ import annotations
 
-from dlrm.config import Config
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dlrm.config import Config, load_config
+from dlrm.data.split_checks import check_data, check_vocab_rows, split_specs
 from dlrm.errors import ConfigError
 from dlrm.metrics import HEADLINE
+from dlrm.rows.like import check_same_encoding
+from dlrm.schema.declared import load_schema
 from dlrm.schema.features import Features
+from dlrm.schema.manifest import MANIFEST, Manifest, load_manifest
+from dlrm.schema.splits import ALL, row_ranges
+from dlrm.train.checkpoint import read_marker
+from dlrm.train.dist import resolve_device
+from dlrm.train.model import check_tables_hold, table_sizes
+from dlrm.train.optim import CPU_EMBEDDING_OPTIMIZERS
 
 
 def check_features(config: Config, features: Features) -> None:
@@ -37,3 +54,100 @@ def check_features(config: Config, features: Features) -> None:
         if bad:
             raise ConfigError(f"{key}: the dataset's label is a {kind} one, whose "
                               f"validation metrics are {', '.join(fits[1:])}")
+
+
+def preflight(config: Config) -> Manifest:
+    """Everything that can be wrong before any process group starts; returns the manifest.
+
+    Raises:
+        ValueError: naming the key, path or source at fault.
+    """
+    manifest = check_data(config.data)
+    features = manifest.features
+    check_features(config, features)
+    table_sizes(config.model, features, manifest.cardinalities)
+    check_device(config)
+    return manifest
+
+
+def check_device(config: Config) -> None:
+    """Settings the device of this host cannot run."""
+    device = resolve_device(config.train.device)
+    if device == "cpu" and config.optim.embedding_optimizer not in CPU_EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"optim.embedding_optimizer: {config.optim.embedding_optimizer!r} has "
+                         "no CPU kernel in fbgemm-gpu-cpu (it has "
+                         f"{', '.join(CPU_EMBEDDING_OPTIMIZERS)}); it runs on GPU")
+    if device == "cpu" and config.optim.embedding_weight_decay:
+        raise ValueError("optim.embedding_weight_decay: fbgemm-gpu-cpu's fused kernels ignore "
+                         "weight decay (an update with it equals one without); it runs on "
+                         "GPU. On CPU, regularize with data.oov_dropout or fewer epochs "
+                         "(train.early_stopping)")
+    if device == "cpu" and config.train.autocast != "none":
+        raise ValueError(f"train.autocast: {config.train.autocast} autocast is for GPUs; "
+                         "this run is on CPU")
+
+
+def plan_inputs(config: Config) -> tuple[Features, list[int]]:
+    """The features and table sizes ``dlrm plan`` shards: the dataset's where it exists; a
+    recipe that sizes every table itself (``model.num_embeddings_per_feature``) plans
+    Criteo's layout without one."""
+    sizes, features = config.model.num_embeddings_per_feature, None
+    if not sizes or (Path(config.data.path) / MANIFEST).is_file():
+        manifest = check_data(config.data)
+        features = manifest.features
+        sizes = sizes or manifest.cardinalities
+    features = features or load_schema("criteo").features()
+    check_features(config, features)  # also one size per feature
+    return features, list(sizes)
+
+
+def run_config(checkpoint: Path) -> Config:
+    """The config of the run that wrote ``checkpoint`` (``RUN/checkpoints/step-N``), as
+    the run wrote it."""
+    path = checkpoint.parent.parent / "config.toml"
+    if not path.is_file():
+        raise ValueError(f"{path}: not found; a checkpoint is read with the config.toml of "
+                         "its run directory (RUN/checkpoints/step-N → RUN/config.toml)")
+    return load_config(path)
+
+
+@dataclass(frozen=True)
+class CheckpointInputs:
+    """What scoring a checkpoint on a dataset split reads, checked together."""
+
+    config: Config  # the run's, as it wrote it (its data.path: the training dataset)
+    position: dict[str, Any]  # the checkpoint marker's: step, table sizes, label kind
+    manifest: Manifest  # of the dataset scored
+    specs: list[str]  # the split's sources in it
+
+    @property
+    def sizes(self) -> list[int]:
+        return self.position["table_sizes"]
+
+
+def split_specs_for(config: Config, manifest: Manifest, split: str) -> list[str]:
+    """The sources of ``split`` in the dataset: the run's choice (or the default
+    convention), or every row for ``all``."""
+    if split == "all":
+        return [ALL]
+    return split_specs(config.data, manifest)[split]
+
+
+def checkpoint_inputs(checkpoint: Path, data: str | Path, split: str) -> CheckpointInputs:
+    """The run, the checkpoint and the dataset of scoring ``split`` of ``data``, checked:
+    the checkpoint complete, the dataset encoded as the training data was, every id within
+    the tables, and a val or test split none of whose rows the vocabularies counted.
+
+    Raises:
+        CheckpointError, ValueError, PreprocessError: naming the file, key or rows.
+    """
+    position = read_marker(checkpoint)["position"]  # CheckpointError if absent
+    config = run_config(checkpoint)
+    manifest = load_manifest(data)
+    check_same_encoding(config.data.path, manifest, str(data), position.get("label_kind"))
+    check_tables_hold(manifest.features, position["table_sizes"], manifest.cardinalities,
+                      f"{data} against the tables of {checkpoint}")
+    specs = split_specs_for(config, manifest, split)
+    if split in ("val", "test"):  # its rows must not have been counted as training's
+        check_vocab_rows(manifest, {split: row_ranges(manifest, specs)}, str(data), (split,))
+    return CheckpointInputs(config, position, manifest, specs)

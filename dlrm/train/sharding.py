@@ -29,7 +29,10 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
-from dlrm.config import SHARDING_TYPES, ShardingConfig
+from dlrm.config import SHARDING_TYPES, Config, OptimConfig, ShardingConfig
+from dlrm.schema.features import Features
+from dlrm.train.model import autocast_dense, build_model, table_name
+from dlrm.train.optim import apply_embedding_optimizer
 from dlrm.utils import host
 
 # Never data_parallel: torchrec trains a data-parallel table with the dense optimizer (its
@@ -197,3 +200,26 @@ def shard_model(model: torch.nn.Module, tables: list[str], cfg: ShardingConfig,
         data_parallel_wrapper=DefaultDataParallelWrapper(allreduce_comm_precision=precision))
     memory = memory_per_rank(planner, world_size, dense)
     return dmp, describe(plan, memory, spec), memory
+
+
+# Scoring needs no optimizer state: SGD holds none and has a kernel on every device.
+INFERENCE_OPTIM = OptimConfig(embedding_optimizer="sgd")
+
+
+def sharded_model(config: Config, features: Features, sizes: list[int], device: torch.device,
+                  batch_size: int, inference: bool = False,
+                  ) -> tuple[DistributedModelParallel, str, list[dict[str, float]]]:
+    """The DLRM of ``config`` over ``features``, with tables of ``sizes`` rows, built on the
+    meta device, its embedding optimizer fused, sharded by the planner over this process
+    group (see :func:`shard_model` for what is returned).
+
+    ``inference``: for scoring a checkpoint (``dlrm evaluate``, ``dlrm score``) on whatever
+    device this host has: the embedding optimizer is SGD, which holds no state and has a
+    kernel on every device, and bf16 autocast applies on a GPU only. ``config`` itself, the
+    run's, is read as it is."""
+    model = build_model(config.model, features, sizes, device)
+    if config.train.autocast == "bf16" and (device.type == "cuda" or not inference):
+        autocast_dense(model, device)
+    apply_embedding_optimizer(model, INFERENCE_OPTIM if inference else config.optim)
+    tables = [table_name(f) for f in features.sparse]
+    return shard_model(model, tables, config.sharding, device, batch_size)

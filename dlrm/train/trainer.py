@@ -13,31 +13,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torchrec.datasets.utils import Batch
-from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from dlrm.config import Config, to_toml
 from dlrm.data.loader import ParquetBatches
-from dlrm.data.split_checks import check_data, split_specs
+from dlrm.data.split_checks import split_specs
 from dlrm.errors import ConfigError
 from dlrm.metrics import HEADLINE
-from dlrm.schema.features import Features
-from dlrm.schema.manifest import Manifest
 from dlrm.schema.splits import resolve_split
 from dlrm.train.checkpoint import Checkpointer
-from dlrm.train.dist import broadcast_object, gather_object, init_distributed, resolve_device
+from dlrm.train.dist import broadcast_object, gather_object, init_distributed
 from dlrm.train.evaluate import evaluate
-from dlrm.train.model import autocast_dense, build_model, table_name, table_sizes
+from dlrm.train.model import table_sizes
 from dlrm.train.optim import (
-    CPU_EMBEDDING_OPTIMIZERS,
     LRSchedule,
-    apply_embedding_optimizer,
     build_optimizer,
     init_dense_state,
 )
 from dlrm.train.preemption import PreemptionFlag
-from dlrm.train.preflight import check_features
-from dlrm.train.sharding import shard_model
+from dlrm.train.preflight import preflight
+from dlrm.train.sharding import sharded_model
 from dlrm.train.stopping import BEST, Best, best_metric
 from dlrm.utils.files import atomic_write_json, atomic_write_text
 from dlrm.utils.host import peak_rss_bytes
@@ -46,51 +41,6 @@ from dlrm.utils.writer_lock import writer_lock
 
 SPLITS = ("train", "val", "test")
 logger = logging.getLogger(__name__)
-
-
-def preflight(config: Config) -> Manifest:
-    """Everything that can be wrong before any process group starts; returns the manifest.
-
-    Raises:
-        ValueError: naming the key, path or source at fault.
-    """
-    manifest = check_data(config.data)
-    features = manifest.features
-    check_features(config, features)
-    table_sizes(config.model, features, manifest.cardinalities)
-    check_device(config)
-    return manifest
-
-
-def check_device(config: Config) -> None:
-    """Settings the device of this host cannot run."""
-    device = resolve_device(config.train.device)
-    if device == "cpu" and config.optim.embedding_optimizer not in CPU_EMBEDDING_OPTIMIZERS:
-        raise ValueError(f"optim.embedding_optimizer: {config.optim.embedding_optimizer!r} has "
-                         "no CPU kernel in fbgemm-gpu-cpu (it has "
-                         f"{', '.join(CPU_EMBEDDING_OPTIMIZERS)}); it runs on GPU")
-    if device == "cpu" and config.optim.embedding_weight_decay:
-        raise ValueError("optim.embedding_weight_decay: fbgemm-gpu-cpu's fused kernels ignore "
-                         "weight decay (an update with it equals one without); it runs on "
-                         "GPU. On CPU, regularize with data.oov_dropout or fewer epochs "
-                         "(train.early_stopping)")
-    if device == "cpu" and config.train.autocast != "none":
-        raise ValueError(f"train.autocast: {config.train.autocast} autocast is for GPUs; "
-                         "this run is on CPU")
-
-
-def sharded_model(config: Config, features: Features, sizes: list[int], device: torch.device,
-                  batch_size: int,
-                  ) -> tuple[DistributedModelParallel, str, list[dict[str, float]]]:
-    """The DLRM of ``config`` over ``features``, with tables of ``sizes`` rows, built on the
-    meta device, its embedding optimizer fused, sharded by the planner over this process
-    group (see :func:`dlrm.train.sharding.shard_model` for what is returned)."""
-    model = build_model(config.model, features, sizes, device)
-    if config.train.autocast == "bf16":
-        autocast_dense(model, device)
-    apply_embedding_optimizer(model, config.optim)
-    tables = [table_name(f) for f in features.sparse]
-    return shard_model(model, tables, config.sharding, device, batch_size)
 
 
 class Trainer:

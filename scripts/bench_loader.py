@@ -79,6 +79,7 @@ def main() -> None:
     from dlrm.config import load_config
     from dlrm.data.loader import ParquetBatches
     from dlrm.data.split_checks import split_specs
+    from dlrm.schema.features import Features
     from dlrm.schema.manifest import load_manifest
     from dlrm.schema.splits import resolve_split
 
@@ -91,7 +92,7 @@ def main() -> None:
         bs, cards = config.data.batch_size, manifest["cardinalities"]
 
         def loader(**kw) -> ParquetBatches:
-            return ParquetBatches(segments, bs, 0, WORLD, **kw)
+            return ParquetBatches(segments, bs, 0, WORLD, features=Features.of(manifest), **kw)
 
         first = loader()
         print(f"dataset: {data}: {first.rows_total} training rows; rank 0 of {WORLD} reads "

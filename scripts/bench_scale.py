@@ -210,13 +210,15 @@ def train(data: Path, run: Path) -> dict:
     from dlrm.config import load_config
     from dlrm.data.loader import ParquetBatches
     from dlrm.data.split_checks import split_specs
+    from dlrm.schema.features import Features
     from dlrm.schema.manifest import load_manifest
     from dlrm.schema.splits import resolve_split
 
     config = load_config(REPO / "configs" / "tiny.toml", [f"--data.path={data}"])
     manifest = load_manifest(data)
     segments = resolve_split(data, manifest, split_specs(config.data, manifest)["train"])
-    batches = ParquetBatches(segments, config.data.batch_size, 0, 2)
+    batches = ParquetBatches(segments, config.data.batch_size, 0, 2,
+                             features=Features.of(manifest))
     loader_s = bench_loader(batches, 1)
     start = time.time()
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

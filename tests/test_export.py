@@ -120,7 +120,7 @@ def test_predict_numbers_lines_and_rejects_across_chunks_and_workers(trained, sm
 def test_a_model_directory_loads_alone_and_unpickles_nothing(trained, tmp_path):
     export(trained, tmp_path / "model", "int8")
     # A fresh process, no process group: it loads and scores.
-    code = ("import torch, dlrm.model_dir as e; m = e.load_exported('model'); "
+    code = ("import torch, dlrm.serve.model_dir as e; m = e.load_exported('model'); "
             "assert not torch.distributed.is_initialized(); print(m.info['tables'])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})

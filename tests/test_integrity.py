@@ -158,7 +158,7 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path\n"
-         "from dlrm.data.writer_lock import writer_lock\n"
+         "from dlrm.utils.writer_lock import writer_lock\n"
          "with writer_lock(Path(sys.argv[1]), RuntimeError, 'x'):\n"
          "    print('held', flush=True); time.sleep(60)", str(out)],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, text=True)

@@ -12,6 +12,7 @@ from helpers import dlrm, quiet
 from dlrm.data.loader import ParquetBatches
 from dlrm.metrics import auc
 from dlrm.preprocess.driver import preprocess
+from dlrm.schema.features import Features
 from dlrm.schema.manifest import load_manifest
 from dlrm.schema.splits import default_split_specs, resolve_split
 from dlrm.synth.criteo import synth
@@ -23,7 +24,8 @@ def split_arrays(data: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, to
     manifest = load_manifest(data)
     segments = resolve_split(data, manifest, default_split_specs(manifest)[split])
     labels, dense, ids = [], [], []
-    for b in ParquetBatches(segments, 4096, rank=0, world_size=1, pad=True):
+    for b in ParquetBatches(segments, 4096, rank=0, world_size=1, pad=True,
+                            features=Features.of(manifest)):
         keep = b.labels >= 0
         labels.append(b.labels[keep])
         dense.append(b.dense_features[keep])

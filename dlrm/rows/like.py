@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dlrm.rows.inputs import with_encoding
 from dlrm.rows.vocab import Encoding
 from dlrm.schema.declared import SCHEMAS, Schema, load_schema
 from dlrm.schema.features import Features
@@ -33,13 +34,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def schema_of(manifest: dict[str, Any]) -> tuple[Schema, Encoding | None]:
-    """The schema a dataset was read with, and Criteo's one encoding for all (None for a
-    declared schema, which holds each feature's)."""
+def schema_of(manifest: dict[str, Any]) -> Schema:
+    """The schema a dataset was read with, each feature's encoding included. A dataset of
+    Criteo's exact layout records no declaration, only its one encoding for all (see
+    ``Schema.criteo_tsv``): ``configs/schemas/criteo.toml`` with that encoding."""
     declared = manifest["schema"].get("declared")
-    if declared is None:  # Criteo's fast path records one encoding for all
-        return load_schema(SCHEMAS / "criteo.toml"), Encoding(**manifest["encoding"])
-    return Schema.from_json(declared), None
+    if declared is None:
+        return with_encoding(load_schema(SCHEMAS / "criteo.toml"),
+                             Encoding(**manifest["encoding"]))
+    return Schema.from_json(declared)
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,7 @@ class Reference:
     """What a dataset's encoding consists of, read from its directory."""
 
     path: Path
-    schema: Schema
-    encoding: Encoding | None  # Criteo's one for all; None: the schema's per feature
+    schema: Schema  # each feature's encoding included
     standardize: dict[str, Any]
     vocab_sha256: str | None  # None: hash encoding only, no vocabularies
     vocab_from: dict[str, Any]  # the rows its vocabularies were counted on ({}: unrecorded)
@@ -56,9 +58,8 @@ class Reference:
     @classmethod
     def of(cls, dataset: str | Path, manifest: dict[str, Any]) -> Reference:
         path = Path(dataset).resolve()
-        schema, encoding = schema_of(manifest)
         vocab = path / VOCAB
-        return cls(path, schema, encoding, manifest["schema"].get("standardize", {}),
+        return cls(path, schema_of(manifest), manifest["schema"].get("standardize", {}),
                    file_sha256(vocab) if vocab.is_file() else None,
                    manifest.get("vocab_from", {}))
 

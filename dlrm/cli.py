@@ -23,17 +23,17 @@ def _synth(args: argparse.Namespace, rest: list[str]) -> int:
     from dlrm.synth.criteo import synth
     from dlrm.synth.declared import synth_declared
 
-    try:
-        schema = load_schema(args.schema) if args.schema else None
-    except SchemaError as e:
-        return _error("synth", e)
-    if schema is None:  # the demo's generator (Criteo's layout)
+    if not args.schema:  # the demo's generator (Criteo's layout, its own planted model)
         report = synth(args.out, days=args.days, rows_per_day=args.rows_per_day,
                        seed=args.seed, gzip=args.gzip, growth=args.criteo_growth)
     elif args.criteo_growth:
         return _error("synth", ValueError("--criteo-growth is for Criteo's layout; "
                                           "give no --schema"))
     else:  # the planted model of any schema, Criteo's named one included
+        try:
+            schema = load_schema(args.schema)
+        except SchemaError as e:
+            return _error("synth", e)
         try:
             report = synth_declared(schema, args.out, days=args.days,
                                     rows_per_day=args.rows_per_day, seed=args.seed,
@@ -283,7 +283,7 @@ def _recommend(args: argparse.Namespace, rest: list[str]) -> int:
         user = json.loads(args.user)
         exported = load_exported(args.model)
         scorer = Scorer(exported, layout_for(exported, None))
-        recommender = Recommender(scorer, RequestRows(schema_of(exported.manifest)[0]))
+        recommender = Recommender(scorer, RequestRows(schema_of(exported.manifest)))
         items = recommender.recommend(
             user, args.top_k, candidate_rows(args.candidates) if args.candidates else None,
             load_lines(args.exclude) if args.exclude else [])

@@ -57,7 +57,7 @@ except ImportError:  # older commits: two flat folders, the manifest a dict
     from dlrm.data.schema import Features
     from dlrm.data.splits import resolve_split
     m = load_manifest(data)
-    features, cardinalities = Features.of(m), m["cardinalities"]
+    features, cardinalities = m.features, m["cardinalities"]
 batches = ParquetBatches(resolve_split(data, m, ["*"]), 2048, 0, 1, prefetch=0,
                          features=features, cardinalities=cardinalities)
 t0 = time.perf_counter()

@@ -91,7 +91,7 @@ def main() -> None:
         bs, cards = config.data.batch_size, manifest.cardinalities
 
         def loader(**kw) -> ParquetBatches:
-            return ParquetBatches(segments, bs, 0, WORLD, **kw)
+            return ParquetBatches(segments, bs, 0, WORLD, features=manifest.features, **kw)
 
         first = loader()
         print(f"dataset: {data}: {first.rows_total} training rows; rank 0 of {WORLD} reads "

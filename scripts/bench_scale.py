@@ -216,7 +216,8 @@ def train(data: Path, run: Path) -> dict:
     config = load_config(REPO / "configs" / "tiny.toml", [f"--data.path={data}"])
     manifest = load_manifest(data)
     segments = resolve_split(data, manifest, split_specs(config.data, manifest)["train"])
-    batches = ParquetBatches(segments, config.data.batch_size, 0, 2)
+    batches = ParquetBatches(segments, config.data.batch_size, 0, 2,
+                             features=manifest.features)
     loader_s = bench_loader(batches, 1)
     start = time.time()
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

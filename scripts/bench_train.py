@@ -57,15 +57,16 @@ def bench_ceiling(config, cardinalities: list[int], batch: int, warmup: int,
     """Seconds of each timed dense forward + backward on one thread (embeddings excluded)."""
     import torch
 
-    from dlrm.schema.features import CRITEO, NUM_DENSE, NUM_SPARSE
+    from dlrm.schema.declared import load_schema
+    from dlrm.schema.features import NUM_DENSE, NUM_SPARSE
     from dlrm.train.model import build_model
     from dlrm.utils.heap import keep_freed_memory
 
     keep_freed_memory()  # the heap settings of a training rank (dlrm.train.dist)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    dlrm = build_model(config.model, CRITEO, cardinalities, torch.device("cpu"),
-                       sparse_device=torch.device("meta")).model
+    dlrm = build_model(config.model, load_schema("criteo").features(), cardinalities,
+                       torch.device("cpu"), sparse_device=torch.device("meta")).model
     archs = (dlrm.dense_arch, dlrm.inter_arch, dlrm.over_arch)
     params = [p for arch in archs for p in arch.parameters()]
     dense = torch.rand(batch, NUM_DENSE)

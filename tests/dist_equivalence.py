@@ -31,7 +31,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.config import ModelConfig, OptimConfig, ShardingConfig
 from dlrm.data.loader import ParquetBatches
-from dlrm.schema.features import CRITEO, SPARSE_NAMES
+from dlrm.schema.features import SPARSE_NAMES
 from dlrm.schema.manifest import load_manifest
 from dlrm.schema.splits import resolve_split
 from dlrm.train.dist import init_distributed
@@ -109,14 +109,14 @@ def main() -> None:
                        over_arch_layer_sizes=[32, 16, 1])
     ocfg = OptimConfig(embedding_optimizer="sgd", embedding_lr=EMBEDDING_LR,
                        dense_optimizer="sgd", dense_lr=DENSE_LR)
-    cards = manifest.cardinalities
+    cards, features = manifest.cardinalities, manifest.features
 
     torch.manual_seed(0)
-    reference = build_model(mcfg, CRITEO, cards, torch.device("cpu"),
+    reference = build_model(mcfg, features, cards, torch.device("cpu"),
                             sparse_device=torch.device("cpu"))
     initial = copy.deepcopy(reference.state_dict())
 
-    model = build_model(mcfg, CRITEO, cards, torch.device("cpu"))
+    model = build_model(mcfg, features, cards, torch.device("cpu"))
     apply_embedding_optimizer(model, ocfg)
     tables = [table_name(f) for f in SPARSE_NAMES]
     types = MIXED if sharding == "mixed" else [sharding]
@@ -129,7 +129,7 @@ def main() -> None:
     pipeline = TrainPipelineSparseDist(model, build_optimizer(model, ocfg), info.device)
 
     sharded_losses = []
-    batches = iter(ParquetBatches(segments, BATCH, rank, world))
+    batches = iter(ParquetBatches(segments, BATCH, rank, world, features=features))
     for _ in range(steps):
         loss, _, _ = pipeline.progress(batches)
         loss = loss.detach().clone()
@@ -138,7 +138,8 @@ def main() -> None:
     final = gather_full(pipeline.detach())
 
     if rank == 0:
-        loaders = [iter(ParquetBatches(segments, BATCH, r, world)) for r in range(world)]
+        loaders = [iter(ParquetBatches(segments, BATCH, r, world, features=features))
+                   for r in range(world)]
         global_batches = [concat([next(it) for it in loaders]) for _ in range(steps)]
         result = {"sharded": sharded_losses, "plan": str(plan)}
         for name, emb_scale in (("reference", 1), ("summed_control", world)):

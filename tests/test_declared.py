@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 
 from dlrm.errors import PreprocessError, SchemaError
 from dlrm.preprocess.driver import Options, preprocess
-from dlrm.schema.declared import is_criteo, load_schema
+from dlrm.schema.declared import load_schema
 from dlrm.schema.manifest import Manifest, load_manifest
 from dlrm.schema.splits import default_split_specs, resolve_split, row_ranges
 from dlrm.synth.criteo import synth
@@ -224,7 +224,7 @@ def test_headers_must_agree_and_hold_the_declared_columns(tmp_path):
 
 
 def test_criteo_schema_file_is_the_fast_path_and_the_default(tmp_path):
-    assert is_criteo(load_schema("criteo")) and not is_criteo(load_schema("movielens"))
+    assert load_schema("criteo").criteo_tsv and not load_schema("movielens").criteo_tsv
     synth(tmp_path / "raw", days=2, rows_per_day=500, seed=3)
     inputs = [tmp_path / "raw" / f"day_{d}" for d in range(2)]
     default = preprocess(inputs, tmp_path / "a", workers=1, log=quiet).to_json()

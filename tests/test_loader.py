@@ -27,8 +27,8 @@ from dlrm.data.loader import PAD_LABEL, ParquetBatches
 from dlrm.data.multi_hot import MultiHot
 from dlrm.errors import ConfigError, DataError
 from dlrm.preprocess.driver import preprocess
+from dlrm.schema.declared import load_schema
 from dlrm.schema.features import (
-    CRITEO,
     DENSE_NAMES,
     LABEL,
     MISSING_ID,
@@ -39,6 +39,8 @@ from dlrm.schema.features import (
 )
 from dlrm.schema.splits import Segment, default_split_specs, resolve_split
 from dlrm.train.model import build_model
+
+CRITEO = load_schema("criteo").features()  # the columns of the Parquet files written here
 
 # ------------------------------------------------------------------ hand-checked dataset
 # Two sources, d0 (5 rows) and d1 (2 rows); the vocabulary is counted over both
@@ -91,7 +93,7 @@ def test_first_batch_by_hand(hand_dataset):
     out, manifest = hand_dataset
     assert manifest.cardinalities[:2] == [5, 6]
     batches = ParquetBatches(resolve_split(out, manifest, ["d0"]), batch_size=2, rank=0,
-                             world_size=1)
+                             world_size=1, features=manifest.features)
     assert len(batches) == 2  # 5 rows: two full batches, the last row left out
     batch = next(iter(batches))
     kjt = batch.sparse_features
@@ -114,7 +116,7 @@ def test_first_batch_by_hand(hand_dataset):
 def test_all_rows_by_hand_with_padding(hand_dataset):
     out, manifest = hand_dataset
     batches = list(ParquetBatches(resolve_split(out, manifest, ["d0"]), batch_size=2, rank=0,
-                                  world_size=1, pad=True))
+                                  world_size=1, pad=True, features=manifest.features))
     assert len(batches) == 3
     labels = torch.cat([b.labels for b in batches]).tolist()
     assert labels == [*map(float, LABELS), PAD_LABEL]
@@ -130,7 +132,7 @@ def test_make_batch_layout():
     labels = np.array([1, 0, 1], dtype=np.int8)
     dense = np.arange(3 * NUM_DENSE, dtype=np.float64).reshape(3, NUM_DENSE)
     sparse = np.arange(3 * NUM_SPARSE, dtype=np.int64).reshape(3, NUM_SPARSE)
-    batch = make_batch(labels, dense, sparse)
+    batch = make_batch(labels, dense, sparse, SPARSE_NAMES)
     kjt = batch.sparse_features
     assert kjt.keys() == SPARSE_NAMES
     assert kjt.lengths().tolist() == [1] * (3 * NUM_SPARSE)
@@ -192,7 +194,8 @@ def _rows(batches) -> tuple[np.ndarray, np.ndarray]:
 def test_training_partition(numbered_dataset, world_size):
     out, manifest = numbered_dataset
     segments = resolve_split(out, manifest, ["day_0", "day_1"])
-    ranks = [ParquetBatches(segments, BATCH, r, world_size) for r in range(world_size)]
+    ranks = [ParquetBatches(segments, BATCH, r, world_size, features=manifest.features)
+             for r in range(world_size)]
     per_rank = (TOTAL // world_size) // BATCH
     assert [len(b) for b in ranks] == [per_rank] * world_size
     for rank, batches in enumerate(ranks):
@@ -207,8 +210,8 @@ def test_training_partition(numbered_dataset, world_size):
 def test_evaluation_partition_sees_every_row_once(numbered_dataset, world_size):
     out, manifest = numbered_dataset
     segments = resolve_split(out, manifest, ["day_0", "day_1"])
-    ranks = [ParquetBatches(segments, BATCH, r, world_size, pad=True)
-             for r in range(world_size)]
+    ranks = [ParquetBatches(segments, BATCH, r, world_size, pad=True,
+                            features=manifest.features) for r in range(world_size)]
     per_rank = math.ceil(math.ceil(TOTAL / world_size) / BATCH)
     assert [len(b) for b in ranks] == [per_rank] * world_size
     seen = []
@@ -225,7 +228,8 @@ def test_evaluation_partition_sees_every_row_once(numbered_dataset, world_size):
 
 def test_batches_can_be_iterated_again(numbered_dataset):
     out, manifest = numbered_dataset
-    batches = ParquetBatches(resolve_split(out, manifest, ["day_1"]), BATCH, 1, 2, pad=True)
+    batches = ParquetBatches(resolve_split(out, manifest, ["day_1"]), BATCH, 1, 2, pad=True,
+                             features=manifest.features)
     first, _ = _rows(batches)
     again, _ = _rows(batches)
     np.testing.assert_array_equal(first, again)
@@ -236,7 +240,8 @@ def test_batches_can_be_iterated_again(numbered_dataset):
 
 def _split_rows(out, manifest, spec: str) -> list[int]:
     segments = resolve_split(out, manifest, [spec])
-    ids, labels = _rows(ParquetBatches(segments, 1000, 0, 1, pad=True))
+    ids, labels = _rows(ParquetBatches(segments, 1000, 0, 1, pad=True,
+                                       features=manifest.features))
     assert sum(s.stop - s.start for s in segments) == (labels != PAD_LABEL).sum()
     return ids[labels != PAD_LABEL].tolist()
 
@@ -354,7 +359,7 @@ def test_list_columns_by_hand(tmp_path):
     c2 = pa.array([[1], [2, 3, 4], [9], [0, 1]], type=pa.list_(pa.int32()))
     seg = _write(tmp_path / "bags.parquet", range(4), C1=c1, C2=c2,
                  **{f"C{f}": pa.array(np.arange(4) + 100 * f) for f in range(3, NUM_SPARSE + 1)})
-    b0, b1 = ParquetBatches([seg], 2, rank=0, world_size=1)
+    b0, b1 = ParquetBatches([seg], 2, rank=0, world_size=1, features=CRITEO)
     # Rows 0, 1 then rows 2, 3 (a slice in the middle of the arrays); feature-major.
     for batch, rows, c1_bags, c2_bags in [(b0, (0, 1), [[5, 6], []], [[1], [2, 3, 4]]),
                                           (b1, (2, 3), [[], [7]], [[9], [0, 1]])]:
@@ -374,7 +379,7 @@ def test_list_columns_by_hand(tmp_path):
 
 def test_list_columns_pad_with_missing_bags(tmp_path):
     seg = _write(tmp_path / "bags.parquet", range(4))
-    batches = list(ParquetBatches([seg], 3, rank=0, world_size=1, pad=True))
+    batches = list(ParquetBatches([seg], 3, rank=0, world_size=1, pad=True, features=CRITEO))
     assert len(batches) == 2
     kjt = batches[1].sparse_features
     assert batches[1].labels.tolist() == [1.0, PAD_LABEL, PAD_LABEL]
@@ -387,8 +392,10 @@ def test_list_columns_pad_with_missing_bags(tmp_path):
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_shuffle_keeps_each_ranks_rows_and_batch_count(grouped, world_size):
-    in_order = [ParquetBatches(grouped, 32, r, world_size) for r in range(world_size)]
-    shuffled = [ParquetBatches(grouped, 32, r, world_size, shuffle_buffer=100, seed=7)
+    in_order = [ParquetBatches(grouped, 32, r, world_size, features=CRITEO)
+                for r in range(world_size)]
+    shuffled = [ParquetBatches(grouped, 32, r, world_size, features=CRITEO, shuffle_buffer=100,
+                               seed=7)
                 for r in range(world_size)]
     counts = {len(b) for b in in_order + shuffled}
     assert counts == {(sum(GROUPED_ROWS) // world_size) // 32}  # the same on every rank
@@ -403,12 +410,12 @@ def test_shuffle_keeps_each_ranks_rows_and_batch_count(grouped, world_size):
 def test_shuffle_is_reproducible_per_seed_and_epoch(grouped):
     def order(seed: int, epoch: int, prefetch: int = 2) -> list[int]:
         return _row_numbers(ParquetBatches(grouped, 32, 1, 2, shuffle_buffer=64, seed=seed,
-                                           epoch=epoch, prefetch=prefetch))
+                                           epoch=epoch, prefetch=prefetch, features=CRITEO))
 
     assert order(1, 0) == order(1, 0, prefetch=0)
     assert order(1, 3) == order(1, 3)
     assert len({tuple(order(1, e)) for e in range(3)} | {tuple(order(2, 0))}) == 4
-    batches = ParquetBatches(grouped, 32, 1, 2, shuffle_buffer=64, seed=1)
+    batches = ParquetBatches(grouped, 32, 1, 2, shuffle_buffer=64, seed=1, features=CRITEO)
     first, second = _row_numbers(batches), _row_numbers(batches)
     assert (first, second) == (order(1, 0), order(1, 1))  # each iteration: the next epoch
     batches.set_epoch(0)
@@ -418,13 +425,14 @@ def test_shuffle_is_reproducible_per_seed_and_epoch(grouped):
 def test_shuffle_reorders_row_groups(grouped):
     # A one-row buffer mixes little across row groups: the 50-row groups show through,
     # in a shuffled order.
-    rows = _row_numbers(ParquetBatches(grouped, 50, 0, 1, shuffle_buffer=1, seed=3))
+    rows = _row_numbers(ParquetBatches(grouped, 50, 0, 1, features=CRITEO, shuffle_buffer=1,
+                                       seed=3))
     groups = list(dict.fromkeys(r // 50 for r in rows[::50]))
     assert len(groups) > 10 and groups != sorted(groups)
 
 
 def test_a_buffer_larger_than_the_part_shuffles_it_whole(grouped):
-    rows = _row_numbers(ParquetBatches(grouped, 100, 0, 1, shuffle_buffer=10**6))
+    rows = _row_numbers(ParquetBatches(grouped, 100, 0, 1, shuffle_buffer=10**6, features=CRITEO))
     assert {r // 250 for r in rows[:100]} == {0, 1, 2}
 
 
@@ -438,14 +446,15 @@ def _prefetch_threads() -> set[threading.Thread]:
 @pytest.mark.parametrize("shuffle_buffer", [0, 80])
 def test_prefetch_gives_the_same_batches(grouped, shuffle_buffer):
     orders = [_row_numbers(ParquetBatches(grouped, 32, 0, 2, shuffle_buffer=shuffle_buffer,
-                                          prefetch=p)) for p in (0, 1, 3)]
+                                          prefetch=p, features=CRITEO)) for p in (0, 1, 3)]
     assert orders[0] == orders[1] == orders[2]
     assert len(orders[0]) == (sum(GROUPED_ROWS) // 2) // 32 * 32
 
 
 def test_prefetch_thread_ends_when_the_consumer_stops_early(grouped):
     before = _prefetch_threads()
-    batches = ParquetBatches(grouped, 8, 0, 1, prefetch=2)  # 91 batches; the queue fills
+    # 91 batches; the queue fills
+    batches = ParquetBatches(grouped, 8, 0, 1, prefetch=2, features=CRITEO)
     # As train.py does: islice, then drop. (islice itself lets go of the iterator once
     # exhausted, so hold it here to see the thread alive first.)
     it = iter(batches)
@@ -483,8 +492,10 @@ def report():  # registered first, so it runs after the loader's own exit hook
 atexit.register(report)
 from dlrm.data.loader import ParquetBatches
 from dlrm.schema.splits import Segment
+from dlrm.schema.declared import load_schema
 segments = [Segment(p, a, b) for p, a, b in {[(str(g.path), g.start, g.stop) for g in grouped]!r}]
-held = iter(ParquetBatches(segments, 8, 0, 1, prefetch=2))
+held = iter(ParquetBatches(segments, 8, 0, 1, prefetch=2,
+                           features=load_schema("criteo").features()))
 next(held)
 print("alive before exit:", sum(t.name == "ParquetBatches-prefetch"
                                 for t in threading.enumerate()))
@@ -496,7 +507,7 @@ print("alive before exit:", sum(t.name == "ParquetBatches-prefetch"
 
 
 def test_prefetch_thread_ends_after_the_last_batch(grouped):
-    it = iter(ParquetBatches(grouped, 100, 0, 1, prefetch=2))
+    it = iter(ParquetBatches(grouped, 100, 0, 1, prefetch=2, features=CRITEO))
     assert sum(1 for _ in it) == 7
     assert not it.thread.is_alive()
 
@@ -513,7 +524,8 @@ def test_producer_error_surfaces_in_the_consumer(tmp_path, second_file, error, m
     else:
         _write(second, range(100, 200), C2=pa.array(np.arange(100)))
     before = _prefetch_threads()
-    it = iter(ParquetBatches([first, Segment(second, 0, 100)], 50, 0, 1, prefetch=2))
+    it = iter(ParquetBatches([first, Segment(second, 0, 100)], 50, 0, 1, prefetch=2,
+                             features=CRITEO))
     assert [b.labels.shape[0] for b in (next(it), next(it))] == [50, 50]  # the first file
     with pytest.raises(error, match=match):
         next(it)
@@ -531,13 +543,14 @@ def test_multi_hot_expansion(numbered_dataset):
     out, manifest = numbered_dataset
     cards = manifest.cardinalities
     segments = resolve_split(out, manifest, ["day_0", "day_1"])
-    one_hot = ParquetBatches(segments, BATCH, 1, 2, pad=True)
+    one_hot = ParquetBatches(segments, BATCH, 1, 2, pad=True, features=manifest.features)
     multi = ParquetBatches(segments, BATCH, 1, 2, pad=True, multi_hot_sizes=MLPERF_SIZES,
-                           cardinalities=cards)
+                           cardinalities=cards, features=manifest.features)
     again = ParquetBatches(segments, BATCH, 1, 2, pad=True, multi_hot_sizes=MLPERF_SIZES,
-                           cardinalities=cards)
+                           cardinalities=cards, features=manifest.features)
     other_seed = ParquetBatches(segments, BATCH, 1, 2, pad=True, multi_hot_sizes=MLPERF_SIZES,
-                                cardinalities=cards, multi_hot_seed=1)
+                                cardinalities=cards, multi_hot_seed=1,
+                                features=manifest.features)
     assert len(multi) == len(one_hot)
     differs = False
     for b1, bm, ba, bo in zip(one_hot, multi, again, other_seed, strict=True):
@@ -561,7 +574,7 @@ def test_multi_hot_expansion(numbered_dataset):
 
 def test_multi_hot_tables_are_the_mlperf_reference():
     cards = [3 + 5 * f for f in range(NUM_SPARSE)]
-    tables = MultiHot(MLPERF_SIZES, cards).tables
+    tables = MultiHot(MLPERF_SIZES, cards, names=SPARSE_NAMES).tables
     # torchrec_dlrm's Multihot.__make_multi_hot_indices_tables, dist_type="uniform".
     state = np.random.get_state()
     try:
@@ -578,23 +591,23 @@ def test_multi_hot_tables_are_the_mlperf_reference():
         else:
             np.testing.assert_array_equal(table, ref)
     ids = np.array([0, 2, 1])
-    np.testing.assert_array_equal(MultiHot(MLPERF_SIZES, cards).expand(0, ids),
+    np.testing.assert_array_equal(MultiHot(MLPERF_SIZES, cards, names=SPARSE_NAMES).expand(0, ids),
                                   reference[0][ids].reshape(-1))
 
 
 def test_multi_hot_argument_errors(grouped, tmp_path):
     with pytest.raises(ValueError, match="cardinalit"):
-        ParquetBatches(grouped, 8, 0, 1, multi_hot_sizes=[2] * NUM_SPARSE)
+        ParquetBatches(grouped, 8, 0, 1, multi_hot_sizes=[2] * NUM_SPARSE, features=CRITEO)
     with pytest.raises(ValueError, match="C2 is a list column"):
         ParquetBatches(grouped, 8, 0, 1, multi_hot_sizes=[2] * NUM_SPARSE,
-                       cardinalities=[1000] * NUM_SPARSE)
+                       cardinalities=[1000] * NUM_SPARSE, features=CRITEO)
     with pytest.raises(ValueError, match="26 ints"):
-        MultiHot([2] * 3, [10] * NUM_SPARSE)
+        MultiHot([2] * 3, [10] * NUM_SPARSE, names=SPARSE_NAMES)
     # C1 holds ids up to 99, more than a cardinality of 50 allows: the consumer hears it
     # (from the loader's check of every row group, before the multi-hot tables see them).
     seg = _write(tmp_path / "f.parquet", range(100), C2=pa.array(np.zeros(100, np.int64)))
     batches = ParquetBatches([seg], 50, 0, 1, multi_hot_sizes=[2] * NUM_SPARSE,
-                             cardinalities=[50] * NUM_SPARSE)
+                             cardinalities=[50] * NUM_SPARSE, features=CRITEO)
     with pytest.raises(DataError, match=r"f\.parquet: feature C1 has id 50 \(row 50 of the "
                                         r"file; 50 such ids here\) outside its table of 50"):
         list(batches)
@@ -607,7 +620,7 @@ def test_the_model_takes_multi_hot_batches(grouped):
     model = build_model(cfg, CRITEO, cards, torch.device("cpu"), torch.device("cpu"))
     sizes = [1, 1] + [3] * (NUM_SPARSE - 2)
     batch = next(iter(ParquetBatches(grouped, 16, 0, 1, multi_hot_sizes=sizes,
-                                     cardinalities=cards)))
+                                     cardinalities=cards, features=CRITEO)))
     loss, (_, logits, _) = model(batch)
     loss.backward()
     assert logits.shape == (16,) and torch.isfinite(loss)
@@ -642,8 +655,9 @@ def test_finish_runs_on_each_batch_in_the_thread_that_makes_it(grouped, prefetch
         seen.append(threading.current_thread().name)
         return Batch(batch.dense_features * 2, batch.sparse_features, batch.labels)
 
-    plain = list(ParquetBatches(grouped, 32, 0, 2, prefetch=prefetch))
-    finished = list(ParquetBatches(grouped, 32, 0, 2, prefetch=prefetch, finish=finish))
+    plain = list(ParquetBatches(grouped, 32, 0, 2, prefetch=prefetch, features=CRITEO))
+    finished = list(ParquetBatches(grouped, 32, 0, 2, prefetch=prefetch, finish=finish,
+                                   features=CRITEO))
     assert seen == [thread] * len(plain) and len(plain) > 1
     for a, b in zip(plain, finished, strict=True):
         assert torch.equal(b.dense_features, a.dense_features * 2)

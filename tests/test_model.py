@@ -13,7 +13,8 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN, InteractionArch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.config import ModelConfig
-from dlrm.schema.features import CRITEO, NUM_DENSE, SPARSE_NAMES
+from dlrm.schema.declared import load_schema
+from dlrm.schema.features import NUM_DENSE, SPARSE_NAMES
 from dlrm.train.model import KeyOrderInteractionArch, build_model, stack_pooled
 
 CARDS = [5 + i for i in range(len(SPARSE_NAMES))]
@@ -37,7 +38,8 @@ def test_lookup_first_forward_and_backward_equal_torchrecs(interaction, referenc
                       over_arch_layer_sizes=[16, 1], interaction=interaction,
                       dcn_num_layers=2, dcn_low_rank_dim=4)
     torch.manual_seed(0)
-    ours = build_model(cfg, CRITEO, CARDS, torch.device("cpu"), torch.device("cpu")).model
+    ours = build_model(cfg, load_schema("criteo").features(), CARDS, torch.device("cpu"),
+                       torch.device("cpu")).model
     assert type(ours) is not reference and isinstance(ours, reference)
     kwargs = {"dcn_num_layers": 2, "dcn_low_rank_dim": 4} if interaction == "dcn" else {}
     theirs = reference(

@@ -23,7 +23,8 @@ def split_arrays(data: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, to
     manifest = load_manifest(data)
     segments = resolve_split(data, manifest, default_split_specs(manifest)[split])
     labels, dense, ids = [], [], []
-    for b in ParquetBatches(segments, 4096, rank=0, world_size=1, pad=True):
+    for b in ParquetBatches(segments, 4096, rank=0, world_size=1, pad=True,
+                            features=manifest.features):
         keep = b.labels >= 0
         labels.append(b.labels[keep])
         dense.append(b.dense_features[keep])

@@ -139,7 +139,7 @@ def test_requests_waiting_together_are_scored_in_one_pass(served):
     model, _, rows, probs = served
     exported = load_exported(model)
     scorer = Scorer(exported, layout_for(exported, None))
-    blocks = [RequestRows(schema_of(exported.manifest)[0]).block(rows[k * 3:(k + 1) * 3])
+    blocks = [RequestRows(schema_of(exported.manifest)).block(rows[k * 3:(k + 1) * 3])
               for k in range(16)]
 
     async def go() -> tuple[int, list]:

@@ -103,16 +103,16 @@ def test_dropped_rows_are_the_same_split_across_ranks(tmp_path, world):
     out = tmp_path / "data"
     m = preprocess([write_lines(tmp_path / "d", lines)], out, workers=1, log=lambda *_: None,
                    vocab_from=["*"])
-    segments = resolve_split(out, m, ["*"])
+    segments, features = resolve_split(out, m, ["*"]), m.features
     want = uniform(3, 2, np.arange(1000), 0) < 0.3
     assert 250 < want.sum() < 350
     for shuffle in (0, 64):
         got = np.zeros(1000, bool)
         for rank in range(world):
             batches = ParquetBatches(segments, 50, rank, world, shuffle_buffer=shuffle, seed=3,
-                                     oov_dropout={0: 0.3}, prefetch=0)
+                                     oov_dropout={0: 0.3}, prefetch=0, features=features)
             base = ParquetBatches(segments, 50, rank, world, shuffle_buffer=shuffle, seed=3,
-                                  prefetch=0)
+                                  prefetch=0, features=features)
             for b, plain in zip(batches.iter_epoch(2), base.iter_epoch(2), strict=True):
                 row = plain.sparse_features["C1"].values().numpy() - 2  # id - 2 = row
                 got[row] = b.sparse_features["C1"].values().numpy() == OOV_ID

@@ -21,7 +21,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm.data.multi_hot import MultiHot
-from dlrm.schema.features import CRITEO, MISSING_ID, Features
+from dlrm.schema.features import MISSING_ID, Features
 
 BAGS = pa.list_(pa.int64())  # the type list columns are read as
 
@@ -128,7 +128,7 @@ def table_rows(table: pa.Table, features: Features, list_features: Sequence[bool
 
 
 def make_batch(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
-               keys: Sequence[str] = CRITEO.sparse) -> Batch:
+               keys: Sequence[str]) -> Batch:
     """Builds a Batch from ``labels [B]``, ``dense [B, D]`` and ``sparse ids [B, F]`` (the
     F features named by ``keys``).
 

@@ -39,7 +39,7 @@ from dlrm.data.batches import Rows, is_list_type, table_rows, to_batch
 from dlrm.data.multi_hot import MultiHot
 from dlrm.data.oov_dropout import drop_to_oov
 from dlrm.data.prefetch import Prefetcher
-from dlrm.schema.features import CRITEO, MISSING_ID, Features
+from dlrm.schema.features import MISSING_ID, Features
 from dlrm.schema.integrity import (
     check_column_ids,
     check_file,
@@ -125,6 +125,9 @@ class ParquetBatches:
         batch_size: rows per batch on this rank.
         rank, world_size: global rank and number of ranks.
         pad: evaluation mode (see module doc).
+        features: the dataset's columns (``manifest.features``): the label, the dense
+            features (the batch's dense tensor, in this order) and the categorical ones
+            (the KJT's keys, in this order).
         shuffle_buffer: 0 reads in order (torchrec_dlrm); > 0 shuffles the order of the
             rank's row groups, then its rows through a pool of that many rows
             (:func:`_shuffle`). The order depends on ``seed``, the epoch and the rank only;
@@ -161,16 +164,17 @@ class ParquetBatches:
 
     Example::
 
-        batches = ParquetBatches(resolve_split(d, m, ["day_0"]), 512, rank=0, world_size=2)
+        batches = ParquetBatches(resolve_split(d, m, ["day_0"]), 512, rank=0, world_size=2,
+                                 features=m.features)
         for batch in batches:  # len(batches) batches, identical count on every rank
             ...
     """
 
     def __init__(self, segments: list[Segment], batch_size: int, rank: int, world_size: int,
-                 pad: bool = False, *, shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0,
-                 prefetch: int = 4, multi_hot_sizes: Sequence[int] = (),
+                 pad: bool = False, *, features: Features, shuffle_buffer: int = 0,
+                 seed: int = 0, epoch: int = 0, prefetch: int = 4,
+                 multi_hot_sizes: Sequence[int] = (),
                  cardinalities: Sequence[int] | None = None, multi_hot_seed: int = 0,
-                 features: Features = CRITEO,
                  finish: Callable[[Batch], Batch] | None = None,
                  oov_dropout: dict[int, float] | None = None) -> None:
         if batch_size <= 0 or shuffle_buffer < 0 or prefetch < 0:
@@ -205,7 +209,7 @@ class ParquetBatches:
                 raise ValueError("multi_hot_sizes needs the cardinality of every feature "
                                  "(the manifest's cardinalities)")
             self.multi_hot = MultiHot(multi_hot_sizes, cardinalities, multi_hot_seed,
-                                      features.sparse)
+                                      names=features.sparse)
             for f, is_list in enumerate(self._list_features):
                 if is_list and self.multi_hot.sizes[f] > 1:
                     raise ValueError(f"multi_hot_sizes: {features.sparse[f]} is a list column "

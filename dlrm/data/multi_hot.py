@@ -7,8 +7,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dlrm.schema.features import CRITEO
-
 _DRAW_ROWS = 1 << 20  # table rows drawn per call: caps the int64 temporary, same stream
 
 
@@ -54,8 +52,8 @@ class MultiHot:
     or small vocabularies it is small.
     """
 
-    def __init__(self, sizes: Sequence[int], cardinalities: Sequence[int], seed: int = 0,
-                 names: Sequence[str] = CRITEO.sparse) -> None:
+    def __init__(self, sizes: Sequence[int], cardinalities: Sequence[int], seed: int = 0, *,
+                 names: Sequence[str]) -> None:
         n = len(names)
         if len(sizes) != n or not all(s >= 1 for s in sizes):
             raise ValueError(f"multi_hot_sizes: need {n} ints >= 1, got {list(sizes)}")

@@ -105,7 +105,7 @@ def _distinct(sample: _Sample, rows: float) -> float:
 def estimate(paths: list[Path], layout: Layout) -> DiskNeeds:
     """The bytes each stage will write for ``paths``."""
     text = sum(p.stat().st_size * (GZIP_EXPANSION if p.suffix == ".gz" else 1) for p in paths)
-    parquet = layout.schema is not None and layout.schema.format == "parquet"
+    parquet = layout.schema.format == "parquet"
     plain = [p for p in paths if p.suffix != ".gz" and p.stat().st_size]
     sample = _sample(plain[0], layout) if plain and not parquet else None
     if sample is None:  # Parquet input (columnar already): as large again; else Criteo's
@@ -124,8 +124,7 @@ def surely_fits(paths: list[Path], layout: Layout, free: int) -> bool:
     estimate (a sample parsed) is not needed: per byte of text at most ``CEILING`` bytes,
     plus ``FLOOR`` for files' fixed costs. Gzip and Parquet inputs can expand without such
     a bound."""
-    if any(p.suffix == ".gz" for p in paths) or (layout.schema is not None
-                                                  and layout.schema.format == "parquet"):
+    if any(p.suffix == ".gz" for p in paths) or layout.schema.format == "parquet":
         return False
     return free >= CEILING * sum(p.stat().st_size for p in paths) + FLOOR
 

@@ -149,7 +149,7 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
             raise PreprocessError("--like takes the schema and encoding of its dataset; "
                                   "give no other")
         ref = Reference.of(like, load_manifest(like))
-        schema, encoding = ref.schema, ref.encoding
+        schema = ref.schema
         if vocab_from is not None:
             raise PreprocessError("--like takes the vocabularies of its dataset, counted on "
                                   "its rows; --vocab-from has nothing to count")
@@ -196,7 +196,7 @@ class _Run:
         """What makes the dataset what it is: a rerun or a resumed run must match it."""
         plan = {"format": FORMAT, "encoding": self.layout.encoding_json(),
                 "sources": [fingerprint(p) for p in self.paths]}
-        if self.layout.schema is not None:
+        if not self.layout.criteo_tsv:  # Criteo's records no declaration (see record.py)
             plan["schema"] = self.layout.schema.to_json()
         if self.ref is not None:
             plan["like"] = self.ref.to_json()
@@ -252,7 +252,7 @@ class _Run:
         for sub in ("counts", "staged", "rejects", "done"):
             (work / sub).mkdir(parents=True, exist_ok=True)
         tasks = plan_tasks(self.paths, opts.chunk_bytes,
-                           whole=layout.schema is not None and layout.schema.format == "parquet")
+                           whole=layout.schema.format == "parquet")
         # Largest first: the pool's tail is then short.
         by_size = sorted(tasks, key=lambda t: -t.bytes)
         workers = min(opts.workers or os.cpu_count() or 1, len(tasks))
@@ -357,7 +357,7 @@ class _Run:
             "cardinalities": cardinalities,
             "oov_rate": oov_rates(layout, dones),
             **({"joins": joins_record(layout, dones)}
-               if layout.schema and layout.schema.joins else {}),
+               if layout.schema.joins else {}),
             **({"vocab_from": vocab_from} if vocab_from is not None else {}),
             "sources": sources,
             **({"periods": periods} if periods is not None else {}),

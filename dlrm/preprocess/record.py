@@ -43,10 +43,10 @@ _SPARSE_IDS = (f"{MISSING_ID} = missing, {OOV_ID} = out of vocabulary, 2.. = voc
 
 def schema_json(layout: Layout) -> dict[str, Any]:
     """The manifest's ``schema``: the features everything downstream reads (``Features``);
-    for a declared schema also each bag feature's pooling, its time column and the
-    declaration itself."""
+    for any but Criteo's exact layout (``Layout.criteo_tsv``, recorded as it always was) also
+    each bag feature's pooling, its time column and the declaration itself."""
     schema = {"label": layout.label, "dense": list(layout.dense), "sparse": list(layout.sparse)}
-    if layout.schema is None:
+    if layout.criteo_tsv:
         return {**schema, "dense_transform": "missing -> 0, negative -> 0, log1p; float32",
                 "sparse_ids": _SPARSE_IDS}
     return {**schema, "label_kind": layout.schema.kind,

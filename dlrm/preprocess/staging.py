@@ -34,7 +34,7 @@ def staged_paths(work: Path, task: Task) -> tuple[Path, Path]:
 
 
 def staged_schema(layout: Layout) -> pa.Schema:
-    if layout.schema is None:
+    if layout.criteo_tsv:
         return STAGED_SCHEMA
     label = pa.float32() if layout.regression else pa.int8()
     return pa.schema([(layout.label, label)] + [(c, pa.float32()) for c in layout.dense]
@@ -45,7 +45,7 @@ def staged_schema(layout: Layout) -> pa.Schema:
 
 def stage_batch(block: Block, layout: Layout) -> pa.RecordBatch:
     arrays = [pa.array(block.label)] + [pa.array(x) for x in block.dense]
-    if layout.schema is None:
+    if layout.criteo_tsv:
         present = np.zeros(block.label.size, np.uint32)
         for f, (_, p) in enumerate(block.hex):
             present |= p.astype(np.uint32) << np.uint32(f)
@@ -65,7 +65,7 @@ def read_staged(path: Path, layout: Layout) -> Iterator[Block]:
     with pa.memory_map(str(path)) as source, pa.ipc.open_file(source) as reader:
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)
-            if layout.schema is None:
+            if layout.criteo_tsv:
                 cols = [c.to_numpy() for c in batch.columns]
                 present = cols[-1]
                 hex_ = [(cols[1 + len(DENSE_NAMES) + f], (present >> np.uint32(f)) & 1 == 1)

@@ -15,7 +15,7 @@ from dlrm.errors import PreprocessError, SchemaError
 from dlrm.rows.chunks import source_name
 from dlrm.rows.layout import Layout
 from dlrm.rows.vocab import Encoding
-from dlrm.schema.declared import Schema, is_criteo
+from dlrm.schema.declared import Schema
 
 
 def check_inputs(paths: list[Path], encoding: Encoding) -> None:
@@ -53,23 +53,25 @@ def read_header(path: Path, delimiter: str) -> list[str]:
     return next(csv.reader([text], delimiter=delimiter)) if text else []
 
 
+def with_encoding(schema: Schema, encoding: Encoding) -> Schema:
+    """``schema`` with ``encoding`` as every categorical feature's."""
+    return dataclasses.replace(schema, categorical=tuple(
+        dataclasses.replace(c, encoding=encoding.type, min_frequency=encoding.min_frequency,
+                            max_vocab=encoding.max_vocab, buckets=encoding.buckets)
+        for c in schema.categorical))
+
+
 def layout_of(schema: Schema, encoding: Encoding | None, paths: list[Path],
               same_columns: bool = True) -> Layout:
-    """The workers' layout of ``schema`` for ``paths``: Criteo's fast path where the schema
-    is Criteo's; ``encoding``, when given, replaces every categorical feature's. A header
+    """The workers' layout of ``schema`` for ``paths`` (Criteo's fast path where the schema
+    is Criteo's exact layout: ``Schema.criteo_tsv``); ``encoding``, when given, replaces
+    every categorical feature's (``with_encoding``). A header
     names the columns: every file's must be the same and hold what the schema declares;
     with ``same_columns`` (preprocessing, where a dataset's files are one layout) exactly
     the schema's ``input.columns``, else (rows to score) in any order, ignored ones
     optional."""
     if encoding is not None:
-        schema = dataclasses.replace(schema, categorical=tuple(
-            dataclasses.replace(c, encoding=encoding.type, min_frequency=encoding.min_frequency,
-                                max_vocab=encoding.max_vocab, buckets=encoding.buckets)
-            for c in schema.categorical))
-    if is_criteo(schema):
-        first = schema.categorical[0]
-        return Layout.criteo(Encoding(first.encoding, first.min_frequency, first.max_vocab,
-                                      first.buckets))
+        schema = with_encoding(schema, encoding)
     if schema.format == "parquet":
         for p in paths:
             try:

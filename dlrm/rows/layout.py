@@ -1,9 +1,11 @@
 """What the preprocessing workers know of a dataset's layout: its columns, which
 categorical ones hold bags, each one's encoding, and how to read a chunk into blocks.
 
-Criteo's layout reads through the byte-level fast path (``criteo_tsv``), a declared schema
-through ``declared_reader``; either stages its parsed rows between the vocab encoding's
-two passes.
+Every layout is a declared schema (Criteo's is ``configs/schemas/criteo.toml``). One whose
+contents are Criteo's exact layout (``Schema.criteo_tsv``) reads through the byte-level fast
+path (``criteo_tsv``) and is recorded as Criteo's datasets always were (one encoding for
+all); any other through ``declared_reader``. Either stages its parsed rows between the
+vocab encoding's two passes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from dlrm.rows.criteo_tsv import criteo_blocks
 from dlrm.rows.declared_reader import declared_blocks, parquet_blocks
 from dlrm.rows.vocab import Encoding
 from dlrm.schema.declared import Schema, Time
-from dlrm.schema.features import DENSE_NAMES, LABEL, SPARSE_NAMES
 
 BAGS = pa.list_(pa.int64())
 
@@ -31,13 +32,7 @@ class Layout:
     sparse: tuple[str, ...]
     multi: tuple[bool, ...]  # per categorical feature: a bag per row
     encodings: tuple[Encoding, ...]  # per categorical feature
-    schema: Schema | None = None  # None: Criteo's fast path
-
-    @classmethod
-    def criteo(cls, encoding: Encoding) -> Layout:
-        n = len(SPARSE_NAMES)
-        return cls(LABEL, tuple(DENSE_NAMES), tuple(SPARSE_NAMES), (False,) * n,
-                   (encoding,) * n)
+    schema: Schema
 
     @classmethod
     def declared(cls, schema: Schema) -> Layout:
@@ -48,20 +43,24 @@ class Layout:
                    tuple(c.multi for c in schema.categorical), encodings, schema)
 
     @property
+    def criteo_tsv(self) -> bool:
+        """Whether the schema is Criteo's exact layout: read by the byte-level fast path,
+        staged and recorded in the manifest as Criteo's."""
+        return self.schema.criteo_tsv
+
+    @property
     def standardized(self) -> list[int]:
         """The dense features whose mean and std the manifest records."""
-        if self.schema is None:
-            return []
         return [j for j, d in enumerate(self.schema.dense) if d.transform == "standardize"]
 
     @property
     def time(self) -> Time | None:
         """The time column, by which the rows are laid out in periods."""
-        return None if self.schema is None else self.schema.time
+        return self.schema.time
 
     @property
     def regression(self) -> bool:
-        return self.schema is not None and self.schema.kind == "regression"
+        return self.schema.kind == "regression"
 
     @property
     def vocab(self) -> bool:
@@ -70,7 +69,7 @@ class Layout:
 
     def blocks(self, task: Task, opts: Options,
                progress: Callable[[int], None]) -> Iterator[Block]:
-        if self.schema is None:
+        if self.criteo_tsv:
             return criteo_blocks(task, opts, progress)
         read = parquet_blocks if self.schema.format == "parquet" else declared_blocks
         return read(task, opts, self.schema, progress)
@@ -84,6 +83,6 @@ class Layout:
 
     def encoding_json(self) -> dict:
         """The manifest's ``encoding``: Criteo's one for all, else one per feature."""
-        if self.schema is None:
+        if self.criteo_tsv:
             return self.encodings[0].to_json()
         return {c: e.to_json() for c, e in zip(self.sparse, self.encodings, strict=True)}

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dlrm.rows.inputs import with_encoding
 from dlrm.rows.vocab import Encoding
 from dlrm.schema.declared import SCHEMAS, Schema, load_schema
 from dlrm.schema.manifest import MANIFEST, DatasetEncoding, Manifest, load_manifest
@@ -32,13 +33,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def schema_of(dataset: DatasetEncoding) -> tuple[Schema, Encoding | None]:
-    """The schema a dataset was read with (its manifest, or what a model directory keeps
-    of it), and Criteo's one encoding for all (None for a declared schema, which holds each
-    feature's)."""
-    if dataset.declared is None:  # Criteo's fast path records one encoding for all
-        return load_schema(SCHEMAS / "criteo.toml"), Encoding(**dataset.encoding)
-    return Schema.from_json(dataset.declared), None
+def schema_of(dataset: DatasetEncoding) -> Schema:
+    """The schema a dataset was read with (its manifest, or what a model directory keeps of
+    it), each feature's encoding included. A dataset of Criteo's exact layout records no
+    declaration, only its one encoding for all (see ``Schema.criteo_tsv``):
+    ``configs/schemas/criteo.toml`` with that encoding."""
+    if dataset.declared is None:
+        return with_encoding(load_schema(SCHEMAS / "criteo.toml"), Encoding(**dataset.encoding))
+    return Schema.from_json(dataset.declared)
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,7 @@ class Reference:
     """What a dataset's encoding consists of, read from its directory."""
 
     path: Path
-    schema: Schema
-    encoding: Encoding | None  # Criteo's one for all; None: the schema's per feature
+    schema: Schema  # each feature's encoding included
     standardize: dict[str, Any]
     vocab_sha256: str | None  # None: hash encoding only, no vocabularies
     vocab_from: dict[str, Any]  # the rows its vocabularies were counted on ({}: unrecorded)
@@ -55,9 +56,8 @@ class Reference:
     @classmethod
     def of(cls, dataset: str | Path, manifest: Manifest) -> Reference:
         path = Path(dataset).resolve()
-        schema, encoding = schema_of(manifest)
         vocab = path / VOCAB
-        return cls(path, schema, encoding, manifest.standardize,
+        return cls(path, schema_of(manifest), manifest.standardize,
                    file_sha256(vocab) if vocab.is_file() else None,
                    manifest.vocab_from or {})
 

@@ -134,6 +134,24 @@ class Schema:
     labeled: bool = True  # False: rows to score, without the label column (predict)
     joins: tuple[Join, ...] = ()  # side tables joined onto each row by key
 
+    @property
+    def criteo_tsv(self) -> bool:
+        """Whether this is Criteo's exact layout (``configs/schemas/criteo.toml``, whatever
+        its encoding), which the byte-level fast reader reads and the manifest records as
+        Criteo's: TSV without a header, the 40 columns in order, a 0/1 label, 13 integer
+        dense features with log1p and fill 0, 26 hex categorical features of one encoding
+        for all; no ignored columns, label rule, time column, bags, side tables or roles."""
+        first = self.categorical[0]
+        return (self.format == "tsv" and self.delimiter == "\t" and not self.header
+                and self.columns == (LABEL, *DENSE_NAMES, *SPARSE_NAMES) and not self.ignore
+                and self.label == LABEL and self.labeled and self.kind == "binary"
+                and not self.rule
+                and self.dense == tuple(Dense(n, 0.0, "log1p", "integer") for n in DENSE_NAMES)
+                and self.categorical == tuple(dataclasses.replace(first, name=n)
+                                              for n in SPARSE_NAMES)
+                and first.values == "hex" and not first.multi and first.pooling == "sum"
+                and self.time is None and not self.joins and not self.user and not self.item)
+
     def features(self) -> Features:
         return Features(self.label, tuple(d.name for d in self.dense),
                         tuple(c.name for c in self.categorical),
@@ -368,18 +386,3 @@ def load_schema(path: str | Path) -> Schema:
     if columns:
         schema.check_columns(list(columns), f"{where}: input.columns")
     return schema
-
-
-def is_criteo(schema: Schema) -> bool:
-    """Whether ``schema`` is Criteo's layout, which the byte-level fast path reads: TSV
-    without a header, the 40 columns in order, a 0/1 label, integer dense features with
-    log1p and fill 0, hex categorical features, one encoding for all."""
-    first = schema.categorical[0]
-    return (schema.format == "tsv" and schema.delimiter == "\t" and not schema.header
-            and schema.columns == (LABEL, *DENSE_NAMES, *SPARSE_NAMES) and not schema.ignore
-            and schema.label == LABEL and schema.kind == "binary" and not schema.rule
-            and schema.dense == tuple(Dense(n, 0.0, "log1p", "integer") for n in DENSE_NAMES)
-            and schema.categorical == tuple(dataclasses.replace(first, name=n)
-                                            for n in SPARSE_NAMES)
-            and first.values == "hex" and not first.multi and first.pooling == "sum"
-            and schema.time is None)

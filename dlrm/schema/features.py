@@ -1,5 +1,6 @@
-"""The Criteo schema, shared by the generator and the preprocessor, and the features of a
-preprocessed dataset (any layout), which everything downstream reads."""
+"""Criteo's column names, which its generator and byte-level fast reader are written for
+(its schema is ``configs/schemas/criteo.toml``), and the features of a preprocessed
+dataset (any layout), which everything downstream reads."""
 
 from __future__ import annotations
 
@@ -59,6 +60,3 @@ class Features:
     def pooling_of(self, i: int) -> str:
         """How the bag of the ``i``-th categorical feature is pooled."""
         return self.pooling[i] if self.pooling else "sum"
-
-
-CRITEO = Features(LABEL, tuple(DENSE_NAMES), tuple(SPARSE_NAMES))

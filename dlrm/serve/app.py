@@ -122,7 +122,7 @@ async def read_json(request: Request, limit: int) -> Any:
 
 def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
                max_batch_rows: int = 4096) -> Starlette:
-    schema, _ = schema_of(exported.manifest)
+    schema = schema_of(exported.manifest)
     layout = layout_for(exported, None)
     rows = RequestRows(schema)
     scorer = Scorer(exported, layout)

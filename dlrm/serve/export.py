@@ -94,7 +94,7 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
         with np.load(data / VOCAB) as z:
             vocabs = {name: z[name] for name in z.files}
         save_tables(vocabs, tmp / TABLES)
-    schema, _ = schema_of(manifest)
+    schema = schema_of(manifest)
     for i, join in enumerate(schema.joins):  # side tables travel with the model
         (tmp / JOINS).mkdir(exist_ok=True)
         name = f"{JOINS}/{i}-{Path(join.file).name}"

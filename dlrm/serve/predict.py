@@ -40,7 +40,7 @@ from dlrm.rows.layout import Layout
 from dlrm.rows.like import schema_of
 from dlrm.rows.rejects import one_line
 from dlrm.rows.vocab import Encoder
-from dlrm.schema.declared import Schema, is_criteo
+from dlrm.schema.declared import Schema
 from dlrm.schema.integrity import WRITE
 from dlrm.schema.joins import based
 from dlrm.serve.model_dir import TABLES, Exported, load_exported
@@ -89,14 +89,14 @@ def layout_for(exported: Exported, paths: list[Path] | None) -> Layout:
     """The preprocessing layout of the model's training data, for these inputs (labeled
     or not, as the first shows); None: for rows that come as JSON (no files, no time
     column: it is no feature)."""
-    schema, encoding = schema_of(exported.manifest)
+    schema = schema_of(exported.manifest)
     schema = dataclasses.replace(schema, joins=based(schema.joins, exported.path))
-    if paths is None and not is_criteo(schema):
+    if paths is None:
         schema = dataclasses.replace(schema, time=None)
     if paths and not _labeled(schema, paths[0]):
         schema = dataclasses.replace(
             schema, labeled=False, columns=tuple(c for c in schema.columns if c != schema.label))
-    return layout_of(schema, encoding, paths or [], same_columns=False)
+    return layout_of(schema, None, paths or [], same_columns=False)
 
 
 def _labeled(schema: Schema, path: Path) -> bool:
@@ -113,7 +113,7 @@ def _labeled(schema: Schema, path: Path) -> bool:
 def score_chunk(task: Task, opts: Options, scorer: Scorer) -> dict[str, Any]:
     """One chunk's outputs with their chunk-relative line numbers, and its rejects."""
     labels, outputs, rejects, lines = [], [], [], 0
-    header = scorer.layout.schema is not None and scorer.layout.schema.header
+    header = scorer.layout.schema.header
     for block in scorer.layout.blocks(task, opts, lambda n: None):
         rejects += block.rejects
         lines = block.lines
@@ -184,9 +184,9 @@ def predict(model: str | Path, inputs: list[str | Path], out: str | Path, worker
     exported = load_exported(model)  # checks the directory before any worker starts
     layout = layout_for(exported, paths)
     regression = exported.features.label_kind == "regression"
-    labeled = layout.schema is None or layout.schema.labeled
+    labeled = layout.schema.labeled
     tasks = plan_tasks(paths, opts.chunk_bytes,
-                       whole=layout.schema is not None and layout.schema.format == "parquet")
+                       whole=layout.schema.format == "parquet")
     workers = min(opts.workers or os.cpu_count() or 1, len(tasks))
     schema = pa.schema([("source", pa.string()), ("line", pa.int64()),
                         ("prediction" if regression else "prob", pa.float32())]

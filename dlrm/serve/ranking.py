@@ -90,7 +90,7 @@ def rank_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "test
     ``out`` (default ``RUN/eval/ranking-SPLIT.json``, which ``dlrm report`` shows)."""
     offline = Offline(checkpoint, data, split, batch_size)
     manifest, data = offline.manifest, Path(data)
-    schema, _ = schema_of(manifest)
+    schema = schema_of(manifest)
     if not schema.user or not schema.item:
         raise ValueError(f"{data}: its schema {schema.name} names no [roles] user and item "
                          "features; ranking needs them")

@@ -21,8 +21,8 @@ import pyarrow.csv as pacsv
 import pytest
 from helpers import REPO, dataset_state, dlrm, quiet
 
-import dlrm.preprocess.driver as pre
 from dlrm.preprocess.driver import preprocess
+from dlrm.preprocess.pool import Pool
 from dlrm.rows.chunks import Options
 from dlrm.rows.vocab import Encoding
 from dlrm.synth.criteo import synth
@@ -114,13 +114,13 @@ def test_sigkill_in_the_merge_then_rerun_gives_the_same_dataset(raw, whole, tmp_
     # The rerun in this process (the flags of _args), each pass's jobs seen on their way
     # to the worker pool.
     jobs: dict[str, int] = {}
-    real = pre._run
+    real = Pool.run
 
-    def spy(pool, fn, tasks, *args):
+    def spy(pool, fn, tasks, *args, **kwargs):
         jobs[fn.__name__] = jobs.get(fn.__name__, 0) + len(tasks)
-        return real(pool, fn, tasks, *args)
+        return real(pool, fn, tasks, *args, **kwargs)
 
-    monkeypatch.setattr(pre, "_run", spy)
+    monkeypatch.setattr(Pool, "run", spy)
     said: list[str] = []
     preprocess(raw, killed, encoding=Encoding(type="vocab", min_frequency=2, max_vocab=3000),
                log=said.append, options=Options(workers=2, chunk_bytes=1 << 19,

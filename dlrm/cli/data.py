@@ -39,7 +39,9 @@ def _synth(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
     from dlrm.errors import PreprocessError, SchemaError
-    from dlrm.preprocess.driver import Encoding, Options, preprocess
+    from dlrm.preprocess.driver import preprocess
+    from dlrm.rows.chunks import Options
+    from dlrm.rows.vocab import Encoding
     from dlrm.schema.declared import load_schema
 
     # The encoding flags, where given, replace the schema's encoding of every feature

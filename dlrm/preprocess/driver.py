@@ -51,26 +51,23 @@ complete iff it exists.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import queue
 import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from dlrm.errors import DataError, PreprocessError
 from dlrm.preprocess.counting import count_values
 from dlrm.preprocess.disk import choose_staging
 from dlrm.preprocess.passes import WORK, write_chunk
+from dlrm.preprocess.pool import Pool
 from dlrm.preprocess.record import (
     fingerprint,
     joins_record,
@@ -91,28 +88,7 @@ from dlrm.schema.declared import SCHEMAS, Schema, load_schema
 from dlrm.schema.integrity import check_file
 from dlrm.schema.manifest import FORMAT, MANIFEST, Manifest, load_manifest
 from dlrm.utils.files import atomic_path, atomic_write_json, io_fault
-from dlrm.utils.heap import keep_freed_memory
-from dlrm.utils.workers import manager, worker_pool
 from dlrm.utils.writer_lock import LOCK, writer_lock
-
-__all__ = ["Encoding", "Options", "PreprocessError", "load_manifest", "preprocess"]
-
-def _run(pool: ProcessPoolExecutor, fn: Callable, tasks: list[Task], args: tuple,
-         bar: tqdm | None, updates: Any) -> None:
-    """Runs ``fn(task, *args, updates)`` for every task, feeding the progress bar."""
-    pending: set[Future] = {pool.submit(fn, t, *args, updates) for t in tasks}
-    while pending:
-        done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-        for fut in done:
-            fut.result()  # re-raises a worker's error here
-        if updates is not None:
-            while True:
-                try:
-                    n = updates.get_nowait()
-                except queue.Empty:
-                    break
-                if bar is not None:
-                    bar.update(n)
 
 
 def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
@@ -258,11 +234,7 @@ class _Run:
         workers = min(opts.workers or os.cpu_count() or 1, len(tasks))
         total = sum(p.stat().st_size for p in self.paths)
         staged = self.counts and self.stage  # the counting pass stages the parsed rows
-        bar = tqdm(total=total * (2 if self.counts else 1), unit="B", unit_scale=True,
-                   desc="preprocess", dynamic_ncols=True) if os.isatty(1) else None
-        progress = manager() if bar is not None else contextlib.nullcontext()
-        with progress, worker_pool(workers, keep_freed_memory) as pool:
-            updates = progress.Queue() if bar is not None else None
+        with Pool(workers, total * (2 if self.counts else 1)) as pool:
             tables = work / TABLES if layout.vocab else None
             vocabs: dict[str, np.ndarray] = {}
             selection, record = None, None
@@ -272,12 +244,7 @@ class _Run:
                 save_tables(vocabs, tables)
             elif layout.vocab:
                 budget = budget_bytes(opts.memory_gib) // workers
-
-                def run(fn: Callable, jobs: list, args: tuple, progress: bool = False) -> None:
-                    _run(pool, fn, jobs, args, bar if progress else None,
-                         updates if progress else None)
-
-                vocabs, selection = count_values(run, tasks, by_size, work, layout,
+                vocabs, selection = count_values(pool.run, tasks, by_size, work, layout,
                                                  self.vocab_from, opts, staged, budget, log)
                 record = selection.record
             if vocabs:
@@ -292,10 +259,7 @@ class _Run:
             todo = [t for t in by_size if not (work / "done" / f"{t.key}.json").exists()]
             encoder = Encoder(layout.sparse, layout.encodings, str(tables) if tables else None)
             log(f"preprocess: writing the shards of {len(todo)} chunks")
-            _run(pool, write_chunk, todo, (opts, str(out), encoder, layout, staged), bar,
-                 updates)
-        if bar is not None:
-            bar.close()
+            pool.run(write_chunk, todo, (opts, str(out), encoder, layout, staged), progress=True)
 
         log("preprocess: assembling the rejects and the manifest")
         manifest = self.finish(tasks, cardinalities, record, selection)

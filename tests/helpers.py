@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -170,9 +171,13 @@ class Server:
 
     def __init__(self, model, *args: str) -> None:
         self.port = _free_port()
+        # Files, not pipes: the server writes a line per request, which a pipe nobody
+        # reads would hold until it blocks.
+        self.stdout = tempfile.NamedTemporaryFile("w+", suffix=".stdout")
+        self.stderr = tempfile.NamedTemporaryFile("w+", suffix=".stderr")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dlrm", "serve", "--model", str(model), "--port",
-             str(self.port), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+             str(self.port), *args], cwd=REPO, stdout=self.stdout, stderr=self.stderr,
             text=True)
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -181,8 +186,12 @@ class Server:
                     return
             except OSError:
                 time.sleep(0.2)
-            assert self.proc.poll() is None, self.proc.communicate()
+            assert self.proc.poll() is None, self.output()
         raise AssertionError("the server did not come up")
+
+    def output(self) -> tuple[str, str]:
+        """(stdout, stderr) so far."""
+        return (Path(self.stdout.name).read_text(), Path(self.stderr.name).read_text())
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 timeout: float = 60) -> tuple[int, dict]:

@@ -17,7 +17,7 @@ import pytest
 from helpers import Server
 
 from dlrm.rows.like import schema_of
-from dlrm.serve.app import Batcher
+from dlrm.serve.batcher import Batcher
 from dlrm.serve.export import export
 from dlrm.serve.model_dir import load_exported
 from dlrm.serve.predict import Scorer, layout_for, predict
@@ -139,12 +139,11 @@ def test_requests_waiting_together_are_scored_in_one_pass(served):
     model, _, rows, probs = served
     exported = load_exported(model)
     scorer = Scorer(exported, layout_for(exported, None))
-    blocks = [RequestRows(schema_of(exported.manifest)).block(rows[k * 3:(k + 1) * 3])
-              for k in range(16)]
+    requests = [rows[k * 3:(k + 1) * 3] for k in range(16)]
 
     async def go() -> tuple[int, list]:
-        batcher = Batcher(scorer, max_rows=4096)
-        waiting = [asyncio.ensure_future(batcher.score(b)) for b in blocks]
+        batcher = Batcher(scorer, RequestRows(schema_of(exported.manifest)))
+        waiting = [asyncio.ensure_future(batcher.score(r)) for r in requests]
         await asyncio.sleep(0.05)  # all queued before the batcher looks
         runner = asyncio.create_task(batcher.run())
         outputs = await asyncio.gather(*waiting)

@@ -37,9 +37,11 @@ def _predict(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
     from dlrm.serve.app import serve
+    from dlrm.serve.batcher import Policy
 
     try:
-        serve(args.model, args.host, args.port, int(args.max_body_mb * 2**20))
+        policy = Policy(args.max_batch_rows, args.max_wait_ms, args.max_queue, args.timeout_s)
+        serve(args.model, args.host, args.port, int(args.max_body_mb * 2**20), policy)
     except offline_errors() as e:
         return error("serve", e)
     return 0
@@ -101,6 +103,16 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-body-mb", type=float, default=1.0,
                    help="larger request bodies get 413")
+    p.add_argument("--max-batch-rows", type=int, default=4096,
+                   help="rows scored in one forward pass at most (a larger request is "
+                        "scored alone)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long the first waiting request may wait for others to join "
+                        "its batch (default 0: a batch is what waits while the model is busy)")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="requests waiting to be scored at most; beyond, 503 with Retry-After")
+    p.add_argument("--timeout-s", type=float, default=30.0,
+                   help="a request not scored within this many seconds gets 504 (0: none)")
 
     p = model_command("recommend", _recommend, "top-K items for a user with an exported "
                       "model (a schema whose [roles] name user and item features)")

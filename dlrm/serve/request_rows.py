@@ -42,21 +42,35 @@ class RequestRows:
 
     def block(self, rows: Any) -> Block:
         """The rows' block (every row good) or RowsError."""
+        block, reasons = self.convert(self.fields(rows))
+        self.check(reasons)
+        return block
+
+    def fields(self, rows: Any) -> dict[str, list[bytes | None]]:
+        """Each column's fields of the rows, as text (RowsError naming the row and field
+        of the first that has no such text)."""
         if not isinstance(rows, list) or not rows:
             raise RowsError("rows: expected a non-empty list of rows")
         fields: dict[str, list[bytes | None]] = {c: [] for c in self.columns}
         for i, row in enumerate(rows):
             for column, value in self._fields(i, row).items():
                 fields[column].append(value)
-        used = self.schema.used()
-        table = pa.table({c: pa.array(fields[c], pa.binary()) for c in used})
+        return fields
+
+    def convert(self, fields: dict[str, list[bytes | None]]) -> tuple[Block, np.ndarray]:
+        """The good rows of ``fields`` (several requests' rows together, in one pass) as a
+        block, and each row's problem (a reject reason's index; -1: none)."""
+        table = pa.table({c: pa.array(fields[c], pa.binary()) for c in self.schema.used()})
         block, problems = convert(table, self.schema)
-        bad = np.flatnonzero(problems.reason >= 0)
+        return block, problems.reason
+
+    @staticmethod
+    def check(reasons: np.ndarray) -> None:
+        """RowsError naming the first rows that have a problem, if any has."""
+        bad = np.flatnonzero(reasons >= 0)
         if bad.size:
-            shown = "; ".join(f"row {i}: {REJECT_REASONS[int(problems.reason[i])]}"
-                              for i in bad[:5])
+            shown = "; ".join(f"row {i}: {REJECT_REASONS[int(reasons[i])]}" for i in bad[:5])
             raise RowsError(f"{bad.size} row(s) cannot be read: {shown}")
-        return block
 
     def _fields(self, i: int, row: Any) -> dict[str, bytes | None]:
         if isinstance(row, dict):

@@ -1,0 +1,156 @@
+"""Micro-batched scoring of the requests a server receives concurrently.
+
+A request's rows wait in a bounded queue as the JSON they came as. One model thread takes
+the waiting requests (up to ``max_batch_rows`` rows; a request larger than that alone,
+waiting up to ``max_wait_ms`` after the first for others), turns all their rows into
+fields, converts them to one block in one pass and scores it in one forward pass, then
+hands each request its own outputs. A request whose rows cannot be read gets its own
+``RowsError`` (naming its row and field); its batch-mates are scored all the same. Past
+``max_queue`` waiting requests a request is refused at once (``Overloaded``: 503); one not
+scored within ``timeout_s`` gets ``TimeoutError`` (504) and is dropped from its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dlrm.serve.predict import Scorer
+from dlrm.serve.request_rows import RequestRows, RowsError
+
+
+class Overloaded(Exception):
+    """The queue holds ``max_queue`` requests already: the server refuses this one."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How requests are batched (``dlrm serve --max-batch-rows ...``)."""
+
+    max_batch_rows: int = 4096
+    max_wait_ms: float = 0.0  # 0: a batch is whatever waits when the model thread is free
+    max_queue: int = 1024  # requests waiting to be scored
+    timeout_s: float = 30.0  # from arrival to answer
+
+    def __post_init__(self) -> None:
+        for key in ("max_batch_rows", "max_queue"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got "
+                                 f"{getattr(self, key)}")
+        for key in ("max_wait_ms", "timeout_s"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got "
+                                 f"{getattr(self, key)}")
+
+
+DEFAULT_POLICY = Policy()
+
+
+@dataclass
+class _Waiting:
+    rows: list[Any]
+    future: asyncio.Future
+
+
+class Batcher:
+    """``await batcher.score(rows)`` from any request; ``batcher.run()`` scores them."""
+
+    def __init__(self, scorer: Scorer, rows: RequestRows, policy: Policy = DEFAULT_POLICY,
+                 observe: Callable[[int], None] = lambda rows: None) -> None:
+        self.scorer, self.rows, self.policy, self.observe = scorer, rows, policy, observe
+        self.queue: asyncio.Queue[_Waiting] = asyncio.Queue(policy.max_queue)
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.batches = self.requests = 0
+        self._carry: _Waiting | None = None  # taken, but too large for the last batch
+
+    async def score(self, rows: list[Any]) -> np.ndarray:
+        """The outputs of ``rows``; RowsError, Overloaded or TimeoutError."""
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(_Waiting(rows, future))
+        except asyncio.QueueFull:
+            raise Overloaded(f"{self.policy.max_queue} requests are waiting already") from None
+        return await asyncio.wait_for(future, self.policy.timeout_s or None)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch(loop)
+            live = [w for w in batch if not w.future.done()]  # timed out: not scored
+            if not live:
+                continue
+            try:
+                results = await loop.run_in_executor(self.model_thread, self.score_now, live)
+            except Exception as e:  # a failure of this batch only
+                results = [e] * len(live)
+            self.batches += 1
+            self.requests += sum(not isinstance(r, Exception) for r in results)  # scored
+            for w, result in zip(live, results, strict=True):
+                if w.future.done():  # a client that went away leaves a cancelled one
+                    continue
+                if isinstance(result, Exception):
+                    w.future.set_exception(result)
+                else:
+                    w.future.set_result(result)
+
+    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Waiting]:
+        first, self._carry = self._carry or await self.queue.get(), None
+        batch, rows = [first], _size(first)
+        deadline = loop.time() + self.policy.max_wait_ms / 1000
+        while rows < self.policy.max_batch_rows:
+            if not self.queue.empty():
+                nxt = self.queue.get_nowait()
+            else:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self.queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if rows + _size(nxt) > self.policy.max_batch_rows:
+                self._carry = nxt  # first of the next batch
+                break
+            batch.append(nxt)
+            rows += _size(nxt)
+        return batch
+
+    def score_now(self, batch: list[_Waiting]) -> list[np.ndarray | Exception]:
+        """Each request's outputs, or the error of its own rows (on the model thread)."""
+        results: list[np.ndarray | Exception | None] = [None] * len(batch)
+        fields: dict[str, list] = {c: [] for c in self.rows.columns}
+        spans = []  # (request, first row, end) in the batch's rows
+        total = 0
+        for k, w in enumerate(batch):
+            try:
+                own = self.rows.fields(w.rows)
+            except RowsError as e:
+                results[k] = e
+                continue
+            n = len(own[self.rows.columns[0]])
+            for c, values in own.items():
+                fields[c] += values
+            spans.append((k, total, total + n))
+            total += n
+        if spans:
+            block, reasons = self.rows.convert(fields)
+            good = reasons < 0
+            _, outputs = self.scorer.score(block)
+            self.observe(int(good.sum()))
+            position = np.cumsum(good) - 1  # a good row's index among the scored ones
+            for k, start, end in spans:
+                try:
+                    RequestRows.check(reasons[start:end])
+                    results[k] = outputs[position[start:end]]
+                except RowsError as e:
+                    results[k] = e
+        return results  # type: ignore[return-value]
+
+
+def _size(w: _Waiting) -> int:
+    return len(w.rows) if isinstance(w.rows, list) else 1

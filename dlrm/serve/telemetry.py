@@ -1,0 +1,84 @@
+"""What a server says of itself: Prometheus metrics (``GET /metrics``, from
+``prometheus_client``) and, when stdout is not a terminal, one structured access-log line
+per request.
+
+Metrics: ``dlrm_requests_total`` by endpoint and status, ``dlrm_request_seconds`` (latency
+by endpoint), ``dlrm_batch_rows`` (rows per forward pass), ``dlrm_queue_depth`` (requests
+waiting to be scored) and ``dlrm_model_info`` (the version, checkpoint and step served).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+ENDPOINTS = {"/predict", "/recommend", "/health", "/ready", "/metadata", "/metrics",
+             "/admin/reload"}
+
+Scope = dict[str, Any]
+ASGI = Callable[[Scope, Callable, Callable], Awaitable[None]]
+
+
+class Telemetry:
+    """The metrics of one server process."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, queue_depth: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("dlrm_requests", "Requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("dlrm_request_seconds", "Seconds from request to answer",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_rows = Histogram("dlrm_batch_rows", "Rows scored per forward pass",
+                                    buckets=ROWS_BUCKETS, registry=self.registry)
+        self.queue_depth = Gauge("dlrm_queue_depth", "Requests waiting to be scored",
+                                 registry=self.registry)
+        self.queue_depth.set_function(queue_depth)
+        self.model = Info("dlrm_model", "The model directory served", registry=self.registry)
+
+    def serving(self, version: dict[str, str]) -> None:
+        self.model.info(version)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Instrumented:
+    """ASGI middleware: every HTTP request counted and timed (and logged, one JSON line on
+    stdout, where stdout is not a terminal or ``access_log`` says so)."""
+
+    def __init__(self, app: ASGI, telemetry: Telemetry, access_log: bool | None = None) -> None:
+        self.app, self.telemetry = app, telemetry
+        self.log = (not sys.stdout.isatty()) if access_log is None else access_log
+
+    async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = [500]
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            seconds = time.perf_counter() - start
+            path = scope["path"]
+            endpoint = path if path in ENDPOINTS else "other"
+            self.telemetry.requests.labels(endpoint, str(status[0])).inc()
+            self.telemetry.latency.labels(endpoint).observe(seconds)
+            if self.log:
+                print(json.dumps({"event": "request", "method": scope["method"], "path": path,
+                                  "status": status[0], "ms": round(seconds * 1000, 3)}))

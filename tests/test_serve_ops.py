@@ -1,0 +1,257 @@
+"""`dlrm serve` in operation: batches converted as one, each request's errors its own, a
+bounded queue, a timeout, readiness, Prometheus metrics and the access log."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from helpers import Server
+from prometheus_client.parser import text_string_to_metric_families
+
+from dlrm.rows.like import schema_of
+from dlrm.serve.app import create_app
+from dlrm.serve.batcher import Batcher, Overloaded, Policy
+from dlrm.serve.export import export
+from dlrm.serve.model_dir import load_exported
+from dlrm.serve.predict import Scorer, layout_for, predict
+from dlrm.serve.request_rows import RequestRows, RowsError
+
+
+@pytest.fixture(scope="module")
+def model(trained, small_dataset, tmp_path_factory):
+    """An fp32 export, the raw held-out day's first 300 rows as fields, and their
+    predictions from `dlrm predict`."""
+    tmp = tmp_path_factory.mktemp("serve_ops")
+    export(trained, tmp / "model")
+    raw = small_dataset.parent / "raw" / "day_2"
+    predict(tmp / "model", [raw], tmp / "preds.parquet", options=None)
+    probs = pq.read_table(tmp / "preds.parquet").column("prob").to_numpy()
+    rows = [line.rstrip("\n").split("\t") for line in raw.open().readlines()[:300]]
+    return tmp / "model", rows, probs
+
+
+def _batcher(model_dir, policy: Policy | None = None) -> Batcher:
+    exported = load_exported(model_dir)
+    return Batcher(Scorer(exported, layout_for(exported, None)),
+                   RequestRows(schema_of(exported.manifest)), policy or Policy())
+
+
+def test_a_bad_request_fails_alone_and_its_batch_mates_are_scored(model):
+    model_dir, rows, probs = model
+    bad_dense = [list(r) for r in rows[3:6]]
+    bad_dense[1][1] = "not-a-number"  # I1 of its second row
+    requests = [rows[0:3], bad_dense, [{"nope": 1}], rows[6:9], rows[9:10]]
+
+    async def go():
+        batcher = _batcher(model_dir)
+        waiting = [asyncio.ensure_future(batcher.score(r)) for r in requests]
+        await asyncio.sleep(0.05)  # all queued before the batcher looks
+        runner = asyncio.create_task(batcher.run())
+        got = await asyncio.gather(*waiting, return_exceptions=True)
+        runner.cancel()
+        return batcher.batches, got
+
+    batches, got = asyncio.run(go())
+    assert batches == 1  # one conversion, one forward pass for all five
+    np.testing.assert_allclose(got[0], probs[0:3], rtol=0, atol=1e-6)
+    assert isinstance(got[1], RowsError) and str(got[1]) == \
+        "1 row(s) cannot be read: row 1: bad_dense"  # its own row number
+    assert isinstance(got[2], RowsError) and "row 0: unknown field(s) nope" in str(got[2])
+    np.testing.assert_allclose(got[3], probs[6:9], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got[4], probs[9:10], rtol=0, atol=1e-6)
+
+
+def test_batches_keep_to_max_batch_rows_and_a_larger_request_goes_alone(model):
+    model_dir, rows, probs = model
+    sizes = [3, 3, 10, 2, 2]  # with at most 5 rows a batch: [3], [3], [10] alone, [2, 2]
+    starts = np.cumsum([0, *sizes])
+    requests = [rows[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+    async def go():
+        batcher = _batcher(model_dir, Policy(max_batch_rows=5))
+        seen: list[int] = []
+        batcher.observe = seen.append
+        waiting = [asyncio.ensure_future(batcher.score(r)) for r in requests]
+        await asyncio.sleep(0.05)
+        runner = asyncio.create_task(batcher.run())
+        got = await asyncio.gather(*waiting)
+        runner.cancel()
+        return seen, got
+
+    seen, got = asyncio.run(go())
+    assert seen == [3, 3, 10, 4]
+    np.testing.assert_allclose(np.concatenate(got), probs[:20], rtol=0, atol=1e-6)
+
+
+def test_a_full_queue_refuses_and_a_late_request_times_out(model):
+    model_dir, rows, _ = model
+
+    async def go():
+        batcher = _batcher(model_dir, Policy(max_queue=2, timeout_s=0.2))
+        hold = threading.Event()
+        batcher.model_thread.submit(hold.wait)  # the model is busy
+        runner = asyncio.create_task(batcher.run())
+        first = asyncio.ensure_future(batcher.score(rows[:1]))  # taken, waits for the model
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(batcher.score(rows[:1])) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await batcher.score(rows[:1])
+        got = await asyncio.gather(first, *queued, return_exceptions=True)
+        hold.set()
+        for _ in range(100):  # the timed-out requests are dropped as the batcher reaches them
+            await asyncio.sleep(0.01)
+            if batcher.queue.empty():
+                break
+        after = await batcher.score(rows[:2])  # and it goes on
+        runner.cancel()
+        return got, after
+
+    got, after = asyncio.run(go())
+    assert all(isinstance(g, TimeoutError) for g in got), got
+    assert after.shape == (2,)
+
+
+def test_ready_is_503_until_the_model_is_warm(model):
+    model_dir, _, _ = model
+    app = create_app(load_exported(model_dir), access_log=False)
+    hold = threading.Event()
+    app.state.batcher.model_thread.submit(hold.wait)  # warming cannot finish yet
+
+    async def go():
+        startup: asyncio.Queue = asyncio.Queue()
+        await startup.put({"type": "lifespan.startup"})
+        messages: list[dict] = []
+
+        async def lifespan_send(m):
+            messages.append(m)
+
+        lifespan = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}},
+                                           startup.get, lifespan_send))
+        while not messages:
+            await asyncio.sleep(0.01)
+        answers = []
+        for _ in range(2):
+            sent: list[dict] = []
+
+            async def receive():
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(m, sent=sent):
+                sent.append(m)
+
+            await app({"type": "http", "method": "GET", "path": "/ready",
+                       "raw_path": b"/ready", "query_string": b"", "headers": [],
+                       "scheme": "http", "server": ("t", 80), "client": ("t", 1),
+                       "http_version": "1.1", "root_path": ""}, receive, send)
+            answers.append((sent[0]["status"], json.loads(sent[1]["body"])))
+            hold.set()
+            for _ in range(200):  # warm-up: one row through the model thread
+                await asyncio.sleep(0.01)
+                if app.state.batcher.batches:
+                    break
+        await startup.put({"type": "lifespan.shutdown"})
+        await lifespan
+        return messages[0]["type"], answers
+
+    started, answers = asyncio.run(go())
+    assert started == "lifespan.startup.complete"
+    assert answers[0] == (503, {"ready": False, "version": answers[1][1]["version"]})
+    assert answers[1][0] == 200 and answers[1][1]["ready"] is True
+
+
+def test_metrics_in_prometheus_format_and_one_log_line_per_request(model):
+    model_dir, rows, probs = model
+    server = Server(model_dir)
+    try:
+        for _ in range(300):
+            status, _ = server.get("/ready")
+            if status == 200:
+                break
+            time.sleep(0.05)
+        assert status == 200
+        for k in range(5):
+            status, got = server.post("/predict", {"rows": rows[k:k + 2]})
+            assert status == 200
+        assert server.post("/predict", {"rows": [["x"]]})[0] == 422
+        version = server.get("/metadata")[1]["version"]
+        conn_status, text = _get_text(server, "/metrics")
+    finally:
+        server.stop()
+    assert conn_status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = {(s.labels["endpoint"], s.labels["status"]): s.value
+                for s in families["dlrm_requests"].samples if s.name == "dlrm_requests_total"}
+    assert requests[("/predict", "200")] == 5 and requests[("/predict", "422")] == 1
+    rows_count = [s.value for s in families["dlrm_batch_rows"].samples
+                  if s.name == "dlrm_batch_rows_count"]
+    rows_sum = [s.value for s in families["dlrm_batch_rows"].samples
+                if s.name == "dlrm_batch_rows_sum"]
+    assert rows_count[0] >= 6 and rows_sum[0] == 1 + 5 * 2  # the warm-up row, then ours
+    latency = [s for s in families["dlrm_request_seconds"].samples
+               if s.name == "dlrm_request_seconds_count" and s.labels["endpoint"] == "/predict"]
+    assert latency[0].value == 6
+    info = families["dlrm_model_info"].samples[0]
+    assert info.labels["version"] == version
+    assert [s.value for s in families["dlrm_queue_depth"].samples] == [0]
+    log = [json.loads(line) for line in server.output()[0].splitlines()
+           if line.startswith('{"event": "request"')]
+    predicts = [e for e in log if e["path"] == "/predict"]
+    assert [e["status"] for e in predicts] == [200] * 5 + [422]
+    assert all(e["method"] == "POST" and e["ms"] > 0 for e in predicts)
+
+
+def _get_text(server: Server, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def test_over_the_queue_limit_every_request_is_answered(model):
+    """Many concurrent large requests against a queue of one: some are refused with 503
+    and Retry-After, the others scored right; none goes unanswered."""
+    model_dir, rows, probs = model
+    server = Server(model_dir, "--max-queue", "1", "--max-body-mb", "64")
+    answers: list[tuple[int, object]] = []
+    big = {"rows": rows * 20}  # 6000 rows: slow enough for the queue to fill
+
+    body = json.dumps(big).encode()
+
+    def ask() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+        try:
+            conn.request("POST", "/predict", body=body,
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            answers.append((resp.status, resp.getheader("Retry-After"),
+                            json.loads(resp.read())))
+        finally:
+            conn.close()
+
+    try:
+        threads = [threading.Thread(target=ask) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+    finally:
+        server.stop()
+    assert len(answers) == 12
+    statuses = sorted(s for s, _, _ in answers)
+    assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
+    for status, retry, got in answers:
+        if status == 200:
+            np.testing.assert_allclose(got["predictions"][:300], probs[:300], rtol=0, atol=1e-6)
+        else:
+            assert retry == "1" and "overloaded" in got["error"]

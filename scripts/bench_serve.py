@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -83,6 +85,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--code", type=Path, default=ROOT,
+                    help="the checkout whose server runs (e.g. a worktree of an older commit, "
+                         "for a before/after ratio); the model is made by this one")
     ap.add_argument("serve_flags", nargs="*")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
@@ -96,8 +101,9 @@ def main() -> int:
     (work / "many.json").write_text(json.dumps({"rows": rows}))
 
     server = subprocess.Popen([*DLRM, "serve", "--model", str(model), "--port", str(args.port),
-                               *args.serve_flags], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
+                               *args.serve_flags], cwd=args.code, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(args.code)})
     base = f"http://127.0.0.1:{args.port}"
     try:
         deadline = time.time() + 120
@@ -106,6 +112,10 @@ def main() -> int:
                 with urllib.request.urlopen(base + "/ready", timeout=2) as r:
                     if r.status == 200:
                         break
+            except urllib.error.HTTPError as e:  # a server older than /ready: /health
+                if e.code == 404 and urllib.request.urlopen(base + "/health").status == 200:
+                    break
+                time.sleep(0.2)
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
                     sys.exit(f"the server did not come up: {server.stderr.read().decode()}")

@@ -12,6 +12,7 @@ import functools
 import operator
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -132,10 +133,13 @@ def convert(table: pa.Table, schema: Schema) -> tuple[Block, RowProblems]:
     else:  # rows to score: a label of 0 that nothing reads
         label = np.zeros(table.num_rows, np.float32 if schema.kind == "regression" else np.int8)
     dense = []
-    for d in schema.dense:
-        values, ok = number_column(table.column(d.name), d.fill, d.values == "integer")
+    numbers = _by_group(table, [(d.name, (d.fill, d.values == "integer")) for d in schema.dense],
+                        lambda column, key: number_column(column, *key))
+    for d, (values, ok) in zip(schema.dense, numbers, strict=True):
         problems.mark(ok, "bad_dense")
         dense.append(transform(values, d.transform))
+    single = _by_group(table, [(c.name, c.values) for c in schema.categorical if not c.multi],
+                       category_values)
     hex_ = []
     for c in schema.categorical:
         if c.multi:
@@ -145,7 +149,7 @@ def convert(table: pa.Table, schema: Schema) -> tuple[Block, RowProblems]:
             problems.mark(short, "list_too_long")
             hex_.append((values, lengths))
         else:
-            values, present, ok = category_values(table.column(c.name), c.values)
+            values, present, ok = single.pop(0)
             problems.mark(ok, "bad_categorical")
             hex_.append((values, present))
     time = None
@@ -161,3 +165,31 @@ def convert(table: pa.Table, schema: Schema) -> tuple[Block, RowProblems]:
     misses = None if unmatched is None else [
         int(m.sum() if good is None else m[good].sum()) for m in unmatched]
     return Block(label, dense, hex_, [], 0, time, misses), problems
+
+
+GROUP_ROWS = 1024  # tables up to this many rows convert alike columns as one
+
+
+def _by_group(table: pa.Table, columns: list[tuple[str, Any]],
+              fn: Callable[[pa.ChunkedArray, Any], tuple[np.ndarray, ...]],
+              ) -> list[tuple[np.ndarray, ...]]:
+    """``fn(column, key)`` of each ``(name, key)`` in order. A small table (a request's
+    rows: its cost is then per call, not per row) converts the columns of one key as one
+    column, their fields end to end, and splits the results: every converter is
+    elementwise, so they are the same."""
+    n = table.num_rows
+    if n > GROUP_ROWS:
+        return [fn(table.column(name), key) for name, key in columns]
+    groups: dict[Any, list[int]] = {}
+    for i, (name, key) in enumerate(columns):  # a dictionary column's own dictionary
+        alone = pa.types.is_dictionary(table.column(name).type)
+        groups.setdefault((key, name) if alone else (key,), []).append(i)
+    out: list[tuple[np.ndarray, ...]] = [()] * len(columns)
+    for key, members in groups.items():
+        joined = pa.chunked_array([chunk for i in members
+                                   for chunk in table.column(columns[i][0]).chunks],
+                                  table.column(columns[members[0]][0]).type)
+        results = fn(joined, key[0])
+        for k, i in enumerate(members):
+            out[i] = tuple(r[k * n:(k + 1) * n] for r in results)
+    return out

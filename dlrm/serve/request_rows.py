@@ -51,11 +51,17 @@ class RequestRows:
         of the first that has no such text)."""
         if not isinstance(rows, list) or not rows:
             raise RowsError("rows: expected a non-empty list of rows")
-        fields: dict[str, list[bytes | None]] = {c: [] for c in self.columns}
-        for i, row in enumerate(rows):
-            for column, value in self._fields(i, row).items():
-                fields[column].append(value)
-        return fields
+        named = [self._named(i, row) for i, row in enumerate(rows)]
+        out = {}
+        for c in self.columns:
+            values = [r.get(c) for r in named]
+            if c == self.schema.label:  # not scored; any number the rule reads
+                values = ["0" if v is None else v for v in values]
+            if all(type(v) is str for v in values):  # a file's fields, as most rows come
+                out[c] = [v.encode() for v in values]
+            else:
+                out[c] = [self.text(i, c, v) for i, v in enumerate(values)]
+        return out
 
     def convert(self, fields: dict[str, list[bytes | None]]) -> tuple[Block, np.ndarray]:
         """The good rows of ``fields`` (several requests' rows together, in one pass) as a
@@ -72,7 +78,8 @@ class RequestRows:
             shown = "; ".join(f"row {i}: {REJECT_REASONS[int(reasons[i])]}" for i in bad[:5])
             raise RowsError(f"{bad.size} row(s) cannot be read: {shown}")
 
-    def _fields(self, i: int, row: Any) -> dict[str, bytes | None]:
+    def _named(self, i: int, row: Any) -> dict[str, Any]:
+        """Row ``i`` as its values by column name (RowsError if it has the wrong shape)."""
         if isinstance(row, dict):
             extra = [k for k in row if k not in self.columns]
             if extra:
@@ -95,10 +102,7 @@ class RequestRows:
         else:
             raise RowsError(f"row {i}: expected an object or a list, got "
                             f"{type(row).__name__}")
-        out = {c: self.text(i, c, named.get(c)) for c in self.columns}
-        if named.get(self.schema.label) is None:
-            out[self.schema.label] = b"0"  # not scored; any number the rule reads
-        return out
+        return named
 
     def text(self, i: int, column: str, value: Any) -> bytes | None:
         if value is None:

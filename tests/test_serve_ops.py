@@ -255,3 +255,69 @@ def test_over_the_queue_limit_every_request_is_answered(model):
             np.testing.assert_allclose(got["predictions"][:300], probs[:300], rtol=0, atol=1e-6)
         else:
             assert retry == "1" and "overloaded" in got["error"]
+
+
+def test_a_reload_under_load_drops_no_request_and_refuses_a_model_of_other_requests(
+        model, trained, tmp_path):
+    """16 clients for a few seconds, a reload midway (an int8 export of the same
+    checkpoint: other predictions, the same requests): every answer is a 200 with the old
+    model's predictions or the new one's, the old one's before the reload was asked, the
+    new one's once it answered. A model of other requests is refused (409), a directory
+    that is none (422), and the new model keeps serving."""
+    model_dir, rows, old_probs = model
+    new_dir = tmp_path / "int8"
+    export(trained, new_dir, "int8")
+    (tmp_path / "rows.tsv").write_text("".join("\t".join(r) + "\n" for r in rows[:4]))
+    predict(new_dir, [tmp_path / "rows.tsv"], tmp_path / "new.parquet", options=None)
+    new_probs = pq.read_table(tmp_path / "new.parquet").column("prob").to_numpy()
+    assert not np.allclose(new_probs, old_probs[:4], rtol=0, atol=1e-6)  # tells them apart
+    other = tmp_path / "other"  # answers requests with another label column
+    export(trained, other)
+    info = json.loads((other / "model.json").read_text())
+    info["dataset"]["schema"]["label"] = "click"
+    (other / "model.json").write_text(json.dumps(info))
+
+    server = Server(model_dir)
+    answers: list[tuple[float, float, int, list]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            start = time.time()
+            status, got = server.post("/predict", {"rows": rows[:4]})
+            answers.append((start, time.time(), status, got.get("predictions")))
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(16)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        asked = time.time()
+        status, got = server.post("/admin/reload", {"model": str(new_dir)})
+        swapped = time.time()
+        assert status == 200 and got["previous"] != got["version"], got
+        time.sleep(2)
+        refused = server.post("/admin/reload", {"model": str(other)})
+        missing = server.post("/admin/reload", {"model": str(tmp_path / "nowhere")})
+        time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        after = server.post("/predict", {"rows": rows[:4]})
+        version = server.get("/metadata")[1]["version"]
+    finally:
+        server.stop()
+    assert refused[0] == 409 and "label" in refused[1]["error"], refused
+    assert missing[0] == 422, missing
+    assert version == got["version"]
+    np.testing.assert_allclose(after[1]["predictions"], new_probs, rtol=0, atol=1e-6)
+    assert len(answers) > 100 and all(a[2] == 200 for a in answers)
+    for start, end, _, preds in answers:
+        is_old = np.allclose(preds, old_probs[:4], rtol=0, atol=1e-6)
+        is_new = np.allclose(preds, new_probs, rtol=0, atol=1e-6)
+        assert is_old or is_new
+        if end < asked:
+            assert is_old
+        if start > swapped:
+            assert is_new
+    assert any(a[1] < asked for a in answers) and any(a[0] > swapped for a in answers)

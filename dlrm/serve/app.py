@@ -4,6 +4,9 @@
   the input's column order (``dlrm.serve.request_rows``) → ``{"predictions": [...]}``, click
   probabilities (a regression label: predicted values), one per row, in order.
 - ``POST /recommend``: see ``dlrm.serve.recommend``.
+- ``POST /admin/reload`` ``{"model": "DIR"}`` (or SIGHUP: the directory the server started
+  with): see ``dlrm.serve.served``; 200 with the new version, 409 for a model that answers
+  other requests, 422 for one that cannot be loaded.
 - ``GET /health`` (alive); ``GET /ready`` (200 once the model is loaded and warm, 503
   before); ``GET /metadata``: the schema, the table precision, the checkpoint and the
   model's version; ``GET /metrics``: Prometheus' text format (``dlrm.serve.telemetry``).
@@ -22,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import signal
+from typing import Any
 
 import torch
 from starlette.applications import Starlette
@@ -35,13 +38,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dlrm.rows.like import schema_of
+from dlrm.errors import ExportError
 from dlrm.serve.batcher import DEFAULT_POLICY, Batcher, Overloaded, Policy
 from dlrm.serve.body import BadRequest, read_json
-from dlrm.serve.model_dir import MODEL_JSON, Exported, load_exported
-from dlrm.serve.predict import Scorer, layout_for
-from dlrm.serve.recommend import Recommender
-from dlrm.serve.request_rows import RequestRows, RowsError
+from dlrm.serve.model_dir import Exported, load_exported
+from dlrm.serve.request_rows import RowsError
+from dlrm.serve.served import Served
 from dlrm.serve.telemetry import Instrumented, Telemetry
 
 MAX_BODY_BYTES = 1 << 20
@@ -51,25 +53,22 @@ SCORING_THREADS = 1
 
 def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
                policy: Policy = DEFAULT_POLICY, access_log: bool | None = None) -> Starlette:
-    schema = schema_of(exported.manifest)
-    layout = layout_for(exported, None)
-    rows = RequestRows(schema)
-    scorer = Scorer(exported, layout)
+    now = {"served": Served.of(exported)}  # the model serving: a reload swaps it whole
+    first = now["served"]
     holder: dict[str, Batcher] = {}
     telemetry = Telemetry(lambda: holder["batcher"].queue.qsize() if holder else 0)
-    batcher = Batcher(scorer, rows, policy, telemetry.batch_rows.observe)
+    batcher = Batcher(first.scorer, first.rows, policy, telemetry.batch_rows.observe)
     holder["batcher"] = batcher
-    recommender = Recommender(scorer, rows) if schema.item else None
-    info = exported.info
-    version = model_version(exported)
-    telemetry.serving({"version": version, "checkpoint": str(info["checkpoint"]),
-                       "step": str(info["step"])})
-    metadata = {"schema": schema.to_json(), "tables": info["tables"],
-                "checkpoint": info["checkpoint"], "step": info["step"],
-                "trained_on": info["trained_on"], "label_kind": schema.kind,
-                "columns": rows.columns, "required": rows.required, "version": version}
     state = {"ready": False}
     counts = {"predict": 0, "recommend": 0, "refused": 0}  # every request, answered or not
+    reloading = asyncio.Lock()
+
+    def serving(served: Served) -> None:
+        info = served.exported.info
+        telemetry.serving({"version": served.version, "checkpoint": str(info["checkpoint"]),
+                           "step": str(info["step"])})
+
+    serving(first)
 
     async def predict(request: Request) -> Response:
         counts["predict"] += 1
@@ -90,9 +89,10 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
     async def recommend(request: Request) -> JSONResponse:
         counts["recommend"] += 1
         body = await read_json(request, max_body_bytes)
-        if recommender is None:
-            raise BadRequest(404, f"schema {schema.name} names no item features: nothing "
-                                  "to recommend")
+        served = now["served"]
+        if served.recommender is None:
+            raise BadRequest(404, f"schema {served.rows.schema.name} names no item features: "
+                                  "nothing to recommend")
         if not isinstance(body, dict) or "user" not in body:
             raise BadRequest(400, 'body: expected an object with "user"')
         unknown = sorted(set(body) - {"user", "top_k", "candidates", "exclude"})
@@ -100,7 +100,7 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
             raise BadRequest(422, f"body: unknown field(s) {', '.join(unknown)}")
         try:
             items = await run_in_threadpool(
-                recommender.recommend, body["user"], body.get("top_k", 10),
+                served.recommender.recommend, body["user"], body.get("top_k", 10),
                 body.get("candidates"), body.get("exclude", []))
         except RowsError as e:
             raise BadRequest(422, str(e)) from None
@@ -112,14 +112,48 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
                              "batches": batcher.batches, "scored_requests": batcher.requests})
 
     async def ready(request: Request) -> JSONResponse:
-        return JSONResponse({"ready": state["ready"], "version": version},
+        return JSONResponse({"ready": state["ready"], "version": now["served"].version},
                             status_code=200 if state["ready"] else 503)
 
     async def meta(request: Request) -> JSONResponse:
-        return JSONResponse(metadata)
+        return JSONResponse(now["served"].metadata)
 
     async def metrics(request: Request) -> Response:
         return Response(telemetry.render(), media_type=telemetry.content_type)
+
+    async def reload_model(path: str) -> dict[str, Any]:
+        """Loads ``path`` beside the model serving, checks and warms it, then swaps it in
+        for the next batch (a batch being scored finishes on the old one)."""
+        async with reloading:
+            old = now["served"]
+            try:
+                new = await run_in_threadpool(Served.load, path)
+            except (ExportError, OSError, ValueError) as e:
+                raise BadRequest(422, f"model {path}: {e}") from None
+            why = old.incompatible(new)
+            if why is not None:
+                raise BadRequest(409, f"model {path} cannot replace the one serving: {why}")
+            warm_row = [dict.fromkeys(new.rows.required)]
+            loop = asyncio.get_running_loop()
+            block = await loop.run_in_executor(batcher.model_thread, new.rows.block, warm_row)
+            await loop.run_in_executor(batcher.model_thread, new.scorer.score, block)
+            now["served"] = new
+            batcher.model = (new.scorer, new.rows)
+            serving(new)
+            return {"event": "reload", "model": str(path), "version": new.version,
+                    "previous": old.version}
+
+    async def admin_reload(request: Request) -> JSONResponse:
+        body = await read_json(request, max_body_bytes)
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            raise BadRequest(400, 'body: expected an object with "model": a model directory')
+        return JSONResponse(await reload_model(body["model"]))
+
+    async def sighup() -> None:
+        try:
+            print(json.dumps(await reload_model(str(exported.path))), flush=True)
+        except BadRequest as e:
+            print(json.dumps({"event": "reload_refused", "error": str(e)}), flush=True)
 
     async def bad_request(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, BadRequest)
@@ -129,12 +163,16 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
 
     async def warm() -> None:
         """One row of missing values through the whole path; then /ready says so."""
-        await batcher.score([dict.fromkeys(rows.required)])
+        await batcher.score([dict.fromkeys(first.rows.required)])
         state["ready"] = True
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        loop = asyncio.get_running_loop()
         tasks = [asyncio.create_task(batcher.run()), asyncio.create_task(warm())]
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off main
+            loop.add_signal_handler(signal.SIGHUP, lambda: tasks.append(
+                asyncio.create_task(sighup())))
         yield
         for task in tasks:
             task.cancel()
@@ -145,19 +183,14 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
               Route("/health", health, methods=["GET"]),
               Route("/ready", ready, methods=["GET"]),
               Route("/metadata", meta, methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"])]
+              Route("/metrics", metrics, methods=["GET"]),
+              Route("/admin/reload", admin_reload, methods=["POST"])]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={BadRequest: bad_request},
                     middleware=[Middleware(Instrumented, telemetry=telemetry,
                                            access_log=access_log)])
-    app.state.batcher, app.state.rows = batcher, rows
+    app.state.batcher, app.state.rows = batcher, first.rows
     return app
-
-
-def model_version(exported: Exported) -> str:
-    """A model directory's version: the first 12 hex digits of its model.json's sha256 (it
-    names the checkpoint, the step and every file's checksum)."""
-    return hashlib.sha256((exported.path / MODEL_JSON).read_bytes()).hexdigest()[:12]
 
 
 def _number(x: float) -> float | None:

@@ -62,7 +62,8 @@ class Batcher:
 
     def __init__(self, scorer: Scorer, rows: RequestRows, policy: Policy = DEFAULT_POLICY,
                  observe: Callable[[int], None] = lambda rows: None) -> None:
-        self.scorer, self.rows, self.policy, self.observe = scorer, rows, policy, observe
+        self.model = (scorer, rows)  # swapped whole by a reload, read once per batch
+        self.policy, self.observe = policy, observe
         self.queue: asyncio.Queue[_Waiting] = asyncio.Queue(policy.max_queue)
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.batches = self.requests = 0
@@ -122,25 +123,26 @@ class Batcher:
 
     def score_now(self, batch: list[_Waiting]) -> list[np.ndarray | Exception]:
         """Each request's outputs, or the error of its own rows (on the model thread)."""
+        scorer, rows = self.model
         results: list[np.ndarray | Exception | None] = [None] * len(batch)
-        fields: dict[str, list] = {c: [] for c in self.rows.columns}
+        fields: dict[str, list] = {c: [] for c in rows.columns}
         spans = []  # (request, first row, end) in the batch's rows
         total = 0
         for k, w in enumerate(batch):
             try:
-                own = self.rows.fields(w.rows)
+                own = rows.fields(w.rows)
             except RowsError as e:
                 results[k] = e
                 continue
-            n = len(own[self.rows.columns[0]])
+            n = len(own[rows.columns[0]])
             for c, values in own.items():
                 fields[c] += values
             spans.append((k, total, total + n))
             total += n
         if spans:
-            block, reasons = self.rows.convert(fields)
+            block, reasons = rows.convert(fields)
             good = reasons < 0
-            _, outputs = self.scorer.score(block)
+            _, outputs = scorer.score(block)
             self.observe(int(good.sum()))
             position = np.cumsum(good) - 1  # a good row's index among the scored ones
             for k, start, end in spans:

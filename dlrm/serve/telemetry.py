@@ -24,6 +24,7 @@ ENDPOINTS = {"/predict", "/recommend", "/health", "/ready", "/metadata", "/metri
              "/admin/reload"}
 
 Scope = dict[str, Any]
+_LINE = '{"event": "request", "method": "%s", "path": %s, "status": %d, "ms": %.3f}\n'
 ASGI = Callable[[Scope, Callable, Callable], Awaitable[None]]
 
 
@@ -79,6 +80,6 @@ class Instrumented:
             endpoint = path if path in ENDPOINTS else "other"
             self.telemetry.requests.labels(endpoint, str(status[0])).inc()
             self.telemetry.latency.labels(endpoint).observe(seconds)
-            if self.log:
-                print(json.dumps({"event": "request", "method": scope["method"], "path": path,
-                                  "status": status[0], "ms": round(seconds * 1000, 3)}))
+            if self.log:  # one format, json.dumps only for the one free-form field
+                sys.stdout.write(_LINE % (scope["method"], json.dumps(path), status[0],
+                                          seconds * 1000))

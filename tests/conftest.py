@@ -31,3 +31,21 @@ def trained(small_dataset, tmp_path_factory) -> Path:
     torchrun(["-m", "dlrm", "train", *SMALL, f"--data.path={small_dataset}",
               "--run-dir", str(run)])
     return sorted((run / "checkpoints").glob("step-*[0-9]"))[-1]
+
+
+@pytest.fixture(scope="session")
+def exported(trained, small_dataset, tmp_path_factory):
+    """An fp32 export of ``trained``, the raw held-out day's first 300 rows as fields, and
+    their predictions from `dlrm predict`."""
+    import pyarrow.parquet as pq
+
+    from dlrm.serve.export import export
+    from dlrm.serve.predict import predict
+
+    tmp = tmp_path_factory.mktemp("exported")
+    export(trained, tmp / "model")
+    raw = small_dataset.parent / "raw" / "day_2"
+    predict(tmp / "model", [raw], tmp / "preds.parquet", options=None)
+    probs = pq.read_table(tmp / "preds.parquet").column("prob").to_numpy()
+    rows = [line.rstrip("\n").split("\t") for line in raw.open().readlines()[:300]]
+    return tmp / "model", rows, probs

@@ -12,30 +12,23 @@ import threading
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from helpers import Server
 
 from dlrm.rows.like import schema_of
 from dlrm.serve.batcher import Batcher
-from dlrm.serve.export import export
 from dlrm.serve.model_dir import load_exported
-from dlrm.serve.predict import Scorer, layout_for, predict
+from dlrm.serve.predict import Scorer, layout_for
 from dlrm.serve.request_rows import RequestRows
 
 
 @pytest.fixture(scope="module")
-def served(trained, small_dataset, tmp_path_factory):
-    """An fp32 export, the raw held-out day's first rows as fields, and their predictions
-    from `dlrm predict`."""
-    tmp = tmp_path_factory.mktemp("serve")
-    export(trained, tmp / "model")
-    raw = small_dataset.parent / "raw" / "day_2"
-    predict(tmp / "model", [raw], tmp / "preds.parquet", options=None)
-    probs = pq.read_table(tmp / "preds.parquet").column("prob").to_numpy()
-    rows = [line.rstrip("\n").split("\t") for line in raw.open().readlines()[:300]]
-    server = Server(tmp / "model")
-    yield tmp / "model", server, rows, probs
+def served(exported):
+    """An fp32 export (a server of it), the raw held-out day's first rows as fields, and
+    their predictions from `dlrm predict`."""
+    model, rows, probs = exported
+    server = Server(model)
+    yield model, server, rows, probs
     server.stop()
 
 

@@ -25,16 +25,8 @@ from dlrm.serve.request_rows import RequestRows, RowsError
 
 
 @pytest.fixture(scope="module")
-def model(trained, small_dataset, tmp_path_factory):
-    """An fp32 export, the raw held-out day's first 300 rows as fields, and their
-    predictions from `dlrm predict`."""
-    tmp = tmp_path_factory.mktemp("serve_ops")
-    export(trained, tmp / "model")
-    raw = small_dataset.parent / "raw" / "day_2"
-    predict(tmp / "model", [raw], tmp / "preds.parquet", options=None)
-    probs = pq.read_table(tmp / "preds.parquet").column("prob").to_numpy()
-    rows = [line.rstrip("\n").split("\t") for line in raw.open().readlines()[:300]]
-    return tmp / "model", rows, probs
+def model(exported):
+    return exported
 
 
 def _batcher(model_dir, policy: Policy | None = None) -> Batcher:

@@ -188,8 +188,9 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={BadRequest: bad_request},
                     middleware=[Middleware(Instrumented, telemetry=telemetry,
+                                           endpoints=frozenset(r.path for r in routes),
                                            access_log=access_log)])
-    app.state.batcher, app.state.rows = batcher, first.rows
+    app.state.batcher = batcher
     return app
 
 

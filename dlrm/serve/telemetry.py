@@ -20,8 +20,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
-ENDPOINTS = {"/predict", "/recommend", "/health", "/ready", "/metadata", "/metrics",
-             "/admin/reload"}
 
 Scope = dict[str, Any]
 _LINE = '{"event": "request", "method": "%s", "path": %s, "status": %d, "ms": %.3f}\n'
@@ -54,11 +52,13 @@ class Telemetry:
 
 
 class Instrumented:
-    """ASGI middleware: every HTTP request counted and timed (and logged, one JSON line on
-    stdout, where stdout is not a terminal or ``access_log`` says so)."""
+    """ASGI middleware: every HTTP request counted and timed by its endpoint (a path of
+    ``endpoints``, else "other", so that stray paths add no series), and logged, one JSON
+    line on stdout, where stdout is not a terminal or ``access_log`` says so."""
 
-    def __init__(self, app: ASGI, telemetry: Telemetry, access_log: bool | None = None) -> None:
-        self.app, self.telemetry = app, telemetry
+    def __init__(self, app: ASGI, telemetry: Telemetry, endpoints: frozenset[str],
+                 access_log: bool | None = None) -> None:
+        self.app, self.telemetry, self.endpoints = app, telemetry, endpoints
         self.log = (not sys.stdout.isatty()) if access_log is None else access_log
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
@@ -77,7 +77,7 @@ class Instrumented:
         finally:
             seconds = time.perf_counter() - start
             path = scope["path"]
-            endpoint = path if path in ENDPOINTS else "other"
+            endpoint = path if path in self.endpoints else "other"
             self.telemetry.requests.labels(endpoint, str(status[0])).inc()
             self.telemetry.latency.labels(endpoint).observe(seconds)
             if self.log:  # one format, json.dumps only for the one free-form field

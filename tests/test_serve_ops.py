@@ -129,34 +129,37 @@ def test_ready_is_503_until_the_model_is_warm(model):
                                            startup.get, lifespan_send))
         while not messages:
             await asyncio.sleep(0.01)
-        answers = []
-        for _ in range(2):
+        async def ask_ready():
             sent: list[dict] = []
 
             async def receive():
                 return {"type": "http.request", "body": b"", "more_body": False}
 
-            async def send(m, sent=sent):
+            async def send(m):
                 sent.append(m)
 
             await app({"type": "http", "method": "GET", "path": "/ready",
                        "raw_path": b"/ready", "query_string": b"", "headers": [],
                        "scheme": "http", "server": ("t", 80), "client": ("t", 1),
                        "http_version": "1.1", "root_path": ""}, receive, send)
-            answers.append((sent[0]["status"], json.loads(sent[1]["body"])))
-            hold.set()
-            for _ in range(200):  # warm-up: one row through the model thread
-                await asyncio.sleep(0.01)
-                if app.state.batcher.batches:
-                    break
+            return sent[0]["status"], json.loads(sent[1]["body"]), app.state.batcher.batches
+
+        answers = [await ask_ready()]
+        hold.set()
+        for _ in range(1000):  # warm-up: one row through the model thread, then ready
+            answers.append(await ask_ready())
+            if answers[-1][0] == 200:
+                break
+            await asyncio.sleep(0.01)
         await startup.put({"type": "lifespan.shutdown"})
         await lifespan
         return messages[0]["type"], answers
 
     started, answers = asyncio.run(go())
     assert started == "lifespan.startup.complete"
-    assert answers[0] == (503, {"ready": False, "version": answers[1][1]["version"]})
-    assert answers[1][0] == 200 and answers[1][1]["ready"] is True
+    version = answers[-1][1]["version"]
+    assert answers[0] == (503, {"ready": False, "version": version}, 0)
+    assert answers[-1] == (200, {"ready": True, "version": version}, 1)  # after the warm row
 
 
 def test_metrics_in_prometheus_format_and_one_log_line_per_request(model):

@@ -15,11 +15,8 @@ import numpy as np
 import pytest
 from helpers import Server
 
-from dlrm.rows.like import schema_of
 from dlrm.serve.batcher import Batcher
-from dlrm.serve.model_dir import load_exported
-from dlrm.serve.predict import Scorer, layout_for
-from dlrm.serve.request_rows import RequestRows
+from dlrm.serve.served import Served
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +127,11 @@ def test_requests_waiting_together_are_scored_in_one_pass(served):
     """The batcher itself: 16 requests queued while the model was busy are one forward pass,
     and each gets its own rows' predictions back."""
     model, _, rows, probs = served
-    exported = load_exported(model)
-    scorer = Scorer(exported, layout_for(exported, None))
+    served_model = Served.load(model)
     requests = [rows[k * 3:(k + 1) * 3] for k in range(16)]
 
     async def go() -> tuple[int, list]:
-        batcher = Batcher(scorer, RequestRows(schema_of(exported.manifest)))
+        batcher = Batcher(served_model)
         waiting = [asyncio.ensure_future(batcher.score(r)) for r in requests]
         await asyncio.sleep(0.05)  # all queued before the batcher looks
         runner = asyncio.create_task(batcher.run())

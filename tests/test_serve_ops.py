@@ -15,13 +15,13 @@ import pytest
 from helpers import Server
 from prometheus_client.parser import text_string_to_metric_families
 
-from dlrm.rows.like import schema_of
 from dlrm.serve.app import create_app
 from dlrm.serve.batcher import Batcher, Overloaded, Policy
 from dlrm.serve.export import export
 from dlrm.serve.model_dir import load_exported
-from dlrm.serve.predict import Scorer, layout_for, predict
-from dlrm.serve.request_rows import RequestRows, RowsError
+from dlrm.serve.predict import predict
+from dlrm.serve.request_rows import RowsError
+from dlrm.serve.served import Served
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,7 @@ def model(exported):
 
 
 def _batcher(model_dir, policy: Policy | None = None) -> Batcher:
-    exported = load_exported(model_dir)
-    return Batcher(Scorer(exported, layout_for(exported, None)),
-                   RequestRows(schema_of(exported.manifest)), policy or Policy())
+    return Batcher(Served.load(model_dir), policy or Policy())
 
 
 def test_a_bad_request_fails_alone_and_its_batch_mates_are_scored(model):

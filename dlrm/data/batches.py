@@ -109,9 +109,7 @@ def table_rows(table: pa.Table, features: Features, list_features: Sequence[bool
     labels = table.column(features.label).to_numpy().astype(np.float32)
     dense = np.stack([filled(table.column(c), 0).to_numpy() for c in features.dense],
                      axis=1) if features.dense else np.zeros((len(labels), 0))
-    for name, mean, std in features.standardize:  # the manifest's training stats
-        j = features.dense.index(name)
-        dense[:, j] = (dense[:, j] - mean) / std
+    standardize(dense, features)
     sparse: list[Any] = []
     for name, is_list in zip(features.sparse, list_features, strict=True):
         column = table.column(name)
@@ -125,6 +123,14 @@ def table_rows(table: pa.Table, features: Features, list_features: Sequence[bool
         else:
             sparse.append(filled(column, MISSING_ID).to_numpy().astype(np.int64, copy=False))
     return Rows(labels, dense.astype(np.float32, copy=False), sparse)
+
+
+def standardize(dense: np.ndarray, features: Features) -> None:
+    """Standardizes, in place, the dense features (columns of ``dense``, in
+    ``features.dense``'s order) that the manifest's training statistics name."""
+    for name, mean, std in features.standardize:
+        j = features.dense.index(name)
+        dense[:, j] = (dense[:, j] - mean) / std
 
 
 def make_batch(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray,

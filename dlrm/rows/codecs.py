@@ -241,6 +241,15 @@ def _text_hash(starts: np.ndarray, lengths: np.ndarray, data: np.ndarray) -> np.
     return h
 
 
+def text_values(fields: list[bytes]) -> np.ndarray:
+    """The uint64 values ``category_values`` (``auto``) gives these fields as text (the
+    hash of each with the top bit set), for fields that are no integer's own text."""
+    lengths = np.fromiter(map(len, fields), np.int64, len(fields))
+    starts = np.zeros(len(fields), np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return _text_hash(starts, lengths, np.frombuffer(b"".join(fields), np.uint8)) | _TOP
+
+
 def category_values(column: pa.Array | pa.ChunkedArray, kind: str,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Categorical fields (a binary column) → (uint64 values, present, valid). ``hex``:

@@ -57,7 +57,7 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
     first = now["served"]
     holder: dict[str, Batcher] = {}
     telemetry = Telemetry(lambda: holder["batcher"].queue.qsize() if holder else 0)
-    batcher = Batcher(first.scorer, first.rows, policy, telemetry.batch_rows.observe)
+    batcher = Batcher(first, policy, telemetry.batch_rows.observe)
     holder["batcher"] = batcher
     state = {"ready": False}
     counts = {"predict": 0, "recommend": 0, "refused": 0}  # every request, answered or not
@@ -133,12 +133,10 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
             why = old.incompatible(new)
             if why is not None:
                 raise BadRequest(409, f"model {path} cannot replace the one serving: {why}")
-            warm_row = [dict.fromkeys(new.rows.required)]
-            loop = asyncio.get_running_loop()
-            block = await loop.run_in_executor(batcher.model_thread, new.rows.block, warm_row)
-            await loop.run_in_executor(batcher.model_thread, new.scorer.score, block)
+            await asyncio.get_running_loop().run_in_executor(batcher.model_thread,
+                                                             batcher.warm, new)
             now["served"] = new
-            batcher.model = (new.scorer, new.rows)
+            batcher.model = new
             serving(new)
             return {"event": "reload", "model": str(path), "version": new.version,
                     "previous": old.version}
@@ -162,7 +160,10 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
         return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
 
     async def warm() -> None:
-        """One row of missing values through the whole path; then /ready says so."""
+        """A row of missing values through each path, then through the batcher; then
+        /ready says so."""
+        await asyncio.get_running_loop().run_in_executor(batcher.model_thread,
+                                                         batcher.warm, first)
         await batcher.score([dict.fromkeys(first.rows.required)])
         state["ready"] = True
 

@@ -3,8 +3,9 @@
 A request's rows wait in a bounded queue as the JSON they came as. One model thread takes
 the waiting requests (up to ``max_batch_rows`` rows; a request larger than that alone,
 waiting up to ``max_wait_ms`` after the first for others), turns all their rows into
-fields, converts them to one block in one pass and scores it in one forward pass, then
-hands each request its own outputs. A request whose rows cannot be read gets its own
+fields, converts them in one pass (value by value for a few rows, ``scalar_rows``; else
+vectorised, as a file's rows) and scores them in one forward pass, then hands each
+request its own outputs. A request whose rows cannot be read gets its own
 ``RowsError`` (naming its row and field); its batch-mates are scored all the same. Past
 ``max_queue`` waiting requests a request is refused at once (``Overloaded``: 503); one not
 scored within ``timeout_s`` gets ``TimeoutError`` (504) and is dropped from its batch.
@@ -20,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from dlrm.serve.predict import Scorer
 from dlrm.serve.request_rows import RequestRows, RowsError
+from dlrm.serve.scalar_rows import MAX_ROWS
+from dlrm.serve.served import Served
 
 
 class Overloaded(Exception):
@@ -60,9 +62,9 @@ class _Waiting:
 class Batcher:
     """``await batcher.score(rows)`` from any request; ``batcher.run()`` scores them."""
 
-    def __init__(self, scorer: Scorer, rows: RequestRows, policy: Policy = DEFAULT_POLICY,
+    def __init__(self, served: Served, policy: Policy = DEFAULT_POLICY,
                  observe: Callable[[int], None] = lambda rows: None) -> None:
-        self.model = (scorer, rows)  # swapped whole by a reload, read once per batch
+        self.model = served  # swapped whole by a reload, read once per batch
         self.policy, self.observe = policy, observe
         self.queue: asyncio.Queue[_Waiting] = asyncio.Queue(policy.max_queue)
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
@@ -121,36 +123,51 @@ class Batcher:
             rows += _size(nxt)
         return batch
 
+    def warm(self, served: Served) -> None:
+        """Scores a row of missing values through each of ``served``'s paths (on the
+        model thread: their first calls are the slow ones)."""
+        fields = served.rows.fields([dict.fromkeys(served.rows.required)])
+        if served.scalar is not None:
+            served.scorer.outputs(served.scalar.rows(fields))
+        block, reasons = served.rows.convert(fields)
+        RequestRows.check(reasons)
+        served.scorer.score(block)
+
     def score_now(self, batch: list[_Waiting]) -> list[np.ndarray | Exception]:
         """Each request's outputs, or the error of its own rows (on the model thread)."""
-        scorer, rows = self.model
+        model = self.model
         results: list[np.ndarray | Exception | None] = [None] * len(batch)
-        fields: dict[str, list] = {c: [] for c in rows.columns}
+        fields: dict[str, list] = {c: [] for c in model.rows.columns}
         spans = []  # (request, first row, end) in the batch's rows
         total = 0
         for k, w in enumerate(batch):
             try:
-                own = rows.fields(w.rows)
+                own = model.rows.fields(w.rows)
             except RowsError as e:
                 results[k] = e
                 continue
-            n = len(own[rows.columns[0]])
+            n = len(own[model.rows.columns[0]])
             for c, values in own.items():
                 fields[c] += values
             spans.append((k, total, total + n))
             total += n
-        if spans:
-            block, reasons = rows.convert(fields)
-            good = reasons < 0
-            _, outputs = scorer.score(block)
-            self.observe(int(good.sum()))
-            position = np.cumsum(good) - 1  # a good row's index among the scored ones
-            for k, start, end in spans:
-                try:
-                    RequestRows.check(reasons[start:end])
-                    results[k] = outputs[position[start:end]]
-                except RowsError as e:
-                    results[k] = e
+        if not spans:
+            return results  # type: ignore[return-value]
+        few = model.scalar.rows(fields) if model.scalar and total <= MAX_ROWS else None
+        if few is not None:
+            outputs, reasons = model.scorer.outputs(few), np.full(total, -1)
+        else:
+            block, reasons = model.rows.convert(fields)
+            _, outputs = model.scorer.score(block)
+        good = reasons < 0
+        self.observe(int(good.sum()))
+        position = np.cumsum(good) - 1  # a good row's index among the scored ones
+        for k, start, end in spans:
+            try:
+                RequestRows.check(reasons[start:end])
+                results[k] = outputs[position[start:end]]
+            except RowsError as e:
+                results[k] = e
         return results  # type: ignore[return-value]
 
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from dlrm.data.batches import table_rows, to_batch
+from dlrm.data.batches import Rows, table_rows, to_batch
 from dlrm.metrics import sigmoid
 from dlrm.rows.blocks import Block
 from dlrm.rows.chunks import Options, Task, plan_tasks
@@ -72,6 +72,10 @@ class Scorer:
     def score_table(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """(labels, outputs) of rows laid out as the training dataset holds them."""
         rows = table_rows(table, self.features, self.layout.multi, "input")
+        return rows.labels, self.outputs(rows)
+
+    def outputs(self, rows: Rows) -> np.ndarray:
+        """The model's outputs of rows as the model reads them."""
         outputs = []
         with torch.no_grad():
             for start in range(0, len(rows), BATCH):
@@ -80,9 +84,9 @@ class Scorer:
                 outputs.append(out.reshape(-1).numpy())
         raw = np.concatenate(outputs) if outputs else np.zeros(0, np.float32)
         if not self.regression:
-            return rows.labels, sigmoid(raw).astype(np.float32)
+            return sigmoid(raw).astype(np.float32)
         bounds = self.exported.info.get("prediction_range")  # None: exported unclipped
-        return rows.labels, raw if bounds is None else np.clip(raw, *bounds)
+        return raw if bounds is None else np.clip(raw, *bounds)
 
 
 def layout_for(exported: Exported, paths: list[Path] | None) -> Layout:

@@ -46,24 +46,27 @@ class RequestRows:
         self.check(reasons)
         return block
 
-    def fields(self, rows: Any) -> dict[str, list[bytes | None]]:
+    def fields(self, rows: Any) -> dict[str, list[bytes]]:
         """Each column's fields of the rows, as text (RowsError naming the row and field
         of the first that has no such text)."""
         if not isinstance(rows, list) or not rows:
             raise RowsError("rows: expected a non-empty list of rows")
-        named = [self._named(i, row) for i, row in enumerate(rows)]
-        out = {}
-        for c in self.columns:
-            values = [r.get(c) for r in named]
-            if c == self.schema.label:  # not scored; any number the rule reads
-                values = ["0" if v is None else v for v in values]
-            if all(type(v) is str for v in values):  # a file's fields, as most rows come
-                out[c] = [v.encode() for v in values]
-            else:
-                out[c] = [self.text(i, c, v) for i, v in enumerate(values)]
-        return out
+        texts = [self._texts(i, row) for i, row in enumerate(rows)]
+        return dict(zip(self.columns, map(list, zip(*texts, strict=True)), strict=True))
 
-    def convert(self, fields: dict[str, list[bytes | None]]) -> tuple[Block, np.ndarray]:
+    def _texts(self, i: int, row: Any) -> list[bytes]:
+        """Row ``i``'s fields in column order: a list of strings (a file's fields, as most
+        rows come) as they are, anything else value by value."""
+        if type(row) is list and len(row) == len(self.columns):
+            try:
+                return [v.encode() for v in row]
+            except AttributeError:  # a value that is no string
+                pass
+        named = self._named(i, row)
+        return [b"0" if c == self.schema.label and named.get(c) is None  # not scored
+                else self.text(i, c, named.get(c)) for c in self.columns]
+
+    def convert(self, fields: dict[str, list[bytes]]) -> tuple[Block, np.ndarray]:
         """The good rows of ``fields`` (several requests' rows together, in one pass) as a
         block, and each row's problem (a reject reason's index; -1: none)."""
         table = pa.table({c: pa.array(fields[c], pa.binary()) for c in self.schema.used()})
@@ -104,7 +107,7 @@ class RequestRows:
                             f"{type(row).__name__}")
         return named
 
-    def text(self, i: int, column: str, value: Any) -> bytes | None:
+    def text(self, i: int, column: str, value: Any) -> bytes:
         if value is None:
             return b""
         if isinstance(value, bool):
@@ -126,7 +129,7 @@ class RequestRows:
             return value.encode()
         if isinstance(value, list) and column in self.separator:
             items = [self.text(i, column, v) for v in value]
-            return self.separator[column].encode().join(x for x in items if x is not None)
+            return self.separator[column].encode().join(items)
         raise RowsError(f"row {i}, field {column}: expected a number or a string"
                         + (" or a list" if column in self.separator else "")
                         + f", got {type(value).__name__}")

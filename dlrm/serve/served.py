@@ -1,5 +1,6 @@
 """The model a server serves, as one value that a reload swaps whole: the model directory,
-its scorer, its request rows, its recommender, its metadata and version.
+its scorer, its request rows and their fast path, its recommender, its metadata and
+version.
 
 A reload (``POST /admin/reload``, or SIGHUP for the directory the server started with)
 takes a model directory that answers the same requests: the same features, request
@@ -19,6 +20,7 @@ from dlrm.serve.model_dir import MODEL_JSON, Exported, load_exported
 from dlrm.serve.predict import Scorer, layout_for
 from dlrm.serve.recommend import Recommender
 from dlrm.serve.request_rows import RequestRows
+from dlrm.serve.scalar_rows import ScalarRows
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Served:
     exported: Exported
     scorer: Scorer
     rows: RequestRows
+    scalar: ScalarRows | None  # the fast path of small batches (None: none)
     recommender: Recommender | None
     metadata: dict[str, Any]
 
@@ -40,8 +43,8 @@ class Served:
                     "trained_on": info["trained_on"], "label_kind": schema.kind,
                     "columns": rows.columns, "required": rows.required,
                     "version": model_version(exported), "model": str(exported.path)}
-        return cls(exported, scorer, rows, Recommender(scorer, rows) if schema.item else None,
-                   metadata)
+        return cls(exported, scorer, rows, ScalarRows.of(rows, scorer),
+                   Recommender(scorer, rows) if schema.item else None, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> Served:

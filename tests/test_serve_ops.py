@@ -20,7 +20,8 @@ from dlrm.serve.batcher import Batcher, Overloaded, Policy
 from dlrm.serve.export import export
 from dlrm.serve.model_dir import load_exported
 from dlrm.serve.predict import predict
-from dlrm.serve.request_rows import RowsError
+from dlrm.serve.request_rows import FEW_ROWS, RowsError
+from dlrm.serve.scalar_rows import MAX_ROWS
 from dlrm.serve.served import Served
 
 
@@ -58,6 +59,39 @@ def test_a_bad_request_fails_alone_and_its_batch_mates_are_scored(model):
     np.testing.assert_allclose(got[4], probs[9:10], rtol=0, atol=1e-6)
 
 
+def test_large_requests_read_by_column_fail_alone_too(model):
+    """Requests over FEW_ROWS rows are read column by column; one with a bad value, one
+    with a value that is no string and one with a lone surrogate (no Unicode) fail alone,
+    each naming its own row, in a batch with a good one and a small one."""
+    model_dir, rows, probs = model
+    n = FEW_ROWS + 8
+    bad_dense = [list(r) for r in rows[:n]]
+    bad_dense[FEW_ROWS + 2][1] = "1.5"  # an integer column
+    number = [list(r) for r in rows[:n]]
+    number[3][14] = 7  # a hex categorical given as a JSON number: read row by row, alike
+    surrogate = [list(r) for r in rows[:n]]
+    surrogate[5][20] = "\ud800"
+    requests = [rows[n:2 * n], bad_dense, number, surrogate, rows[:2]]
+
+    async def go():
+        batcher = _batcher(model_dir)
+        waiting = [asyncio.ensure_future(batcher.score(r)) for r in requests]
+        await asyncio.sleep(0.05)  # all queued before the batcher looks
+        runner = asyncio.create_task(batcher.run())
+        got = await asyncio.gather(*waiting, return_exceptions=True)
+        runner.cancel()
+        return batcher.batches, got
+
+    batches, got = asyncio.run(go())
+    assert batches == 1
+    np.testing.assert_allclose(got[0], probs[n:2 * n], rtol=0, atol=1e-6)
+    assert str(got[1]) == f"1 row(s) cannot be read: row {FEW_ROWS + 2}: bad_dense"
+    assert isinstance(got[2], np.ndarray)  # 7 is a categorical's own text, as "7"
+    assert isinstance(got[3], RowsError) and str(got[3]) == (
+        "row 5, field C7: not Unicode text (a lone surrogate)")
+    np.testing.assert_allclose(got[4], probs[:2], rtol=0, atol=1e-6)
+
+
 def test_batches_keep_to_max_batch_rows_and_a_larger_request_goes_alone(model):
     model_dir, rows, probs = model
     sizes = [3, 3, 10, 2, 2]  # with at most 5 rows a batch: [3], [3], [10] alone, [2, 2]
@@ -88,7 +122,8 @@ def test_a_full_queue_refuses_and_a_late_request_times_out(model):
         hold = threading.Event()
         batcher.model_thread.submit(hold.wait)  # the model is busy
         runner = asyncio.create_task(batcher.run())
-        first = asyncio.ensure_future(batcher.score(rows[:1]))  # taken, waits for the model
+        # taken, waits for the model thread (too many rows to be scored on the loop)
+        first = asyncio.ensure_future(batcher.score(rows[:MAX_ROWS + 1]))
         await asyncio.sleep(0.05)
         queued = [asyncio.ensure_future(batcher.score(rows[:1])) for _ in range(2)]
         await asyncio.sleep(0)

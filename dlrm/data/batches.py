@@ -9,6 +9,7 @@ feature-major (:func:`to_batch`).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,11 +93,15 @@ def to_batch(rows: Rows, keys: Sequence[str], multi_hot: MultiHot | None = None)
             [np.full(n, x, np.int32) if isinstance(x, int) else x.astype(np.int32)
              for x in lengths])
     values_array = np.concatenate(values).astype(np.int64, copy=False)
+    # Each key's number of values, known here: the KJT need not sum its lengths (a torch
+    # op and a read back per batch, from_lengths_sync's cost).
+    per_key = [n * x if isinstance(x, int) else int(x.sum()) for x in lengths]
     return Batch(
         dense_features=torch.from_numpy(rows.dense),
-        sparse_features=KeyedJaggedTensor.from_lengths_sync(
+        sparse_features=KeyedJaggedTensor(
             keys=list(keys), values=torch.from_numpy(values_array),
-            lengths=torch.from_numpy(lengths_array)),
+            lengths=torch.from_numpy(lengths_array), stride=n, length_per_key=per_key,
+            offset_per_key=[0, *itertools.accumulate(per_key)]),
         labels=torch.from_numpy(rows.labels),
     )
 

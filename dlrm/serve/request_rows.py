@@ -23,6 +23,9 @@ from dlrm.rows.declared_reader import convert
 from dlrm.rows.rejects import REJECT_REASONS
 from dlrm.schema.declared import Schema
 
+FEW_ROWS = 32  # a request of up to this many rows is read value by value, not by column
+Fields = dict[str, list[bytes] | pa.Array]  # a request's fields, by column
+
 
 class RowsError(ValueError):
     """A request's rows that cannot be scored; the message names the row and the field."""
@@ -46,30 +49,51 @@ class RequestRows:
         self.check(reasons)
         return block
 
-    def fields(self, rows: Any) -> dict[str, list[bytes]]:
+    def fields(self, rows: Any) -> Fields:
         """Each column's fields of the rows, as text (RowsError naming the row and field
-        of the first that has no such text)."""
+        of the first that has no such text): a list of bytes for a request of up to
+        ``FEW_ROWS`` rows; a larger one of lists of strings, as most rows come, as binary
+        arrays made column by column (in pyarrow: no Python per value)."""
         if not isinstance(rows, list) or not rows:
             raise RowsError("rows: expected a non-empty list of rows")
+        if len(rows) > FEW_ROWS:
+            columns = self._columns(rows)
+            if columns is not None:
+                return columns
         texts = [self._texts(i, row) for i, row in enumerate(rows)]
         return dict(zip(self.columns, map(list, zip(*texts, strict=True)), strict=True))
 
+    def _columns(self, rows: list[Any]) -> dict[str, pa.Array] | None:
+        """Rows that are all lists of every column's string, as binary columns; None
+        for any others (then read row by row, which names what is wrong)."""
+        width = len(self.columns)
+        if not all(type(row) is list and len(row) == width for row in rows):
+            return None
+        try:
+            return {c: pa.array(values, pa.string()).cast(pa.binary())
+                    for c, values in zip(self.columns, zip(*rows, strict=True), strict=True)}
+        except (pa.ArrowException, TypeError, ValueError):  # no string, or no Unicode
+            return None
+
     def _texts(self, i: int, row: Any) -> list[bytes]:
-        """Row ``i``'s fields in column order: a list of strings (a file's fields, as most
-        rows come) as they are, anything else value by value."""
+        """Row ``i``'s fields in column order: a list of strings as they are, anything
+        else value by value."""
         if type(row) is list and len(row) == len(self.columns):
             try:
                 return [v.encode() for v in row]
-            except AttributeError:  # a value that is no string
+            except (AttributeError, UnicodeEncodeError):  # a value that is no string
                 pass
         named = self._named(i, row)
         return [b"0" if c == self.schema.label and named.get(c) is None  # not scored
                 else self.text(i, c, named.get(c)) for c in self.columns]
 
-    def convert(self, fields: dict[str, list[bytes]]) -> tuple[Block, np.ndarray]:
-        """The good rows of ``fields`` (several requests' rows together, in one pass) as a
-        block, and each row's problem (a reject reason's index; -1: none)."""
-        table = pa.table({c: pa.array(fields[c], pa.binary()) for c in self.schema.used()})
+    def convert(self, *requests: Fields) -> tuple[Block, np.ndarray]:
+        """The good rows of the requests' fields (together, in one pass) as a block, and
+        each row's problem (a reject reason's index; -1: none)."""
+        table = pa.table({c: pa.chunked_array([r[c] if isinstance(r[c], pa.Array)
+                                               else pa.array(r[c], pa.binary())
+                                               for r in requests], pa.binary())
+                          for c in self.schema.used()})
         block, problems = convert(table, self.schema)
         return block, problems.reason
 
@@ -126,7 +150,11 @@ class RequestRows:
             return (str(int(value)) if value.is_integer() and abs(value) < 2**53
                     else repr(value)).encode()
         if isinstance(value, str):
-            return value.encode()
+            try:
+                return value.encode()
+            except UnicodeEncodeError:
+                raise RowsError(f"row {i}, field {column}: not Unicode text (a lone "
+                                "surrogate)") from None
         if isinstance(value, list) and column in self.separator:
             items = [self.text(i, column, v) for v in value]
             return self.separator[column].encode().join(items)

@@ -23,9 +23,11 @@ from dlrm.rows.codecs import text_values, transform
 from dlrm.rows.vocab import Encoder
 from dlrm.schema.features import MISSING_ID, Features
 from dlrm.serve.predict import Scorer
-from dlrm.serve.request_rows import RequestRows
+from dlrm.serve.request_rows import FEW_ROWS, RequestRows
 
-MAX_ROWS = 32  # batches of up to this many rows take this path (measured crossover: ~64)
+MAX_ROWS = FEW_ROWS  # batches of up to this many rows take this path (its cost equals the
+# vectorised path's at about 64 Criteo rows, 3.5-4 ms; a batch this path takes is scored on
+# the event loop, which it holds meanwhile)
 
 # The codecs' rules for a field's text, as whole-field matches (``codecs.py``):
 _INTEGER = re.compile(rb"-?[0-9]{1,18}")  # _decimal: an optional minus, 1 to 18 digits

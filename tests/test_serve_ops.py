@@ -16,9 +16,10 @@ from helpers import Server
 from prometheus_client.parser import text_string_to_metric_families
 
 from dlrm.serve.app import create_app
-from dlrm.serve.batcher import Batcher, Overloaded, Policy
+from dlrm.serve.batcher import Batcher, Overloaded
 from dlrm.serve.export import export
 from dlrm.serve.model_dir import load_exported
+from dlrm.serve.policy import Policy
 from dlrm.serve.predict import predict
 from dlrm.serve.request_rows import FEW_ROWS, RowsError
 from dlrm.serve.scalar_rows import MAX_ROWS

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from dlrm.cli.common import error, offline_errors
+from dlrm.serve.policy import DEFAULT_POLICY, Policy
 
 
 def _export(args: argparse.Namespace, rest: list[str]) -> int:
@@ -37,7 +38,6 @@ def _predict(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
     from dlrm.serve.app import serve
-    from dlrm.serve.batcher import Policy
 
     try:
         policy = Policy(args.max_batch_rows, args.max_wait_ms, args.max_queue, args.timeout_s)
@@ -103,15 +103,15 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-body-mb", type=float, default=1.0,
                    help="larger request bodies get 413")
-    p.add_argument("--max-batch-rows", type=int, default=4096,
+    p.add_argument("--max-batch-rows", type=int, default=DEFAULT_POLICY.max_batch_rows,
                    help="rows scored in one forward pass at most (a larger request is "
                         "scored alone)")
-    p.add_argument("--max-wait-ms", type=float, default=0.0,
+    p.add_argument("--max-wait-ms", type=float, default=DEFAULT_POLICY.max_wait_ms,
                    help="how long the first waiting request may wait for others to join "
                         "its batch (default 0: a batch is what waits while the model is busy)")
-    p.add_argument("--max-queue", type=int, default=1024,
+    p.add_argument("--max-queue", type=int, default=DEFAULT_POLICY.max_queue,
                    help="requests waiting to be scored at most; beyond, 503 with Retry-After")
-    p.add_argument("--timeout-s", type=float, default=30.0,
+    p.add_argument("--timeout-s", type=float, default=DEFAULT_POLICY.timeout_s,
                    help="a request not scored within this many seconds gets 504 (0: none)")
 
     p = model_command("recommend", _recommend, "top-K items for a user with an exported "

@@ -42,9 +42,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dlrm.errors import ExportError
-from dlrm.serve.batcher import DEFAULT_POLICY, Batcher, Overloaded, Policy
+from dlrm.serve.batcher import Batcher, Overloaded
 from dlrm.serve.body import BadRequest, read_json
 from dlrm.serve.model_dir import Exported, load_exported
+from dlrm.serve.policy import DEFAULT_POLICY, Policy
 from dlrm.serve.request_rows import RowsError
 from dlrm.serve.served import Served
 from dlrm.serve.telemetry import Instrumented, Telemetry

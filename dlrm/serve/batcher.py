@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from dlrm.serve.policy import DEFAULT_POLICY, Policy
 from dlrm.serve.request_rows import RequestRows, RowsError
 from dlrm.serve.scalar_rows import MAX_ROWS
 from dlrm.serve.served import Served
@@ -33,27 +34,6 @@ class Overloaded(Exception):
     """The queue holds ``max_queue`` requests already: the server refuses this one."""
 
 
-@dataclass(frozen=True)
-class Policy:
-    """How requests are batched (``dlrm serve --max-batch-rows ...``)."""
-
-    max_batch_rows: int = 4096
-    max_wait_ms: float = 0.0  # 0: a batch is whatever waits when the model thread is free
-    max_queue: int = 1024  # requests waiting to be scored
-    timeout_s: float = 30.0  # from arrival to answer
-
-    def __post_init__(self) -> None:
-        for key in ("max_batch_rows", "max_queue"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got "
-                                 f"{getattr(self, key)}")
-        for key in ("max_wait_ms", "timeout_s"):
-            if not getattr(self, key) >= 0:
-                raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got "
-                                 f"{getattr(self, key)}")
-
-
-DEFAULT_POLICY = Policy()
 
 
 @dataclass

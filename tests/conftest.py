@@ -49,3 +49,31 @@ def exported(trained, small_dataset, tmp_path_factory):
     probs = pq.read_table(tmp / "preds.parquet").column("prob").to_numpy()
     rows = [line.rstrip("\n").split("\t") for line in raw.open().readlines()[:300]]
     return tmp / "model", rows, probs
+
+
+@pytest.fixture(scope="session")
+def reloadable(trained, exported, tmp_path_factory):
+    """Model directories to reload a server of ``exported`` with: an int8 export of the
+    same checkpoint (the same requests, other predictions) and the predictions of the
+    first 4 rows by it; and an fp32 export that answers requests with another label
+    column (to be refused)."""
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from dlrm.serve.export import export
+    from dlrm.serve.predict import predict
+
+    _, rows, old_probs = exported
+    tmp = tmp_path_factory.mktemp("reloadable")
+    export(trained, tmp / "int8", "int8")
+    (tmp / "rows.tsv").write_text("".join("\t".join(r) + "\n" for r in rows[:4]))
+    predict(tmp / "int8", [tmp / "rows.tsv"], tmp / "new.parquet", options=None)
+    new_probs = pq.read_table(tmp / "new.parquet").column("prob").to_numpy()
+    assert not np.allclose(new_probs, old_probs[:4], rtol=0, atol=1e-6)  # tells them apart
+    export(trained, tmp / "other")
+    info = json.loads((tmp / "other" / "model.json").read_text())
+    info["dataset"]["schema"]["label"] = "click"
+    (tmp / "other" / "model.json").write_text(json.dumps(info))
+    return tmp / "int8", new_probs, tmp / "other"

@@ -193,16 +193,27 @@ class Server:
         """(stdout, stderr) so far."""
         return (Path(self.stdout.name).read_text(), Path(self.stderr.name).read_text())
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                timeout: float = 60) -> tuple[int, dict]:
+    def raw(self, method: str, path: str, body: bytes | None = None,
+            timeout: float = 60) -> tuple[int, bytes]:
+        """(status, body) of one request on a connection of its own."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             conn.request(method, path, body=body,
                          headers={"Content-Type": "application/json"} if body else {})
             resp = conn.getresponse()
-            return resp.status, json.loads(resp.read() or b"{}")
+            return resp.status, resp.read()
         finally:
             conn.close()
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                timeout: float = 60) -> tuple[int, dict]:
+        status, data = self.raw(method, path, body, timeout)
+        return status, json.loads(data or b"{}")
+
+    def get_text(self, path: str) -> str:
+        status, data = self.raw("GET", path)
+        assert status == 200, (status, data)
+        return data.decode()
 
     def get(self, path: str) -> tuple[int, dict]:
         return self.request("GET", path)

@@ -10,17 +10,14 @@ import threading
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from helpers import Server
 from prometheus_client.parser import text_string_to_metric_families
 
 from dlrm.serve.app import create_app
 from dlrm.serve.batcher import Batcher, Overloaded
-from dlrm.serve.export import export
 from dlrm.serve.model_dir import load_exported
 from dlrm.serve.policy import Policy
-from dlrm.serve.predict import predict
 from dlrm.serve.request_rows import FEW_ROWS, RowsError
 from dlrm.serve.scalar_rows import MAX_ROWS
 from dlrm.serve.served import Served
@@ -211,10 +208,9 @@ def test_metrics_in_prometheus_format_and_one_log_line_per_request(model):
             assert status == 200
         assert server.post("/predict", {"rows": [["x"]]})[0] == 422
         version = server.get("/metadata")[1]["version"]
-        conn_status, text = _get_text(server, "/metrics")
+        text = server.get_text("/metrics")
     finally:
         server.stop()
-    assert conn_status == 200
     families = {f.name: f for f in text_string_to_metric_families(text)}
     requests = {(s.labels["endpoint"], s.labels["status"]): s.value
                 for s in families["dlrm_requests"].samples if s.name == "dlrm_requests_total"}
@@ -235,16 +231,6 @@ def test_metrics_in_prometheus_format_and_one_log_line_per_request(model):
     predicts = [e for e in log if e["path"] == "/predict"]
     assert [e["status"] for e in predicts] == [200] * 5 + [422]
     assert all(e["method"] == "POST" and e["ms"] > 0 for e in predicts)
-
-
-def _get_text(server: Server, path: str) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode()
-    finally:
-        conn.close()
 
 
 def test_over_the_queue_limit_every_request_is_answered(model):
@@ -287,24 +273,14 @@ def test_over_the_queue_limit_every_request_is_answered(model):
 
 
 def test_a_reload_under_load_drops_no_request_and_refuses_a_model_of_other_requests(
-        model, trained, tmp_path):
+        model, reloadable, tmp_path):
     """16 clients for a few seconds, a reload midway (an int8 export of the same
     checkpoint: other predictions, the same requests): every answer is a 200 with the old
     model's predictions or the new one's, the old one's before the reload was asked, the
     new one's once it answered. A model of other requests is refused (409), a directory
     that is none (422), and the new model keeps serving."""
     model_dir, rows, old_probs = model
-    new_dir = tmp_path / "int8"
-    export(trained, new_dir, "int8")
-    (tmp_path / "rows.tsv").write_text("".join("\t".join(r) + "\n" for r in rows[:4]))
-    predict(new_dir, [tmp_path / "rows.tsv"], tmp_path / "new.parquet", options=None)
-    new_probs = pq.read_table(tmp_path / "new.parquet").column("prob").to_numpy()
-    assert not np.allclose(new_probs, old_probs[:4], rtol=0, atol=1e-6)  # tells them apart
-    other = tmp_path / "other"  # answers requests with another label column
-    export(trained, other)
-    info = json.loads((other / "model.json").read_text())
-    info["dataset"]["schema"]["label"] = "click"
-    (other / "model.json").write_text(json.dumps(info))
+    new_dir, new_probs, other = reloadable
 
     server = Server(model_dir)
     answers: list[tuple[float, float, int, list]] = []

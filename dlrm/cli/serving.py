@@ -37,11 +37,18 @@ def _predict(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.serve.app import serve
+    from dlrm.serve.workers import serve_workers  # no torch in the supervisor
 
     try:
         policy = Policy(args.max_batch_rows, args.max_wait_ms, args.max_queue, args.timeout_s)
-        serve(args.model, args.host, args.port, int(args.max_body_mb * 2**20), policy)
+        if args.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        body = int(args.max_body_mb * 2**20)
+        if args.workers > 1:
+            return serve_workers(args.model, args.host, args.port, args.workers, body, policy)
+        from dlrm.serve.app import serve
+
+        serve(args.model, args.host, args.port, body, policy)
     except offline_errors() as e:
         return error("serve", e)
     return 0
@@ -101,6 +108,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                       "POST /recommend, GET /health, GET /metadata")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes on the port (each loads the model; a reload "
+                        "reaches all, /metrics sums them)")
     p.add_argument("--max-body-mb", type=float, default=1.0,
                    help="larger request bodies get 413")
     p.add_argument("--max-batch-rows", type=int, default=DEFAULT_POLICY.max_batch_rows,

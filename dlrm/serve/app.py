@@ -30,8 +30,9 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import signal
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from starlette.applications import Starlette
@@ -41,11 +42,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dlrm.errors import ExportError
 from dlrm.serve.batcher import Batcher, Overloaded
 from dlrm.serve.body import BadRequest, read_json
 from dlrm.serve.model_dir import Exported, load_exported
 from dlrm.serve.policy import DEFAULT_POLICY, Policy
+from dlrm.serve.reload import Reloader
 from dlrm.serve.request_rows import RowsError
 from dlrm.serve.served import Served
 from dlrm.serve.telemetry import Instrumented, Telemetry
@@ -55,24 +56,32 @@ MAX_BODY_BYTES = 1 << 20
 SCORING_THREADS = 1
 
 
+class Reloads(Protocol):
+    """Who carries out a reload: the process itself (``Reloader.reload``), or the
+    supervisor of ``--workers N`` on every worker (``workers.Link.reload``)."""
+
+    async def reload(self, path: str) -> dict[str, Any]: ...
+
+
 def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
-               policy: Policy = DEFAULT_POLICY, access_log: bool | None = None) -> Starlette:
-    now = {"served": Served.of(exported)}  # the model serving: a reload swaps it whole
-    first = now["served"]
-    holder: dict[str, Batcher] = {}
-    telemetry = Telemetry(lambda: holder["batcher"].queue.qsize() if holder else 0)
-    batcher = Batcher(first, policy, telemetry.batch_rows.observe)
-    holder["batcher"] = batcher
+               policy: Policy = DEFAULT_POLICY, access_log: bool | None = None,
+               link: Any = None) -> Starlette:
+    """The app; ``link``: this worker's end of the ``--workers`` supervisor's pipe
+    (``workers.Link``), None for a server of one process."""
+    first = Served.of(exported)
+    telemetry = Telemetry()
+    batcher = Batcher(first, policy, telemetry.batch_rows.observe, telemetry.queue_depth.set)
     state = {"ready": False}
     counts = {"predict": 0, "recommend": 0, "refused": 0}  # every request, answered or not
-    reloading = asyncio.Lock()
 
-    def serving(served: Served) -> None:
+    def labels(served: Served) -> dict[str, str]:
         info = served.exported.info
-        telemetry.serving({"version": served.version, "checkpoint": str(info["checkpoint"]),
-                           "step": str(info["step"])})
+        return {"version": served.version, "checkpoint": str(info["checkpoint"]),
+                "step": str(info["step"])}
 
-    serving(first)
+    telemetry.serving(labels(first), None)
+    reloader = Reloader(batcher, lambda old, new: telemetry.serving(labels(new), labels(old)))
+    reloads: Reloads = reloader if link is None else link
 
     async def predict(request: Request) -> Response:
         counts["predict"] += 1
@@ -93,7 +102,7 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
     async def recommend(request: Request) -> JSONResponse:
         counts["recommend"] += 1
         body = await read_json(request, max_body_bytes)
-        served = now["served"]
+        served = batcher.model
         if served.recommender is None:
             raise BadRequest(404, f"schema {served.rows.schema.name} names no item features: "
                                   "nothing to recommend")
@@ -111,50 +120,31 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
         return JSONResponse({"items": items})
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "requests": counts["predict"] + counts["recommend"],
+        return JSONResponse({"status": "ok", "pid": os.getpid(),  # of this worker, alone
+                             "version": batcher.model.version,
+                             "requests": counts["predict"] + counts["recommend"],
                              **{f"{k}_requests": v for k, v in counts.items()},
                              "batches": batcher.batches, "scored_requests": batcher.requests})
 
     async def ready(request: Request) -> JSONResponse:
-        return JSONResponse({"ready": state["ready"], "version": now["served"].version},
+        return JSONResponse({"ready": state["ready"], "version": batcher.model.version},
                             status_code=200 if state["ready"] else 503)
 
     async def meta(request: Request) -> JSONResponse:
-        return JSONResponse(now["served"].metadata)
+        return JSONResponse(batcher.model.metadata)
 
     async def metrics(request: Request) -> Response:
         return Response(telemetry.render(), media_type=telemetry.content_type)
-
-    async def reload_model(path: str) -> dict[str, Any]:
-        """Loads ``path`` beside the model serving, checks and warms it, then swaps it in
-        for the next batch (a batch being scored finishes on the old one)."""
-        async with reloading:
-            old = now["served"]
-            try:
-                new = await run_in_threadpool(Served.load, path)
-            except (ExportError, OSError, ValueError) as e:
-                raise BadRequest(422, f"model {path}: {e}") from None
-            why = old.incompatible(new)
-            if why is not None:
-                raise BadRequest(409, f"model {path} cannot replace the one serving: {why}")
-            await asyncio.get_running_loop().run_in_executor(batcher.model_thread,
-                                                             batcher.warm, new)
-            now["served"] = new
-            batcher.model = new
-            gc.freeze()
-            serving(new)
-            return {"event": "reload", "model": str(path), "version": new.version,
-                    "previous": old.version}
 
     async def admin_reload(request: Request) -> JSONResponse:
         body = await read_json(request, max_body_bytes)
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             raise BadRequest(400, 'body: expected an object with "model": a model directory')
-        return JSONResponse(await reload_model(body["model"]))
+        return JSONResponse(await reloads.reload(body["model"]))
 
     async def sighup() -> None:
         try:
-            print(json.dumps(await reload_model(str(exported.path))), flush=True)
+            print(json.dumps(await reloads.reload(str(exported.path))), flush=True)
         except BadRequest as e:
             print(json.dumps({"event": "reload_refused", "error": str(e)}), flush=True)
 
@@ -177,9 +167,12 @@ def create_app(exported: Exported, max_body_bytes: int = MAX_BODY_BYTES,
     async def lifespan(app: Starlette):
         loop = asyncio.get_running_loop()
         tasks = [asyncio.create_task(batcher.run()), asyncio.create_task(warm())]
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off main
-            loop.add_signal_handler(signal.SIGHUP, lambda: tasks.append(
-                asyncio.create_task(sighup())))
+        if link is not None:  # a worker: its supervisor takes SIGHUP
+            link.attach(reloader)
+        else:
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # none off main
+                loop.add_signal_handler(signal.SIGHUP, lambda: tasks.append(
+                    asyncio.create_task(sighup())))
         yield
         for task in tasks:
             task.cancel()
@@ -209,18 +202,26 @@ def _number(x: float) -> float | None:
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
           max_body_bytes: int = MAX_BODY_BYTES, policy: Policy = DEFAULT_POLICY) -> None:
     """Serves until SIGTERM or SIGINT (requests in flight finish first)."""
-    import uvicorn
-
-    torch.set_num_threads(SCORING_THREADS)
     app = create_app(load_exported(model), max_body_bytes, policy)
     print(json.dumps({"event": "serve", "model": model, "url": f"http://{host}:{port}",
                       **dataclasses.asdict(policy)}), flush=True)
+    run_server(app, host=host, port=port)
+    print(json.dumps({"event": "serve_stopped", "batches": app.state.batcher.batches,
+                      "requests": app.state.batcher.requests}), flush=True)
+
+
+def run_server(app: Starlette, **where: Any) -> None:
+    """uvicorn on ``host`` and ``port``, or on ``sockets`` (a worker's), until SIGTERM or
+    SIGINT."""
+    import uvicorn
+
+    torch.set_num_threads(SCORING_THREADS)
     # uvicorn shuts down gracefully on SIGTERM / SIGINT, then raises the signal again for
     # the handler it found: a server that finished its requests exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    sockets = where.pop("sockets", None)
     # uvloop and httptools (uvicorn[standard]) where installed: "auto" takes them.
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                loop="auto", http="auto")
-    print(json.dumps({"event": "serve_stopped", "batches": app.state.batcher.batches,
-                      "requests": app.state.batcher.requests}), flush=True)
+    config = uvicorn.Config(app, **where, log_level="warning", access_log=False, loop="auto",
+                            http="auto")
+    uvicorn.Server(config).run(sockets=sockets)

@@ -46,9 +46,12 @@ class Batcher:
     """``await batcher.score(rows)`` from any request; ``batcher.run()`` scores them."""
 
     def __init__(self, served: Served, policy: Policy = DEFAULT_POLICY,
-                 observe: Callable[[int], None] = lambda rows: None) -> None:
+                 observe: Callable[[int], None] = lambda rows: None,
+                 depth: Callable[[int], None] = lambda waiting: None) -> None:
+        """``observe``: told each batch's rows; ``depth``: the requests waiting, as it
+        changes."""
         self.model = served  # swapped whole by a reload, read once per batch
-        self.policy, self.observe = policy, observe
+        self.policy, self.observe, self.depth = policy, observe, depth
         self.queue: asyncio.Queue[_Waiting] = asyncio.Queue(policy.max_queue)
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.batches = self.requests = 0
@@ -62,6 +65,7 @@ class Batcher:
             self.queue.put_nowait(_Waiting(rows, future))
         except asyncio.QueueFull:
             raise Overloaded(f"{self.policy.max_queue} requests are waiting already") from None
+        self.depth(self.queue.qsize())
         if not self.policy.timeout_s:
             return await future
         timer = loop.call_later(self.policy.timeout_s, _expire, future)  # wait_for's job,
@@ -74,6 +78,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch(loop)
+            self.depth(self.queue.qsize())
             live = [w for w in batch if not w.future.done()]  # timed out: not scored
             if not live:
                 continue

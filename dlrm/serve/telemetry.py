@@ -4,19 +4,22 @@ per request.
 
 Metrics: ``dlrm_requests_total`` by endpoint and status, ``dlrm_request_seconds`` (latency
 by endpoint), ``dlrm_batch_rows`` (rows per forward pass), ``dlrm_queue_depth`` (requests
-waiting to be scored) and ``dlrm_model_info`` (the version, checkpoint and step served).
+waiting to be scored) and ``dlrm_model_info`` (the version, checkpoint and step served:
+1, and 0 for those a reload replaced).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -27,11 +30,14 @@ ASGI = Callable[[Scope, Callable, Callable], Awaitable[None]]
 
 
 class Telemetry:
-    """The metrics of one server process."""
+    """The metrics of one server process; of all the workers together where
+    ``PROMETHEUS_MULTIPROC_DIR`` is set (``dlrm serve --workers N``: each worker writes its
+    values there, ``render`` sums them, ``prometheus_client``'s multiprocess mode)."""
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, queue_depth: Callable[[], int]) -> None:
+    def __init__(self) -> None:
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self.registry = CollectorRegistry()
         self.requests = Counter("dlrm_requests", "Requests answered, by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
@@ -40,15 +46,23 @@ class Telemetry:
         self.batch_rows = Histogram("dlrm_batch_rows", "Rows scored per forward pass",
                                     buckets=ROWS_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("dlrm_queue_depth", "Requests waiting to be scored",
-                                 registry=self.registry)
-        self.queue_depth.set_function(queue_depth)
-        self.model = Info("dlrm_model", "The model directory served", registry=self.registry)
+                                 registry=self.registry, multiprocess_mode="livesum")
+        self.model = Gauge("dlrm_model_info", "The model directory served: 1 for the "
+                           "version serving, 0 for those it replaced",
+                           ["version", "checkpoint", "step"], registry=self.registry,
+                           multiprocess_mode="livemax")
 
-    def serving(self, version: dict[str, str]) -> None:
-        self.model.info(version)
+    def serving(self, version: dict[str, str], previous: dict[str, str] | None) -> None:
+        if previous is not None:
+            self.model.labels(**previous).set(0)
+        self.model.labels(**version).set(1)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
 
 
 class Instrumented:

@@ -1,30 +1,33 @@
-"""From a checkpoint to predictions: export parity, sizes, predict speed, server latency.
+"""From a checkpoint to predictions: each table precision's size, parity and speed, and
+`dlrm predict` against another checkout's and against preprocess --like + score.
 
 Run:  .venv/bin/python scripts/bench_predict.py [--days 3] [--rows-per-day 200000]
-          [--work runs/bench_predict] [--requests 400]
+          [--work runs/bench_predict] [--code OTHER_CHECKOUT]
 
 It writes (once; kept in ``--work``) a synthetic Criteo dataset, trains ``configs/tiny.toml``
 on it for one epoch (1 process), then:
 
 1. exports the checkpoint at fp32, fp16, int8 and int4, and prints each export's size on
-   disk and the test AUC of ``dlrm predict`` on the raw held-out day's second half (the
-   test split) against ``dlrm evaluate`` of the checkpoint;
-2. prints rows/s of ``dlrm predict`` on the raw held-out day against ``dlrm preprocess
-   --like`` followed by ``dlrm score`` on the same file (wall time of the commands,
-   start-up included; the same machine, one after the other);
-3. serves the fp32 export (``dlrm serve``) and prints p50 / p99 latency and requests/s on
-   loopback at concurrency 1 and 16, with 1-row and 256-row requests.
+   disk, the test AUC of ``dlrm predict`` on the raw held-out day's second half (the test
+   split) against ``dlrm evaluate`` of the checkpoint, the largest difference of its
+   predictions from fp32's, ``dlrm predict``'s rows/s, and one forward pass of 1 and of
+   4096 rows (one torch thread, as the server scores);
+2. prints rows/s of ``dlrm predict`` (fp32) on the raw held-out day, of this checkout and
+   of ``--code``'s (each twice, alternating: the VM's speed drifts), and of ``dlrm
+   preprocess --like`` followed by ``dlrm score`` on the same file (wall time of the
+   commands, start-up included; one after the other).
+
+The server under load: ``scripts/bench_serve.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
+import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,13 +35,14 @@ import numpy as np
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # helpers.Server: the server tests' real server
 
 
-def _dlrm(*args: str) -> tuple[str, float]:
+def _dlrm(*args: str, code: Path | None = None) -> tuple[str, float]:
+    """(stdout, wall seconds) of a dlrm command, of this checkout or ``code``'s."""
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "dlrm", *args], cwd=ROOT, capture_output=True,
-                          text=True)
+    env = {**os.environ, "PYTHONPATH": str(code)} if code else None
+    proc = subprocess.run([sys.executable, "-m", "dlrm", *args], cwd=code or ROOT,
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"dlrm {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout, time.time() - start
@@ -65,85 +69,85 @@ def setup(work: Path, days: int, rows: int) -> tuple[Path, Path, Path]:
     return raw / f"day_{days - 1}", data, checkpoints[-1]
 
 
-def parity(work: Path, held_out: Path, data: Path, checkpoint: Path) -> None:
+def forward_ms(model: Path, held_out: Path, rows: int) -> float:
+    """Milliseconds of one forward pass of the model's rows-row batch (tables to output,
+    the rows already converted; one torch thread, as the server scores), median of 20."""
+    import torch
+
+    from dlrm.data.batches import to_batch
+    from dlrm.serve.model_dir import load_exported
+    from dlrm.serve.served import Served
+
+    torch.set_num_threads(1)
+    served = Served.of(load_exported(model))
+    lines = [x.rstrip("\n").split("\t") for x, _ in zip(held_out.open(), range(rows),
+                                                           strict=False)]
+    scorer = served.scorer
+    block, _ = served.rows.convert(served.rows.fields(lines))
+    batch = to_batch(scorer.rows_of(scorer.encode(block)), scorer.features.sparse)
+    times = []
+    with torch.no_grad():
+        for _ in range(25):
+            start = time.perf_counter()
+            served.exported.model.model(batch.dense_features, batch.sparse_features)
+            times.append(time.perf_counter() - start)
+    return float(np.median(times[5:]) * 1000)
+
+
+def precisions(work: Path, held_out: Path, data: Path, checkpoint: Path) -> None:
     out, _ = _dlrm("evaluate", "--checkpoint", str(checkpoint), "--data", str(data))
     want = json.loads(out.splitlines()[-1])["auc"]
-    print(f"\nExports of {checkpoint} (checkpoint test AUC {want:.6f}):")
-    print("| tables | size on disk | test AUC of dlrm predict | minus the checkpoint's |")
-    print("|---|---|---|---|")
+    rows = sum(1 for _ in held_out.open("rb"))
+    print(f"\nExports of {checkpoint} (checkpoint test AUC {want:.6f}); dlrm predict of the "
+          f"raw held-out day ({rows} rows), wall time with start-up; one forward pass:")
+    print("| tables | size on disk | test AUC of dlrm predict | minus the checkpoint's | "
+          "max abs diff of p from fp32 | dlrm predict rows/s | forward 1 row ms | "
+          "forward 4096 rows ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = None
     for tables in ("fp32", "fp16", "int8", "int4"):
         model = work / f"model-{tables}"
         shutil.rmtree(model, ignore_errors=True)
         _dlrm("export", "--checkpoint", str(checkpoint), "--out", str(model), "--tables", tables)
         size = sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
         preds = work / f"preds-{tables}.parquet"
-        _dlrm("predict", "--model", str(model), "--input", str(held_out), "--out", str(preds))
+        _, seconds = _dlrm("predict", "--model", str(model), "--input", str(held_out), "--out",
+                           str(preds))
         table = pq.read_table(preds)
+        probs = table.column("prob").to_numpy()
+        base = probs if base is None else base
         test = table.slice(table.num_rows // 2)  # the held-out day's second half
         got = _auc(test.column("label").to_numpy(), test.column("prob").to_numpy())
-        print(f"| {tables} | {size / 2**20:.1f} MiB | {got:.6f} | {got - want:+.2e} |",
-              flush=True)
+        print(f"| {tables} | {size / 2**20:.1f} MiB | {got:.6f} | {got - want:+.2e} | "
+              f"{np.abs(probs - base).max():.2e} | {rows / seconds:,.0f} | "
+              f"{forward_ms(model, held_out, 1):.3f} | "
+              f"{forward_ms(model, held_out, 4096):.2f} |", flush=True)
 
 
-def speed(work: Path, held_out: Path, data: Path, checkpoint: Path) -> None:
+def speed(work: Path, held_out: Path, data: Path, checkpoint: Path, code: Path | None,
+          ) -> None:
     rows = sum(1 for _ in held_out.open("rb"))
     out = work / "speed.parquet"
-    _, predict_s = _dlrm("predict", "--model", str(work / "model-fp32"), "--input",
-                         str(held_out), "--out", str(out))
+    model = str(work / "model-fp32")
+    runs = [("this checkout", None)] + ([(str(code), code)] if code else [])
+    print(f"\nScoring the raw held-out day ({rows} rows, {held_out.stat().st_size / 2**20:.0f} "
+          "MiB), wall time of the commands, each twice, alternating:")
+    seconds: dict[str, list[float]] = {name: [] for name, _ in runs}
+    for _ in range(2):
+        for name, checkout in runs:
+            seconds[name].append(_dlrm("predict", "--model", model, "--input", str(held_out),
+                                       "--out", str(out), code=checkout)[1])
+    for name, s in seconds.items():
+        print(f"- dlrm predict (fp32) of {name}: {min(s):.2f} s (best of 2), "
+              f"{rows / min(s):,.0f} rows/s")
     like = work / "like"
     shutil.rmtree(like, ignore_errors=True)
     _, like_s = _dlrm("preprocess", "--like", str(data), "--input", str(held_out), "--out",
                       str(like))
     _, score_s = _dlrm("score", "--checkpoint", str(checkpoint), "--data", str(like), "--out",
                        str(work / "scored.parquet"))
-    print(f"\nScoring the raw held-out day ({rows} rows, {held_out.stat().st_size / 2**20:.0f} "
-          "MiB), wall time of the commands:")
-    print(f"- dlrm predict (fp32): {predict_s:.2f} s, {rows / predict_s:,.0f} rows/s")
     print(f"- dlrm preprocess --like + dlrm score: {like_s:.2f} + {score_s:.2f} s, "
           f"{rows / (like_s + score_s):,.0f} rows/s", flush=True)
-
-
-def latency(work: Path, held_out: Path, requests: int) -> None:
-    from helpers import Server
-
-    lines = [x.rstrip("\n").split("\t") for x, _ in zip(held_out.open(), range(256),
-                                                           strict=False)]
-    server = Server(work / "model-fp32")
-    print("\n`dlrm serve` (fp32) on loopback:")
-    print("| concurrency | rows per request | p50 ms | p99 ms | requests/s |")
-    print("|---|---|---|---|---|")
-    try:
-        for concurrency in (1, 16):
-            for size in (1, 256):
-                body = json.dumps({"rows": lines[:size]}).encode()
-                times: list[float] = []
-                per_thread = max(1, requests // concurrency)
-
-                def ask(body: bytes = body, times: list[float] = times, n: int = per_thread,
-                        ) -> None:
-                    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-                    for _ in range(n):
-                        start = time.perf_counter()
-                        conn.request("POST", "/predict", body=body,
-                                     headers={"Content-Type": "application/json"})
-                        resp = conn.getresponse()
-                        resp.read()
-                        assert resp.status == 200
-                        times.append(time.perf_counter() - start)
-                    conn.close()
-
-                threads = [threading.Thread(target=ask) for _ in range(concurrency)]
-                start = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                wall = time.perf_counter() - start
-                ms = np.array(times) * 1000
-                print(f"| {concurrency} | {size} | {np.percentile(ms, 50):.1f} | "
-                      f"{np.percentile(ms, 99):.1f} | {len(times) / wall:,.0f} |", flush=True)
-    finally:
-        server.stop()
 
 
 def main() -> None:
@@ -151,14 +155,14 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=3)
     ap.add_argument("--rows-per-day", type=int, default=200_000)
     ap.add_argument("--work", default="runs/bench_predict")
-    ap.add_argument("--requests", type=int, default=400, help="per latency cell")
+    ap.add_argument("--code", type=Path, default=None,
+                    help="another checkout whose dlrm predict to time beside this one's")
     args = ap.parse_args()
     work = ROOT / args.work
     work.mkdir(parents=True, exist_ok=True)
     held_out, data, checkpoint = setup(work, args.days, args.rows_per_day)
-    parity(work, held_out, data, checkpoint)
-    speed(work, held_out, data, checkpoint)
-    latency(work, held_out, args.requests)
+    precisions(work, held_out, data, checkpoint)
+    speed(work, held_out, data, checkpoint, args.code)
 
 
 if __name__ == "__main__":

@@ -71,8 +71,12 @@ class Scorer:
 
     def score_table(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """(labels, outputs) of rows laid out as the training dataset holds them."""
-        rows = table_rows(table, self.features, self.layout.multi, "input")
+        rows = self.rows_of(table)
         return rows.labels, self.outputs(rows)
+
+    def rows_of(self, table: pa.Table) -> Rows:
+        """Rows laid out as the training dataset holds them, as the model reads them."""
+        return table_rows(table, self.features, self.layout.multi, "input")
 
     def outputs(self, rows: Rows) -> np.ndarray:
         """The model's outputs of rows as the model reads them."""

@@ -69,7 +69,9 @@ def test_large_requests_read_by_column_fail_alone_too(model):
     number[3][14] = 7  # a hex categorical given as a JSON number: read row by row, alike
     surrogate = [list(r) for r in rows[:n]]
     surrogate[5][20] = "\ud800"
-    requests = [rows[n:2 * n], bad_dense, number, surrogate, rows[:2]]
+    null, empty = [list(r) for r in rows[:n]], [list(r) for r in rows[:n]]
+    null[4][15], empty[4][15] = None, ""  # null: a missing value, as an empty field
+    requests = [rows[n:2 * n], bad_dense, number, surrogate, rows[:2], null, empty]
 
     async def go():
         batcher = _batcher(model_dir)
@@ -88,6 +90,8 @@ def test_large_requests_read_by_column_fail_alone_too(model):
     assert isinstance(got[3], RowsError) and str(got[3]) == (
         "row 5, field C7: not Unicode text (a lone surrogate)")
     np.testing.assert_allclose(got[4], probs[:2], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got[5], got[6])
+    assert not np.allclose(got[5][4], probs[4], rtol=0, atol=1e-6)  # the value mattered
 
 
 def test_batches_keep_to_max_batch_rows_and_a_larger_request_goes_alone(model):

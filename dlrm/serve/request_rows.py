@@ -69,11 +69,12 @@ class RequestRows:
         width = len(self.columns)
         if not all(type(row) is list and len(row) == width for row in rows):
             return None
-        try:
-            return {c: pa.array(values, pa.string()).cast(pa.binary())
-                    for c, values in zip(self.columns, zip(*rows, strict=True), strict=True)}
+        try:  # str as UTF-8 bytes; a null (None) counts as no string
+            columns = {c: pa.array(values, pa.binary())
+                       for c, values in zip(self.columns, zip(*rows, strict=True), strict=True)}
         except (pa.ArrowException, TypeError, ValueError):  # no string, or no Unicode
             return None
+        return None if any(a.null_count for a in columns.values()) else columns
 
     def _texts(self, i: int, row: Any) -> list[bytes]:
         """Row ``i``'s fields in column order: a list of strings as they are, anything

@@ -170,6 +170,8 @@ class Server:
     ``stop`` sends SIGTERM and returns the exit code."""
 
     def __init__(self, model, *args: str) -> None:
+        if not any(a.startswith("--workers") for a in args):  # one process, unless asked:
+            args = ("--workers", "1", *args)  # what these tests look at is per process
         self.port = _free_port()
         # Files, not pipes: the server writes a line per request, which a pipe nobody
         # reads would hold until it blocks.

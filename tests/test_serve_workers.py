@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 from helpers import Server
 from prometheus_client.parser import text_string_to_metric_families
+
+from dlrm.serve.workers import auto_workers
 
 
 def _healths(server: Server, at_least: int = 40) -> dict[int, dict]:
@@ -110,3 +114,37 @@ def test_two_workers_answer_sum_their_metrics_and_reload_together(exported, relo
     assert code == 0, server.output()
     assert _events(server, "worker_exited")[0]["pid"] == victim
     assert not any(_alive(pid) for pid in pids)  # every worker stopped with it
+
+
+def test_workers_stop_when_their_supervisor_is_killed(exported):
+    model_dir, _, _ = exported
+    server = Server(model_dir, "--workers", "2")
+    try:
+        pids = _until(lambda: (lambda p: p if len(p) == 2 else None)(set(_healths(server))))
+        server.proc.kill()  # SIGKILL: nobody forwards anything
+        server.proc.wait(timeout=30)
+        _until(lambda: not any(_alive(pid) for pid in pids), timeout=60)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+def test_auto_workers_are_one_per_core_as_memory_allows(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    with open(model / "tables.bin", "wb") as f:
+        f.truncate(10 << 30)  # a 10 GiB model (sparse: no disk taken)
+    gib = 1 << 30
+    assert auto_workers(model, cores=8, memory=64 * gib) == 3  # 32 GiB / 10.5 GiB
+    assert auto_workers(model, cores=2, memory=64 * gib) == 2
+    assert auto_workers(model, cores=8, memory=16 * gib) == 1  # never none
+    (model / "tables.bin").unlink()
+    assert auto_workers(model, cores=8, memory=64 * gib) == 8  # a tiny model: every core
+
+
+def test_workers_must_be_auto_or_a_positive_number(exported):
+    model_dir, _, _ = exported
+    for bad in ("0", "two"):
+        proc = subprocess.run([sys.executable, "-m", "dlrm", "serve", "--model", str(model_dir),
+                               "--workers", bad], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "--workers" in proc.stderr, proc.stderr

@@ -37,15 +37,20 @@ def _predict(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
-    from dlrm.serve.workers import serve_workers  # no torch in the supervisor
+    from dlrm.serve.workers import auto_workers, serve_workers  # no torch in the supervisor
 
     try:
         policy = Policy(args.max_batch_rows, args.max_wait_ms, args.max_queue, args.timeout_s)
-        if args.workers < 1:
-            raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        if args.workers == "auto":
+            workers = auto_workers(args.model) if Path(args.model).is_dir() else 1
+        elif args.workers.isdigit() and int(args.workers) >= 1:
+            workers = int(args.workers)
+        else:
+            raise ValueError(f"--workers: expected auto or a number from 1, got "
+                             f"{args.workers!r}")
         body = int(args.max_body_mb * 2**20)
-        if args.workers > 1:
-            return serve_workers(args.model, args.host, args.port, args.workers, body, policy)
+        if workers > 1:
+            return serve_workers(args.model, args.host, args.port, workers, body, policy)
         from dlrm.serve.app import serve
 
         serve(args.model, args.host, args.port, body, policy)
@@ -108,9 +113,10 @@ def add(sub: argparse._SubParsersAction) -> None:
                       "POST /recommend, GET /health, GET /metadata")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1,
-                   help="server processes on the port (each loads the model; a reload "
-                        "reaches all, /metrics sums them)")
+    p.add_argument("--workers", default="auto",
+                   help="server processes on the port, each with its own copy of the model "
+                        "(a reload reaches all, /metrics sums them); auto: one per core, as "
+                        "many as fit in half of the memory")
     p.add_argument("--max-body-mb", type=float, default=1.0,
                    help="larger request bodies get 413")
     p.add_argument("--max-batch-rows", type=int, default=DEFAULT_POLICY.max_batch_rows,

@@ -204,7 +204,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     """Serves until SIGTERM or SIGINT (requests in flight finish first)."""
     app = create_app(load_exported(model), max_body_bytes, policy)
     print(json.dumps({"event": "serve", "model": model, "url": f"http://{host}:{port}",
-                      **dataclasses.asdict(policy)}), flush=True)
+                      "workers": 1, **dataclasses.asdict(policy)}), flush=True)
     run_server(app, host=host, port=port)
     print(json.dumps({"event": "serve_stopped", "batches": app.state.batcher.batches,
                       "requests": app.state.batcher.requests}), flush=True)

@@ -13,8 +13,9 @@ pipe to the supervisor:
   (``PROMETHEUS_MULTIPROC_DIR``, ``prometheus_client``'s multiprocess mode); ``/metrics``
   on any worker sums them all.
 - **Failure.** A worker that exits while not asked to is started again, with the model
-  serving then. SIGTERM or SIGINT to the supervisor: every worker finishes the requests it
-  holds and exits, then the supervisor exits 0.
+  serving then; a worker whose supervisor is gone (killed) stops as on SIGTERM. SIGTERM or
+  SIGINT to the supervisor: every worker finishes the requests it holds and exits, then
+  the supervisor exits 0.
 
 Each event is one JSON line on stdout.
 """
@@ -32,10 +33,12 @@ import tempfile
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 from dlrm.serve.body import BadRequest
 from dlrm.serve.policy import Policy
+from dlrm.utils.host import memory_bytes
 
 
 class Link:
@@ -65,7 +68,12 @@ class Link:
 
     def _receive(self) -> None:
         while self.conn.poll():
-            kind, *args = self.conn.recv()
+            try:
+                kind, *args = self.conn.recv()
+            except (EOFError, OSError):  # the supervisor is gone (killed): stop, as asked
+                asyncio.get_running_loop().remove_reader(self.conn.fileno())
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             if kind == "load":
                 task = asyncio.get_running_loop().create_task(self._load(args[0]))
                 self.tasks.add(task)
@@ -246,6 +254,22 @@ def _mark_dead(pid: int | None) -> None:
 
     if pid is not None:
         multiprocess.mark_process_dead(pid)
+
+
+WORKER_BYTES = 512 << 20  # a worker's own memory beside its model: torch and libraries
+
+
+def auto_workers(model: str | Path, cores: int | None = None,
+                 memory: int | None = None) -> int:
+    """``--workers auto``: one per core this process may run on, as many as fit in half of
+    its memory (the cgroup's limit where lower) at the model directory's size plus
+    ``WORKER_BYTES`` each; at least 1."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0))
+    if memory is None:
+        memory = memory_bytes()
+    size = sum(f.stat().st_size for f in Path(model).rglob("*") if f.is_file())
+    return max(1, min(cores, memory // 2 // (size + WORKER_BYTES)))
 
 
 def serve_workers(model: str, host: str, port: int, workers: int, max_body_bytes: int,

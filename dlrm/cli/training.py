@@ -18,7 +18,9 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     from dlrm.errors import ConfigError
 
     try:
-        overrides = rest + ([f"--train.resume={args.resume}"] if args.resume else [])
+        overrides = rest + ([f"--train.resume={args.resume}"] if args.resume else []) \
+            + ([f"--train.init_from={args.init_from}"] if args.init_from else []) \
+            + (["--train.init_from_weights_only=true"] if args.init_from_weights_only else [])
         config = load_config(args.config, overrides)
         from dlrm.train.preflight import preflight
 
@@ -163,6 +165,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, metavar="auto|none|PATH",
                    help="same as --train.resume: auto (default) goes on from the newest "
                         "complete checkpoint in the run directory")
+    p.add_argument("--init-from", default=None, metavar="CK",
+                   help="same as --train.init_from: a new run warm-started from another "
+                        "run's checkpoint (tables, dense part, optimizer state)")
+    p.add_argument("--init-from-weights-only", action="store_true",
+                   help="same as --train.init_from_weights_only: the optimizer starts fresh")
     p.add_argument("--nproc-per-node", type=int, default=0, metavar="N",
                    help="check the config, then start N ranks on this host with torchrun "
                         "(torchrun --standalone --nproc_per_node N -m dlrm train ...)")

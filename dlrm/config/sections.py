@@ -256,6 +256,13 @@ class TrainConfig:
     resume: str = "auto"
     """auto: go on from the newest complete checkpoint of the run directory, if any;
     none: start afresh; or the path of a checkpoint to start from."""
+    init_from: str = ""
+    """A checkpoint of another run to start this new run from (warm start, e.g. on the
+    next day's log): its tables, dense part and optimizer state; this run counts its own
+    steps, epochs and LR schedule from 0. A checkpoint of this run's own directory (a
+    resume) comes first. Empty: start from the seed's initialisation."""
+    init_from_weights_only: bool = False
+    """With init_from: take its tables and dense part only; the optimizer starts fresh."""
 
     def validate(self) -> None:
         need(0 <= self.target_auc < 1, "train.target_auc",
@@ -272,6 +279,8 @@ class TrainConfig:
              f"must be one of {DEVICES}, got {self.device!r}")
         for key in ("limit_train_batches", "eval_every", "checkpoint_every", "keep_checkpoints"):
             need(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        need(self.init_from or not self.init_from_weights_only, "train.init_from_weights_only",
+             "needs train.init_from (the checkpoint whose weights to take)")
         for key in ("log_every", "collective_timeout_s"):
             need(getattr(self, key) > 0, f"train.{key}",
                  f"must be positive, got {getattr(self, key)}")

@@ -13,9 +13,9 @@ from typing import Any
 
 from dlrm.config import Config, load_config
 from dlrm.data.split_checks import check_data, check_vocab_rows, split_specs
-from dlrm.errors import ConfigError
+from dlrm.errors import CheckpointError, ConfigError
 from dlrm.metrics import HEADLINE
-from dlrm.rows.like import check_same_encoding
+from dlrm.rows.like import VOCAB, check_same_encoding
 from dlrm.schema.declared import load_schema
 from dlrm.schema.features import Features
 from dlrm.schema.manifest import MANIFEST, Manifest, load_manifest
@@ -65,9 +65,38 @@ def preflight(config: Config) -> Manifest:
     manifest = check_data(config.data)
     features = manifest.features
     check_features(config, features)
-    table_sizes(config.model, features, manifest.cardinalities)
+    sizes = table_sizes(config.model, features, manifest.cardinalities)
     check_device(config)
+    if config.train.init_from:
+        check_init_from(Path(config.train.init_from), config.data.path, manifest, sizes)
     return manifest
+
+
+def check_init_from(checkpoint: Path, data: str, manifest: Manifest,
+                    sizes: list[int]) -> None:
+    """A checkpoint a new run may start from (``train.init_from``): complete, of a run
+    whose training data gave its ids the meaning this run's have (the same dataset, or
+    one preprocessed ``--like`` it), with tables of this run's sizes and its label kind.
+
+    Raises:
+        ValueError: naming the checkpoint and what differs.
+    """
+    where = f"train.init_from: {checkpoint}"
+    try:
+        position = read_marker(checkpoint)["position"]
+    except CheckpointError as e:
+        raise ValueError(f"train.init_from: {e}") from None
+    trained_on = run_config(checkpoint).data.path
+    check_same_encoding(trained_on, manifest, f"data.path {data}", position.get("label_kind"))
+    same = Path(trained_on).resolve() == Path(data).resolve()
+    if not same and manifest.like is None and (Path(trained_on) / VOCAB).is_file():
+        raise ValueError(f"{where}: its run trained on {trained_on}, whose vocabularies "
+                         f"gave its ids their meaning; {data} has vocabularies of its own "
+                         f"(preprocess the new files --like {trained_on})")
+    if list(position["table_sizes"]) != list(sizes):
+        raise ValueError(f"{where}: its tables hold {position['table_sizes']} rows, this "
+                         f"run's {sizes} (the same dataset or one --like it, and the same "
+                         "model.num_embeddings_per_feature, give the same tables)")
 
 
 def check_device(config: Config) -> None:

@@ -110,6 +110,8 @@ class Trainer:
         self.stopped: str | None = None  # why training stopped before its last epoch
         if resume_from is not None:
             self._restore(resume_from)
+        elif config.train.init_from:
+            self._init_from(Path(config.train.init_from))
         if config.train.tensorboard:
             self.log.tensorboard(self.step)
             self.log.metric(self.step, **{f"plan/rank{m['rank']}/{k}": m[k] for m in memory
@@ -201,6 +203,21 @@ class Trainer:
                            self.dist.world_size, self.epoch, self.batch)
 
     # ------------------------------------------------------------------ the loop
+
+    def _init_from(self, path: Path) -> None:
+        """Another run's tables, dense part and (unless weights only) optimizer state; the
+        position stays this run's own: step 0, epoch 0 (checked by ``preflight``)."""
+        start = time.perf_counter()
+        weights_only = self.config.train.init_from_weights_only
+        if not weights_only:
+            init_dense_state(self.optimizer)  # slots for the checkpoint's moments
+        state = {"model": self.model.state_dict()} if weights_only else self._state()
+        position = self.checkpointer.load(path, state)
+        self.model.load_state_dict(state["model"])
+        if not weights_only:
+            self.optimizer.load_state_dict(state["optim"])
+        self.log.event("init_from", path=str(path), its_step=position["step"],
+                       weights_only=weights_only, seconds=time.perf_counter() - start)
 
     def train(self) -> dict[str, dict[str, float]] | None:
         """Runs the epochs left, then evaluates val and test; returns the final metrics.

@@ -32,22 +32,28 @@ def _batcher(model_dir, policy: Policy | None = None) -> Batcher:
     return Batcher(Served.load(model_dir), policy or Policy())
 
 
+def _queued_then_scored(model_dir, requests: list) -> tuple[int, list]:
+    """(forward passes, each request's outputs or error) of requests all queued before
+    the batcher looks."""
+    async def go():
+        batcher = _batcher(model_dir)
+        waiting = [asyncio.ensure_future(batcher.score(r)) for r in requests]
+        await asyncio.sleep(0.05)
+        runner = asyncio.create_task(batcher.run())
+        got = await asyncio.gather(*waiting, return_exceptions=True)
+        runner.cancel()
+        return batcher.batches, got
+
+    return asyncio.run(go())
+
+
 def test_a_bad_request_fails_alone_and_its_batch_mates_are_scored(model):
     model_dir, rows, probs = model
     bad_dense = [list(r) for r in rows[3:6]]
     bad_dense[1][1] = "not-a-number"  # I1 of its second row
     requests = [rows[0:3], bad_dense, [{"nope": 1}], rows[6:9], rows[9:10]]
 
-    async def go():
-        batcher = _batcher(model_dir)
-        waiting = [asyncio.ensure_future(batcher.score(r)) for r in requests]
-        await asyncio.sleep(0.05)  # all queued before the batcher looks
-        runner = asyncio.create_task(batcher.run())
-        got = await asyncio.gather(*waiting, return_exceptions=True)
-        runner.cancel()
-        return batcher.batches, got
-
-    batches, got = asyncio.run(go())
+    batches, got = _queued_then_scored(model_dir, requests)
     assert batches == 1  # one conversion, one forward pass for all five
     np.testing.assert_allclose(got[0], probs[0:3], rtol=0, atol=1e-6)
     assert isinstance(got[1], RowsError) and str(got[1]) == \
@@ -73,16 +79,7 @@ def test_large_requests_read_by_column_fail_alone_too(model):
     null[4][15], empty[4][15] = None, ""  # null: a missing value, as an empty field
     requests = [rows[n:2 * n], bad_dense, number, surrogate, rows[:2], null, empty]
 
-    async def go():
-        batcher = _batcher(model_dir)
-        waiting = [asyncio.ensure_future(batcher.score(r)) for r in requests]
-        await asyncio.sleep(0.05)  # all queued before the batcher looks
-        runner = asyncio.create_task(batcher.run())
-        got = await asyncio.gather(*waiting, return_exceptions=True)
-        runner.cancel()
-        return batcher.batches, got
-
-    batches, got = asyncio.run(go())
+    batches, got = _queued_then_scored(model_dir, requests)
     assert batches == 1
     np.testing.assert_allclose(got[0], probs[n:2 * n], rtol=0, atol=1e-6)
     assert str(got[1]) == f"1 row(s) cannot be read: row {FEW_ROWS + 2}: bad_dense"

@@ -12,7 +12,8 @@
   model's version; ``GET /metrics``: Prometheus' text format (``dlrm.serve.telemetry``).
 
 Scoring is micro-batched (``dlrm.serve.batcher``): the rows of requests that wait while
-the model is busy are converted and scored together, on one model thread. A request that
+a batch is scored are converted and scored together, a few rows on the event loop, more on
+the model thread. A request that
 cannot be read gets a 4xx whose ``error`` names what is wrong (400: not JSON; 413: a body
 over the limit; 422: rows that cannot be scored, by row and field); 503 with
 ``Retry-After`` when the queue is full, 504 past the request timeout; an unexpected failure

@@ -8,8 +8,8 @@ its own outputs. A batch of a few rows (``scalar_rows.MAX_ROWS``) is converted v
 value and scored on the event loop itself: under a millisecond, less than handing it to
 a thread would cost, as both need the GIL (measured: 25% more requests/s). A larger one
 is converted vectorised, as a file's rows, on the model thread, while the loop goes on
-serving. A request whose rows cannot be read gets its own
-``RowsError`` (naming its row and field); its batch-mates are scored all the same. Past
+serving. A request whose rows cannot be read gets its own ``RowsError`` (naming its row
+and field); its batch-mates are scored all the same. Past
 ``max_queue`` waiting requests a request is refused at once (``Overloaded``: 503); one not
 scored within ``timeout_s`` gets ``TimeoutError`` (504) and is dropped from its batch.
 """
@@ -32,8 +32,6 @@ from dlrm.serve.served import Served
 
 class Overloaded(Exception):
     """The queue holds ``max_queue`` requests already: the server refuses this one."""
-
-
 
 
 @dataclass
@@ -126,8 +124,9 @@ class Batcher:
         """Scores a row of missing values through each of ``served``'s paths (on the
         model thread: their first calls are the slow ones)."""
         fields = served.rows.fields([dict.fromkeys(served.rows.required)])
-        if served.scalar is not None:
-            served.scorer.outputs(served.scalar.rows(fields))
+        few = served.scalar.rows(fields) if served.scalar is not None else None
+        if few is not None:
+            served.scorer.outputs(few)
         block, reasons = served.rows.convert(fields)
         RequestRows.check(reasons)
         served.scorer.score(block)

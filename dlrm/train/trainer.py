@@ -176,15 +176,31 @@ class Trainer:
         self.log.event("checkpoint", step=self.step, path=str(path),
                        seconds=time.perf_counter() - start)
 
-    def _restore(self, path: Path) -> None:
-        start = time.perf_counter()
-        # Optimizers such as Adam make their state at their first step: without it, the
-        # state dict has no slots for the checkpoint's moments and they would be dropped.
-        init_dense_state(self.optimizer)
-        state = self._state()
+    def _load(self, path: Path, optimizer: bool = True) -> dict[str, Any]:
+        """The model's state (and the optimizer's) from checkpoint ``path``; its position."""
+        if optimizer:
+            # Optimizers such as Adam make their state at their first step: without it, the
+            # state dict has no slots for the checkpoint's moments and they would be dropped.
+            init_dense_state(self.optimizer)
+        state = self._state() if optimizer else {"model": self.model.state_dict()}
         position = self.checkpointer.load(path, state)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optim"])
+        if optimizer:
+            self.optimizer.load_state_dict(state["optim"])
+        return position
+
+    def _init_from(self, path: Path) -> None:
+        """Another run's tables, dense part and (unless weights only) optimizer state; the
+        position stays this run's own: step 0, epoch 0 (checked by ``preflight``)."""
+        start = time.perf_counter()
+        weights_only = self.config.train.init_from_weights_only
+        position = self._load(path, optimizer=not weights_only)
+        self.log.event("init_from", path=str(path), its_step=position["step"],
+                       weights_only=weights_only, seconds=time.perf_counter() - start)
+
+    def _restore(self, path: Path) -> None:
+        start = time.perf_counter()
+        position = self._load(path)
         self.log.event("restore", step=position["step"], path=str(path),
                        seconds=time.perf_counter() - start)
         self.step, self.epoch, self.batch = position["step"], position["epoch"], position["batch"]
@@ -203,21 +219,6 @@ class Trainer:
                            self.dist.world_size, self.epoch, self.batch)
 
     # ------------------------------------------------------------------ the loop
-
-    def _init_from(self, path: Path) -> None:
-        """Another run's tables, dense part and (unless weights only) optimizer state; the
-        position stays this run's own: step 0, epoch 0 (checked by ``preflight``)."""
-        start = time.perf_counter()
-        weights_only = self.config.train.init_from_weights_only
-        if not weights_only:
-            init_dense_state(self.optimizer)  # slots for the checkpoint's moments
-        state = {"model": self.model.state_dict()} if weights_only else self._state()
-        position = self.checkpointer.load(path, state)
-        self.model.load_state_dict(state["model"])
-        if not weights_only:
-            self.optimizer.load_state_dict(state["optim"])
-        self.log.event("init_from", path=str(path), its_step=position["step"],
-                       weights_only=weights_only, seconds=time.perf_counter() - start)
 
     def train(self) -> dict[str, dict[str, float]] | None:
         """Runs the epochs left, then evaluates val and test; returns the final metrics.
@@ -342,9 +343,7 @@ class Trainer:
     def _load_best(self) -> None:
         """The model of the best validation, for the final evaluation."""
         path = self.checkpointer.directory / BEST
-        state = {"model": self.model.state_dict()}
-        self.checkpointer.load(path, state)
-        self.model.load_state_dict(state["model"])
+        self._load(path, optimizer=False)
         self.log.event("restore_best", step=self.best.step, path=str(path))
 
     def _evaluate(self, splits: tuple[str, ...], final: bool = False,

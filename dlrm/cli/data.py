@@ -58,7 +58,7 @@ def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
         schema = (load_schema(args.schema) if args.schema
                   else None if args.like else load_schema("criteo"))
         preprocess(args.input, args.out, encoding=encoding, options=options, schema=schema,
-                   like=args.like, vocab_from=args.vocab_from)
+                   like=args.like, vocab_from=args.vocab_from, grow=args.grow)
     except (PreprocessError, SchemaError) as e:
         return error("preprocess", e)
     return 0
@@ -116,6 +116,11 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="encode the inputs as DATASET was: its schema, vocabularies (an "
                         "unseen value -> OOV id), hash buckets and dense statistics, so that "
                         "a model trained on DATASET scores them")
+    p.add_argument("--grow", action="store_true",
+                   help="with --like: extend DATASET's vocabularies by the values the new "
+                        "files' training rows (--vocab-from) hold min_frequency times; old "
+                        "ids never move, new ones follow them (train --init-from grows "
+                        "the tables)")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     p.add_argument("--encoding", choices=["vocab", "hash"], default=None,
                    help="every feature's encoding (default: the schema's; criteo: vocab)")

@@ -70,6 +70,7 @@ from dlrm.preprocess.passes import WORK, write_chunk
 from dlrm.preprocess.pool import Pool
 from dlrm.preprocess.record import (
     fingerprint,
+    growth,
     joins_record,
     oov_rates,
     same_vocab_rows,
@@ -95,15 +96,18 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
                encoding: Encoding | None = None, log: Callable[[str], Any] = print,
                options: Options | None = None, schema: Schema | None = None,
                like: str | Path | None = None,
-               vocab_from: list[str] | None = None) -> Manifest:
+               vocab_from: list[str] | None = None, grow: bool = False) -> Manifest:
     """Preprocesses ``inputs`` into the dataset directory ``out``; returns its manifest.
 
     ``schema``: the layout of the inputs (default: ``configs/schemas/criteo.toml``);
     ``encoding``, when given, is every categorical feature's. ``like``: a dataset whose
     schema, encoding, vocabularies and dense statistics are applied instead (see
-    ``dlrm.rows.like``); nothing is counted. ``vocab_from``: the rows the vocabularies
-    are counted on, as split sources (default: the default split's training rows; see
-    ``dlrm.preprocess.vocab_rows``); every other value is out of vocabulary.
+    ``dlrm.rows.like``); nothing is counted, unless ``grow``: then its vocabularies are
+    extended by the values the inputs' counted rows hold ``min_frequency`` times, with
+    ids after the old ones (old ids never move; see ``vocab_merge.order_feature``).
+    ``vocab_from``: the rows the vocabularies are counted on, as split sources (default:
+    the default split's training rows; see ``dlrm.preprocess.vocab_rows``); every other
+    value is out of vocabulary.
 
     A rerun over a complete dataset made from the same (unchanged) inputs with the same
     encoding returns its manifest without redoing anything; a rerun over an interrupted
@@ -126,12 +130,19 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
                                   "give no other")
         ref = Reference.of(like, load_manifest(like))
         schema = ref.schema
-        if vocab_from is not None:
+        if grow and ref.vocab_sha256 is None:
+            raise PreprocessError(f"--grow: {like} has no vocabularies to grow (its features "
+                                  "are hashed)")
+        if vocab_from is not None and not grow:
             raise PreprocessError("--like takes the vocabularies of its dataset, counted on "
-                                  "its rows; --vocab-from has nothing to count")
+                                  "its rows; --vocab-from has nothing to count (unless "
+                                  "--grow)")
+    elif grow:
+        raise PreprocessError("--grow extends the vocabularies of a dataset: give it as "
+                              "--like DATASET")
     check_inputs(paths, encoding)
     layout = layout_of(schema or load_schema(SCHEMAS / "criteo.toml"), encoding, paths)
-    run = _Run(paths, Path(out), opts, layout, ref, vocab_from, log, t0)
+    run = _Run(paths, Path(out), opts, layout, ref, vocab_from, log, t0, grow)
     with writer_lock(run.out, PreprocessError, "dlrm preprocess"):
         done = run.finished()
         if done is not None:
@@ -157,6 +168,7 @@ class _Run:
     vocab_from: list[str] | None
     log: Callable[[str], Any]
     t0: float
+    grow: bool  # --grow: ref's vocabularies extended by the inputs' counted rows
     stage: bool = False
 
     @property
@@ -165,8 +177,9 @@ class _Run:
 
     @property
     def counts(self) -> bool:
-        """Whether a first pass counts the values (vocab encoding, not --like)."""
-        return bool(self.layout.vocab and self.ref is None)
+        """Whether a first pass counts the values (vocab encoding, not --like unless
+        --grow)."""
+        return bool(self.layout.vocab and (self.ref is None or self.grow))
 
     def plan(self) -> dict[str, Any]:
         """What makes the dataset what it is: a rerun or a resumed run must match it."""
@@ -174,7 +187,10 @@ class _Run:
                 "sources": [fingerprint(p) for p in self.paths]}
         if not self.layout.criteo_tsv:  # Criteo's records no declaration (see record.py)
             plan["schema"] = self.layout.schema.to_json()
-        if self.ref is not None:
+        if self.grow:
+            plan["grown_from"] = {"dataset": str(self.ref.path),
+                                  "vocab_sha256": self.ref.vocab_sha256}
+        elif self.ref is not None:
             plan["like"] = self.ref.to_json()
         if self.counts:
             plan["vocab_from"] = self.vocab_from
@@ -189,6 +205,8 @@ class _Run:
         same = (old.encoding == plan["encoding"]
                 and old.declared == plan.get("schema")
                 and old.like == plan.get("like")
+                and ({k: old.grown_from[k] for k in ("dataset", "vocab_sha256")}
+                     if old.grown_from else None) == plan.get("grown_from")
                 and same_vocab_rows(old.vocab_from, plan)
                 and [{k: s[k] for k in ("path", "bytes", "mtime_ns")} for s in old.sources]
                 == plan["sources"])
@@ -238,18 +256,19 @@ class _Run:
             tables = work / TABLES if layout.vocab else None
             vocabs: dict[str, np.ndarray] = {}
             selection, record = None, None
-            if ref is not None and layout.vocab:
+            if ref is not None and layout.vocab and not self.grow:
                 vocabs = ref.vocabs()
                 record = {"like": str(ref.path), **ref.vocab_from}
                 save_tables(vocabs, tables)
             elif layout.vocab:
                 budget = budget_bytes(opts.memory_gib) // workers
-                vocabs, selection = count_values(pool.run, tasks, by_size, work, layout,
-                                                 self.vocab_from, opts, staged, budget, log)
+                vocabs, selection = count_values(
+                    pool.run, tasks, by_size, work, layout, self.vocab_from, opts, staged,
+                    budget, log, ref.path / VOCAB if self.grow else None)
                 record = selection.record
             if vocabs:
                 with atomic_path(out / VOCAB) as tmp:
-                    if ref is not None:  # the same bytes, so that its checksum still matches
+                    if not self.counts:  # the same bytes, so that its checksum still matches
                         shutil.copyfile(ref.path / VOCAB, tmp)
                     else:
                         np.savez(tmp, **vocabs)
@@ -317,7 +336,9 @@ class _Run:
             "format": FORMAT,
             "schema": schema_json(layout) | ({"standardize": stats} if stats else {}),
             "encoding": layout.encoding_json(),
-            **({"like": ref.to_json()} if ref is not None else {}),
+            **({"like": ref.to_json()} if ref is not None and not self.grow else {}),
+            **({"grown_from": ref.grown_json(growth(layout, ref, cardinalities))}
+               if self.grow else {}),
             "cardinalities": cardinalities,
             "oov_rate": oov_rates(layout, dones),
             **({"joins": joins_record(layout, dones)}

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from dlrm.rows.layout import Layout
+from dlrm.rows.like import Reference
 from dlrm.schema.features import MISSING_ID, OOV_ID
 
 
@@ -89,3 +90,10 @@ def same_vocab_rows(old: dict[str, Any] | None, plan: dict[str, Any]) -> bool:
     if plan["vocab_from"] is None:
         return bool(record.get("default"))
     return record.get("specs") == plan["vocab_from"]
+
+
+def growth(layout: Layout, ref: Reference, cardinalities: list[int]) -> dict[str, int]:
+    """``--grow``: how many ids each vocab feature gained over ``ref``'s."""
+    return {c: new - old for c, e, new, old in zip(layout.sparse, layout.encodings,
+                                                   cardinalities, ref.cardinalities, strict=True)
+            if e.type == "vocab"}

@@ -141,12 +141,24 @@ def vocab_path(work: Path, feature: str) -> Path:
     return work / VOCAB / f"{feature}.npy"
 
 
+def counted_path(work: Path, feature: str) -> Path:
+    """A growing feature's new values in the order of their counts (before the old
+    vocabulary's values are taken out)."""
+    return work / VOCAB / f"{feature}.counted.npy"
+
+
 def order_feature(job: tuple[str, int], work: str, encodings: dict[str, Encoding],
-                  budget: int, progress: Any) -> None:
+                  budget: int, parent: str | None, progress: Any) -> None:
     """A feature's vocabulary from its ``parts`` partitions (``job``: the two), in id
-    order, then its lookup table (the ids file last: the mark that the feature is done)."""
+    order, then its lookup table (the ids file last: the mark that the feature is done).
+    ``parent`` (``--grow``): a vocabulary file whose values keep their ids, the counted
+    ones it lacks appended in their order, within ``max_vocab`` in all."""
     (feature, parts), wd = job, Path(work)
     max_vocab = encodings[feature].max_vocab
+    old = None
+    if parent is not None:
+        with np.load(parent) as z:
+            old = z[feature]
 
     def partition(p: int) -> tuple[np.ndarray, np.ndarray]:
         with np.load(partition_path(wd, feature, p)) as z:
@@ -156,9 +168,11 @@ def order_feature(job: tuple[str, int], work: str, encodings: dict[str, Encoding
     classes, sizes = compact([np.unique(partition(p)[1], return_counts=True)
                               for p in range(parts)])
     classes, sizes = classes[::-1].astype(np.int64), sizes[::-1]
-    size = int(sizes.sum()) if not max_vocab else min(int(sizes.sum()), max_vocab)
+    size = int(sizes.sum()) if not max_vocab or old is not None else min(int(sizes.sum()),
+                                                                          max_vocab)
     first = np.cumsum(sizes) - sizes  # the first id (less 2) of each count
-    with _new_npy(vocab_path(wd, feature), np.uint64, size) as vocab:
+    ordered = vocab_path(wd, feature) if old is None else counted_path(wd, feature)
+    with _new_npy(ordered, np.uint64, size) as vocab:
         for p in range(parts):
             values, counts = partition(p)
             order = np.argsort(-counts, kind="stable")  # by count, values still ascending
@@ -169,9 +183,18 @@ def order_feature(job: tuple[str, int], work: str, encodings: dict[str, Encoding
             first += np.bincount(cls, minlength=classes.size)
             kept = at < size
             vocab[at[kept]] = values[order][kept]
-    vocab = np.load(vocab_path(wd, feature), mmap_mode="r")
+    vocab = np.load(ordered, mmap_mode="r")
+    if old is not None:
+        new = vocab[~np.isin(vocab, old)]
+        room = max(0, max_vocab - old.size) if max_vocab else new.size
+        with _new_npy(vocab_path(wd, feature), np.uint64, old.size + min(room, new.size)
+                      ) as grown:
+            grown[:old.size] = old
+            grown[old.size:] = new[:room]
+        del new
+        vocab = np.load(vocab_path(wd, feature), mmap_mode="r")
     keys_path, ids_path = table_paths(wd / TABLES, feature)
-    slots = table_slots(size)
+    slots = table_slots(vocab.size)
     with (_new_npy(keys_path, np.uint64, slots) as keys,
           _new_npy(ids_path, np.int32, slots, -1) as ids):
         fill_table(vocab, keys, ids, max(4096, budget // TABLE_BATCH_BYTES))
@@ -196,10 +219,11 @@ def _new_npy(path: Path, dtype: Any, size: int, fill: int = 0) -> Iterator[np.nd
 
 
 def merge_vocabularies(run: Callable[[Callable, list, tuple], None], keys: list[str],
-                       work: Path, layout: Layout, budget: int,
-                       log: Callable[[str], Any]) -> dict[str, np.ndarray]:
+                       work: Path, layout: Layout, budget: int, log: Callable[[str], Any],
+                       parent: Path | None = None) -> dict[str, np.ndarray]:
     """Every vocab feature's vocabulary (mapped from its file) and lookup table from the
-    counts of the chunks ``keys``, each process within ``budget`` bytes. ``run(fn, jobs,
+    counts of the chunks ``keys``, each process within ``budget`` bytes; ``parent``
+    (``--grow``): the vocabularies they extend (see :func:`order_feature`). ``run(fn, jobs,
     args)`` runs ``fn(job, *args, None)`` for every job on the worker pool."""
     jobs = plan_partitions(work, keys, layout.sparse, layout.encodings, budget)
     runs = sum(len(runs_of(work, k)) for k in keys)
@@ -211,5 +235,5 @@ def merge_vocabularies(run: Callable[[Callable, list, tuple], None], keys: list[
     parts = Counter(j[0] for j in jobs)
     run(order_feature, [(c, n) for c, n in parts.items()
                         if not table_paths(work / TABLES, c)[1].exists()],
-        (str(work), encodings, budget))
+        (str(work), encodings, budget, None if parent is None else str(parent)))
     return {c: np.load(vocab_path(work, c), mmap_mode="r") for c in parts}

@@ -52,6 +52,9 @@ class Reference:
     standardize: dict[str, Any]
     vocab_sha256: str | None  # None: hash encoding only, no vocabularies
     vocab_from: dict[str, Any]  # the rows its vocabularies were counted on ({}: unrecorded)
+    generation: int = 0  # how often its vocabularies were grown (``Manifest.generation``)
+    lineage: tuple[str, ...] = ()  # the vocabularies its own extends (``Manifest.lineage``)
+    cardinalities: tuple[int, ...] = ()  # its table sizes, one per categorical feature
 
     @classmethod
     def of(cls, dataset: str | Path, manifest: Manifest) -> Reference:
@@ -59,7 +62,8 @@ class Reference:
         vocab = path / VOCAB
         return cls(path, schema_of(manifest), manifest.standardize,
                    file_sha256(vocab) if vocab.is_file() else None,
-                   manifest.vocab_from or {})
+                   manifest.vocab_from or {}, manifest.generation, tuple(manifest.lineage),
+                   tuple(manifest.cardinalities))
 
     def vocabs(self) -> dict[str, np.ndarray]:
         """Each vocab-encoded feature's values in id order, as the dataset holds them."""
@@ -67,8 +71,17 @@ class Reference:
             return {name: z[name] for name in z.files}
 
     def to_json(self) -> dict[str, Any]:
-        """The manifest's ``like``."""
-        return {"dataset": str(self.path), "vocab_sha256": self.vocab_sha256}
+        """The manifest's ``like`` (of a grown dataset: its generation and lineage too)."""
+        grown = ({"generation": self.generation, "lineage": list(self.lineage)}
+                 if self.generation else {})
+        return {"dataset": str(self.path), "vocab_sha256": self.vocab_sha256, **grown}
+
+    def grown_json(self, growth: dict[str, int]) -> dict[str, Any]:
+        """The manifest's ``grown_from`` of a dataset whose vocabularies extend these,
+        ``growth`` values more per feature."""
+        return {"dataset": str(self.path), "vocab_sha256": self.vocab_sha256,
+                "generation": self.generation + 1,
+                "lineage": [*self.lineage, self.vocab_sha256], "growth": growth}
 
 
 def check_same_encoding(trained_on: str | Path, manifest: Manifest, where: str,

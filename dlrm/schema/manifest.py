@@ -86,6 +86,7 @@ class Manifest(DatasetEncoding):
     rejected_by_reason: dict[str, int]
     seconds: float | None = None  # absent: a manifest not written by dlrm preprocess
     like: Json | None = None  # made --like another dataset: its path and vocab checksum
+    grown_from: Json | None = None  # made --like DATASET --grow: DATASET, lineage, growth
     oov_rate: dict[str, float] | None = None  # per vocab feature; absent: an older one
     joins: list[Json] | None = None  # per side table: file, key, columns, rows unmatched
     vocab_from: Json | None = None  # the rows vocabularies were counted on; absent: older
@@ -95,6 +96,22 @@ class Manifest(DatasetEncoding):
     def units(self) -> list[Json]:
         """The units splits name, in order: the periods of a time column, else the sources."""
         return self.periods if self.periods is not None else self.sources
+
+    @property
+    def generation(self) -> int:
+        """How many times its vocabularies were grown since first counted (0: never); a
+        dataset made ``--like`` another has that one's."""
+        if self.grown_from is not None:
+            return int(self.grown_from["generation"])
+        return int((self.like or {}).get("generation", 0))
+
+    @property
+    def lineage(self) -> list[str]:
+        """The SHA-256 of each vocabulary its own extends, oldest first (its own excluded):
+        a model trained on any of them grows into this dataset's tables."""
+        if self.grown_from is not None:
+            return list(self.grown_from["lineage"])
+        return list((self.like or {}).get("lineage", []))
 
     @property
     def unit_kind(self) -> str:
@@ -121,8 +138,8 @@ class Manifest(DatasetEncoding):
 
 
 # The keys of manifest.json, in the order the driver writes them.
-_ORDER = ("format", "schema", "encoding", "like", "cardinalities", "oov_rate", "joins",
-          "vocab_from", "sources", "periods", "rows_accepted", "rows_rejected",
+_ORDER = ("format", "schema", "encoding", "like", "grown_from", "cardinalities", "oov_rate",
+          "joins", "vocab_from", "sources", "periods", "rows_accepted", "rows_rejected",
           "rejected_by_reason", "seconds")
 
 
@@ -160,6 +177,10 @@ def _checked(cls: type, doc: Any, where: Path, error: type[Exception],
     _check_schema(out["schema"], where, error, f"{prefix}schema.")
     if "sources" in out:
         _check_units(out, where, error, prefix)
+    if out.get("grown_from") is not None:
+        for key, hint in (("dataset", str), ("vocab_sha256", str), ("generation", int),
+                          ("lineage", list[str]), ("growth", dict[str, int])):
+            _need(out["grown_from"], key, hint, where, error, f"{prefix}grown_from.")
     return out
 
 

@@ -15,12 +15,17 @@ def _synth(args: argparse.Namespace, rest: list[str]) -> int:
     from dlrm.synth.criteo import synth
     from dlrm.synth.declared import synth_declared
 
+    if not 0 <= args.drift <= 0.5:
+        return error("synth", ValueError(f"--drift: a share of rows from 0 to 0.5 (as many "
+                                          f"again take the day before's new ids), got "
+                                          f"{args.drift}"))
     if not args.schema:  # the demo's generator (Criteo's layout, its own planted model)
         report = synth(args.out, days=args.days, rows_per_day=args.rows_per_day,
-                       seed=args.seed, gzip=args.gzip, growth=args.criteo_growth)
-    elif args.criteo_growth:
-        return error("synth", ValueError("--criteo-growth is for Criteo's layout; "
-                                          "give no --schema"))
+                       seed=args.seed, gzip=args.gzip, growth=args.criteo_growth,
+                       drift=args.drift)
+    elif args.criteo_growth or args.drift:
+        return error("synth", ValueError("--criteo-growth and --drift are for Criteo's "
+                                          "layout; give no --schema"))
     else:  # the planted model of any schema, Criteo's named one included
         try:
             schema = load_schema(args.schema)
@@ -104,6 +109,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--criteo-growth", action="store_true",
                    help="distinct values grow with the rows as Criteo's do (sublinearly, "
                         "the largest features fastest) instead of saturating at 100k")
+    p.add_argument("--drift", type=float, default=0.0, metavar="RATE",
+                   help="a log that changes daily: a RATE share of rows takes ids new that "
+                        "day (as many the day before's), and effects take a random walk")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("preprocess", help="click logs (TSV/CSV, .gz) -> Parquet dataset + "

@@ -93,6 +93,13 @@ def check_same_encoding(trained_on: str | Path, manifest: Manifest, where: str,
     check_label_kind(trained_on, manifest, where, kind)
     like = manifest.like
     vocab = Path(trained_on) / VOCAB
+    grown = manifest.grown_from
+    if grown is not None and vocab.is_file() \
+            and file_sha256(vocab) != file_sha256(manifest.path / VOCAB):
+        raise ValueError(f"{where}: the dataset's vocabularies grew those of "
+                         f"{grown['dataset']}; the model's tables hold the ids of "
+                         f"{trained_on}, not its new ones (train the model on it with "
+                         "--init-from, which grows the tables)")
     if like is None or not vocab.is_file() or like["vocab_sha256"] is None:
         return
     if file_sha256(vocab) != like["vocab_sha256"]:

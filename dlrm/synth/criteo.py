@@ -38,6 +38,7 @@ from dlrm.schema.features import (
     SPARSE_NAMES,
     holdout_halves,
 )
+from dlrm.synth.drift import block, effects, new_ids
 from dlrm.synth.growth import growing_values, grows
 from dlrm.utils.files import atomic_path, atomic_write_json
 
@@ -90,10 +91,11 @@ def _zipf_ids(rng: np.random.Generator, vocab: int, n: int) -> np.ndarray:
 
 
 def generate_day(model: ClickModel, seed: int, day: int, rows: int, growth: bool = False,
-                 ) -> tuple[pa.Table, np.ndarray]:
+                 drift: float = 0.0) -> tuple[pa.Table, np.ndarray]:
     """One day of rows as a Criteo-column table (strings for C*, nullable ints for I*).
     ``growth``: the features that grow draw values as ``synth_growth`` says (the click
-    model reads each value modulo its vocabulary)."""
+    model reads each value modulo its vocabulary). ``drift``: new ids each day and
+    effects that shift (``dlrm.synth.drift``)."""
     rng = np.random.default_rng([seed, day])
     logit = np.full(rows, BIAS)
     columns: dict[str, pa.Array] = {}
@@ -119,9 +121,17 @@ def generate_day(model: ClickModel, seed: int, day: int, rows: int, growth: bool
             i = _zipf_ids(rng, vocab, rows)
             values.append(i)
         ok = rng.random(rows) >= CAT_MISSING[f]
+        if drift and f in FIRST_ORDER:
+            drifting = np.random.default_rng([seed, day, 5 << 20, f])
+            zipf = _zipf_ids(drifting, block(vocab), rows)
+            values[f] = new_ids(drifting, i, vocab, day, drift, zipf)
+            effect = effects(seed, f, model.first_order[f], values[f], day, drift,
+                             FIRST_ORDER_SCALE)
+        else:
+            effect = model.first_order[f][i]
         ids.append(i)
         present.append(ok)
-        logit += np.where(ok, model.first_order[f][i], 0.0)
+        logit += np.where(ok, effect, 0.0)
     for f, g in PAIRS:
         u = model.latent[f][ids[f]]
         v = model.latent[g][ids[g]]
@@ -158,16 +168,17 @@ def write_tsv(table: pa.Table, path: Path) -> None:
 
 
 def synth(out: str | Path, days: int, rows_per_day: int, seed: int = 0,
-          gzip: bool = False, growth: bool = False) -> dict:
+          gzip: bool = False, growth: bool = False, drift: float = 0.0) -> dict:
     """Writes ``day_0 … day_{days-1}`` (``.gz`` if asked), their truth files and truth.json.
-    ``growth``: distinct values grow with the rows as Criteo's do (``synth_growth``).
+    ``growth``: distinct values grow with the rows as Criteo's do (``synth_growth``);
+    ``drift``: new ids each day and effects that shift (``dlrm.synth.drift``).
 
     Returns the content of truth.json. A rerun with the same arguments over a complete
     output finds truth.json matching and returns without rewriting anything.
     """
     out = Path(out)
     params = {"days": days, "rows_per_day": rows_per_day, "seed": seed, "gzip": gzip,
-              **({"growth": True} if growth else {})}
+              **({"growth": True} if growth else {}), **({"drift": drift} if drift else {})}
     truth_path = out / "truth.json"
     if truth_path.exists():
         done = json.loads(truth_path.read_text())
@@ -177,7 +188,7 @@ def synth(out: str | Path, days: int, rows_per_day: int, seed: int = 0,
     model = ClickModel.from_seed(seed)
     report: dict = {"params": params, "days": {}, "splits": {}}
     for day in range(days):
-        table, prob = generate_day(model, seed, day, rows_per_day, growth)
+        table, prob = generate_day(model, seed, day, rows_per_day, growth, drift)
         name = f"day_{day}"
         write_tsv(table, out / (name + (".gz" if gzip else "")))
         np.save(out / "truth" / f"{name}.prob.npy", prob)

@@ -18,6 +18,7 @@ checkpoint-metadata classes of torch, and DCP reads tensor data with ``weights_o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ import torch.distributed.checkpoint as dcp
 from dlrm.errors import CheckpointError
 from dlrm.train.column_splits import rowwise_state_across_column_splits
 from dlrm.train.dist import broadcast_object, gather_object
+from dlrm.train.grown_tables import grown_tables
 from dlrm.utils.files import DISK_FULL, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -327,14 +329,17 @@ class Checkpointer:
                     logger.warning("skipping checkpoint: %s", e)
         return None
 
-    def load(self, path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
-        """Fills ``state`` in place from ``path`` (resharding as needed); returns its
-        position. Raises CheckpointError for an incomplete, corrupt or unsafe one (all
-        ranks call it)."""
+    def load(self, path: str | Path, state: dict[str, Any], grow: bool = False
+             ) -> dict[str, Any]:
+        """Fills ``state`` in place from ``path`` (resharding as needed; ``grow``: into
+        tables with more rows, see ``grown_tables``); returns its position. Raises
+        CheckpointError for an incomplete, corrupt or unsafe one (all ranks call it)."""
         path = Path(path)
         info = verify_together(path)
         pruned = _without_empty(state)
-        with rowwise_state_across_column_splits(pruned, read_metadata(path)):
+        metadata = read_metadata(path)
+        with (rowwise_state_across_column_splits(pruned, metadata),
+              grown_tables(pruned, metadata) if grow else contextlib.nullcontext()):
             dcp.load(pruned, checkpoint_id=str(path))
         _copy_back(state, pruned)
         return info["position"]

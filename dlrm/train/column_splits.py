@@ -9,6 +9,9 @@ its columns had: the width-weighted mean of the saved blocks over its columns. T
 accumulator is the running sum of each row's mean squared gradient over the shard's
 columns, so merging shards this way is exact (k → 1 gives the unsplit table's state);
 splitting one keeps its value for every part, the best the saved state can tell.
+
+A table that grew since (``grown_tables``) has more rows than the saved blocks: each
+block's saved rows are converted so, and its new rows keep their fresh (zero) state.
 """
 
 from __future__ import annotations
@@ -35,12 +38,14 @@ def _live_chunks(weight: ShardedTensor) -> list[tuple[list[int], list[int]]]:
             for m in weight.metadata().shards_metadata]
 
 
-def _saved_chunks(metadata: Any, fqn: str) -> list[tuple[list[int], list[int]]] | None:
+def _saved_chunks(metadata: Any,
+                  fqn: str) -> tuple[int, list[tuple[list[int], list[int]]]] | None:
+    """The saved table's rows and its chunks (offsets, sizes)."""
     entry = metadata.state_dict_metadata.get(fqn)
     chunks = getattr(entry, "chunks", None)
     if not chunks or len(entry.size) != 2:
         return None
-    return [(list(c.offsets), list(c.sizes)) for c in chunks]
+    return entry.size[0], [(list(c.offsets), list(c.sizes)) for c in chunks]
 
 
 def _blend(saved: torch.Tensor, rows: int, saved_cols: list[tuple[int, int]],
@@ -72,30 +77,36 @@ def rowwise_state_across_column_splits(state: dict[str, Any], metadata: Any) -> 
         weight = model.get(weight_fqn)
         if not isinstance(weight, ShardedTensor) or not isinstance(states, dict):
             continue
-        saved_chunks = _saved_chunks(metadata, f"{_MODEL}.{weight_fqn}")
+        saved = _saved_chunks(metadata, f"{_MODEL}.{weight_fqn}")
         for key, live in states.items():
             fqn = f"{'.'.join(_OPTIM_STATE)}.{param}.{key}"
             entry = metadata.state_dict_metadata.get(fqn)
-            if not isinstance(live, ShardedTensor) or live.dim() != 1 or saved_chunks is None \
-                    or entry is None or len(entry.size) != 1 or entry.size[0] == live.size(0):
+            if not isinstance(live, ShardedTensor) or live.dim() != 1 or saved is None \
+                    or entry is None or len(entry.size) != 1:
                 continue
-            rows = weight.size(0)
+            rows, (saved_rows, saved_chunks) = weight.size(0), saved
             saved_cols = _column_ranges(saved_chunks)
             live_cols = _column_ranges(_live_chunks(weight))
-            if entry.size[0] != rows * len(saved_cols) or live.size(0) != rows * len(live_cols):
-                continue  # not a row-wise state of this table: DCP reports the mismatch
+            if entry.size[0] == live.size(0) and saved_rows == rows \
+                    or len(saved_cols) == len(live_cols) == 1 or entry.size[0] != saved_rows * len(
+                    saved_cols) or live.size(0) != rows * len(live_cols):
+                # One block on both sides (DCP's, or grown_tables's if the table grew), or
+                # not a row-wise state of this table (DCP reports the mismatch).
+                continue
             whole = torch.zeros(entry.size[0], dtype=live.dtype)
-            pending.append((states, key, live, whole, rows, saved_cols, live_cols))
+            pending.append((states, key, live, whole, rows, saved_rows, saved_cols,
+                            live_cols))
             states[key] = whole  # DCP reads a plain tensor whole on every rank
     try:
         yield
     finally:
         for states, key, live, *_ in pending:
             states[key] = live
-    for _, _, live, whole, rows, saved_cols, live_cols in pending:
+    for _, _, live, whole, rows, saved_rows, saved_cols, live_cols in pending:
         for shard in live.local_shards():  # column blocks, or row ranges of one block
             block, first_row = divmod(shard.metadata.shard_offsets[0], rows)
             first, width = live_cols[block]
-            blended = _blend(whole, rows, saved_cols, first, width)
-            shard.tensor.copy_(blended[first_row:first_row + shard.tensor.numel()])
+            blended = _blend(whole, saved_rows, saved_cols, first, width)
+            part = blended[first_row:first_row + shard.tensor.numel()]
+            shard.tensor[:part.numel()].copy_(part)
 

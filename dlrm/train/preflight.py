@@ -15,7 +15,7 @@ from dlrm.config import Config, load_config
 from dlrm.data.split_checks import check_data, check_vocab_rows, split_specs
 from dlrm.errors import CheckpointError, ConfigError
 from dlrm.metrics import HEADLINE
-from dlrm.rows.like import VOCAB, check_same_encoding
+from dlrm.rows.like import VOCAB, check_label_kind, check_same_encoding, file_sha256
 from dlrm.schema.declared import load_schema
 from dlrm.schema.features import Features
 from dlrm.schema.manifest import MANIFEST, Manifest, load_manifest
@@ -76,7 +76,9 @@ def check_init_from(checkpoint: Path, data: str, manifest: Manifest,
                     sizes: list[int]) -> None:
     """A checkpoint a new run may start from (``train.init_from``): complete, of a run
     whose training data gave its ids the meaning this run's have (the same dataset, or
-    one preprocessed ``--like`` it), with tables of this run's sizes and its label kind.
+    one preprocessed ``--like`` it) with tables of this run's sizes, or whose vocabularies
+    this run's dataset grew (``--like`` one of them ``--grow``: its tables grow, none
+    shrinks); and of this run's label kind.
 
     Raises:
         ValueError: naming the checkpoint and what differs.
@@ -86,15 +88,26 @@ def check_init_from(checkpoint: Path, data: str, manifest: Manifest,
         position = read_marker(checkpoint)["position"]
     except CheckpointError as e:
         raise ValueError(f"train.init_from: {e}") from None
-    trained_on = run_config(checkpoint).data.path
+    trained_on, old = run_config(checkpoint).data.path, list(position["table_sizes"])
+    vocab = Path(trained_on) / VOCAB
+    if manifest.lineage and vocab.is_file() and file_sha256(vocab) in manifest.lineage:
+        check_label_kind(trained_on, manifest, f"data.path {data}", position.get("label_kind"))
+        smaller = [f"{name} ({was} > {now})" for name, was, now in zip(
+            manifest.features.sparse, old, sizes, strict=True) if now < was]
+        if smaller:
+            raise ValueError(f"{where}: {data} grew the vocabularies of its run's {trained_on}, "
+                             f"but this run's tables are smaller: {', '.join(smaller)} "
+                             "(model.num_embeddings_per_feature?)")
+        return
     check_same_encoding(trained_on, manifest, f"data.path {data}", position.get("label_kind"))
     same = Path(trained_on).resolve() == Path(data).resolve()
-    if not same and manifest.like is None and (Path(trained_on) / VOCAB).is_file():
+    if not same and manifest.like is None and vocab.is_file():
         raise ValueError(f"{where}: its run trained on {trained_on}, whose vocabularies "
                          f"gave its ids their meaning; {data} has vocabularies of its own "
-                         f"(preprocess the new files --like {trained_on})")
-    if list(position["table_sizes"]) != list(sizes):
-        raise ValueError(f"{where}: its tables hold {position['table_sizes']} rows, this "
+                         f"(preprocess the new files --like {trained_on}, with --grow to "
+                         "give new values ids of their own)")
+    if old != list(sizes):
+        raise ValueError(f"{where}: its tables hold {old} rows, this "
                          f"run's {sizes} (the same dataset or one --like it, and the same "
                          "model.num_embeddings_per_feature, give the same tables)")
 

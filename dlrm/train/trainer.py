@@ -176,27 +176,32 @@ class Trainer:
         self.log.event("checkpoint", step=self.step, path=str(path),
                        seconds=time.perf_counter() - start)
 
-    def _load(self, path: Path, optimizer: bool = True) -> dict[str, Any]:
-        """The model's state (and the optimizer's) from checkpoint ``path``; its position."""
+    def _load(self, path: Path, optimizer: bool = True, grow: bool = False) -> dict[str, Any]:
+        """The model's state (and the optimizer's) from checkpoint ``path``, into larger
+        tables if ``grow``; its position."""
         if optimizer:
             # Optimizers such as Adam make their state at their first step: without it, the
             # state dict has no slots for the checkpoint's moments and they would be dropped.
             init_dense_state(self.optimizer)
         state = self._state() if optimizer else {"model": self.model.state_dict()}
-        position = self.checkpointer.load(path, state)
+        position = self.checkpointer.load(path, state, grow)
         self.model.load_state_dict(state["model"])
         if optimizer:
             self.optimizer.load_state_dict(state["optim"])
         return position
 
     def _init_from(self, path: Path) -> None:
-        """Another run's tables, dense part and (unless weights only) optimizer state; the
-        position stays this run's own: step 0, epoch 0 (checked by ``preflight``)."""
+        """Another run's tables, dense part and (unless weights only) optimizer state, its
+        tables grown where this run's vocabularies grew theirs (checked by ``preflight``);
+        the position stays this run's own: step 0, epoch 0."""
         start = time.perf_counter()
         weights_only = self.config.train.init_from_weights_only
-        position = self._load(path, optimizer=not weights_only)
+        position = self._load(path, optimizer=not weights_only, grow=True)
+        grown = sum(new - old for new, old in zip(self.table_sizes, position["table_sizes"],
+                                                  strict=True))
         self.log.event("init_from", path=str(path), its_step=position["step"],
-                       weights_only=weights_only, seconds=time.perf_counter() - start)
+                       weights_only=weights_only, rows_grown=grown,
+                       seconds=time.perf_counter() - start)
 
     def _restore(self, path: Path) -> None:
         start = time.perf_counter()

@@ -244,3 +244,51 @@ def mount_tmpfs(path: Path, size: int) -> Path:
 
 def umount(path: Path) -> None:
     subprocess.run(["umount", str(path)], check=False)
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+def train_killing_a_rank(args: list[str], run: Path, after: str, rank: int = 1) -> str:
+    """``dlrm train ARGS --run-dir RUN`` on 2 ranks under torchrun with one restart allowed,
+    ``rank`` SIGKILLed once checkpoint ``after`` (``step-000000010``) exists; its output
+    (AssertionError unless the job then succeeds)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "--max-restarts=1", "-m", "dlrm", "train", *args, "--run-dir", str(run)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / after).exists():
+            assert time.time() < deadline and agent.poll() is None
+            time.sleep(0.005)
+        (victim,) = [p for p in children(agent.pid) if rank_of(p) == rank]
+        os.kill(victim, signal.SIGKILL)
+        out, _ = agent.communicate(timeout=300)
+    finally:
+        if agent.poll() is None:  # a hung job must not outlive the test
+            for pid in children(agent.pid):
+                os.kill(pid, signal.SIGKILL)
+            agent.kill()
+    assert agent.returncode == 0, out[-5000:]
+    return out

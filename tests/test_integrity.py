@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL
-from helpers import REPO, dlrm, mount_tmpfs, quiet, umount
+from helpers import REPO, children, dlrm, mount_tmpfs, quiet, umount
 
 from dlrm.data.loader import PAD_LABEL, ParquetBatches
 from dlrm.data.verify import verify_dataset
@@ -181,14 +181,6 @@ def test_the_lock_is_held_for_the_block_only(tmp_path):
         pass
 
 
-def _children(pid: int) -> set[int]:
-    out = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids = (task / "children").read_text().split()
-        out |= {int(k) for k in kids}
-    return out
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -210,7 +202,7 @@ def test_workers_die_with_a_killed_preprocess(tmp_path):
     workers: set[int] = set()
     deadline = time.time() + 60
     while time.time() < deadline and len(workers) < 2:
-        workers = {c for c in _children(proc.pid)
+        workers = {c for c in children(proc.pid)
                    if "multiprocessing" in Path(f"/proc/{c}/cmdline").read_text()}
         time.sleep(0.05)
     assert len(workers) >= 2, "the workers never started"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, checkpoint_tensors, dlrm, torchrun
+from helpers import REPO, checkpoint_tensors, dlrm, torchrun, train_killing_a_rank
 
 from dlrm.train.column_splits import _blend
 
@@ -31,28 +31,6 @@ def newest(run: Path) -> Path:
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(entry))
-    return kids
-
-
-def _rank_of(pid: int) -> int | None:
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    ranks = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
-    return ranks[0] if ranks else None
 
 
 def final_metrics(run: Path) -> dict[str, float]:
@@ -77,26 +55,7 @@ def test_sigkill_of_a_rank_restarts_and_ends_with_the_same_model(small_dataset, 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     torchrun(["-m", "dlrm", "train", *common, "--run-dir", str(whole)])
 
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "--max-restarts=1", "-m", "dlrm", "train", *common, "--run-dir", str(killed)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 120
-        while not (killed / "checkpoints" / "step-000000010").exists():
-            assert time.time() < deadline and agent.poll() is None
-            time.sleep(0.005)
-        (victim,) = [p for p in _children(agent.pid) if _rank_of(p) == 1]
-        os.kill(victim, signal.SIGKILL)
-        out, _ = agent.communicate(timeout=300)
-    finally:
-        if agent.poll() is None:  # a hung job must not outlive the test
-            for pid in _children(agent.pid):
-                os.kill(pid, signal.SIGKILL)
-            agent.kill()
-    assert agent.returncode == 0, out[-5000:]
-
+    out = train_killing_a_rank(common, killed, "step-000000010")
     starts = [json.loads(line) for line in out.splitlines() if '"event": "start"' in line]
     assert len(starts) == 2 and starts[1]["resumed_from"] and starts[1]["step"] >= 10
     end_whole, end_killed = newest(whole), newest(killed)

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, dlrm, torchrun
+from helpers import REPO, children, dlrm, rank_of, torchrun
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_resume import SMALL, _children, _rank_of, metrics, newest, position
+from test_resume import SMALL, metrics, newest, position
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
 
@@ -36,12 +36,12 @@ def _wait_for_metrics(run: Path, proc: subprocess.Popen, step: int = 1) -> None:
 
 
 def _ranks(agent: subprocess.Popen) -> dict[int, int]:
-    return {_rank_of(p): p for p in _children(agent.pid)}
+    return {rank_of(p): p for p in children(agent.pid)}
 
 
 def _kill_all(agent: subprocess.Popen) -> None:
     if agent.poll() is None:  # a hung job must not outlive the test
-        for pid in _children(agent.pid):
+        for pid in children(agent.pid):
             os.kill(pid, signal.SIGKILL)
         agent.kill()
         agent.wait()

@@ -22,7 +22,7 @@ from torchrec.inference.modules import quantize_embeddings
 
 from dlrm.data.split_checks import split_specs
 from dlrm.errors import ExportError
-from dlrm.rows.like import VOCAB, schema_of
+from dlrm.rows.like import VOCAB, file_sha256, schema_of
 from dlrm.rows.vocab import save_tables
 from dlrm.schema.integrity import WRITE, read_table
 from dlrm.schema.manifest import Manifest, load_manifest
@@ -76,7 +76,7 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
     info = {"format": FORMAT, "tables": tables, "checkpoint": str(checkpoint.resolve()),
             "step": marker["position"]["step"], "model": dataclasses.asdict(config.model),
             "table_sizes": marker["position"]["table_sizes"], "trained_on": str(data.resolve()),
-            "dataset": dataset}
+            "dataset": dataset, "vocabulary": vocabulary_record(data, manifest)}
     if manifest.features.label_kind == "regression":
         train = split_specs(config.data, manifest)["train"]
         info["prediction_range"] = label_range(data, manifest, train) if clip else None
@@ -109,6 +109,15 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
         out.rmdir()
     tmp.rename(out)
     return info
+
+
+def vocabulary_record(data: Path, manifest: Manifest) -> dict[str, Any]:
+    """Which vocabularies the model's ids are: the training dataset's generation (how often
+    they were grown, ``dlrm preprocess --grow``), their checksum (None: hashed features
+    only) and the checksums of those they grew from."""
+    vocab = data / VOCAB
+    return {"generation": manifest.generation, "lineage": manifest.lineage,
+            "sha256": file_sha256(vocab) if vocab.is_file() else None}
 
 
 def _same_export(out: Path, checkpoint: Path, tables: str, clip: bool) -> dict[str, Any] | None:

@@ -40,7 +40,9 @@ class Served:
         info = exported.info
         metadata = {"schema": schema.to_json(), "tables": info["tables"],
                     "checkpoint": info["checkpoint"], "step": info["step"],
-                    "trained_on": info["trained_on"], "label_kind": schema.kind,
+                    "trained_on": info["trained_on"],
+                    # None: exported before the model directory recorded it
+                    "vocabulary": info.get("vocabulary"), "label_kind": schema.kind,
                     "columns": rows.columns, "required": rows.required,
                     "version": model_version(exported), "model": str(exported.path)}
         return cls(exported, scorer, rows, ScalarRows.of(rows, scorer),

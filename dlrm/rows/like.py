@@ -95,6 +95,7 @@ def check_same_encoding(trained_on: str | Path, manifest: Manifest, where: str,
     vocab = Path(trained_on) / VOCAB
     grown = manifest.grown_from
     if grown is not None and vocab.is_file() \
+            and Path(trained_on).resolve() != manifest.path.resolve() \
             and file_sha256(vocab) != file_sha256(manifest.path / VOCAB):
         raise ValueError(f"{where}: the dataset's vocabularies grew those of "
                          f"{grown['dataset']}; the model's tables hold the ids of "

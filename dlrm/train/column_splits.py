@@ -87,9 +87,10 @@ def rowwise_state_across_column_splits(state: dict[str, Any], metadata: Any) -> 
             rows, (saved_rows, saved_chunks) = weight.size(0), saved
             saved_cols = _column_ranges(saved_chunks)
             live_cols = _column_ranges(_live_chunks(weight))
-            if entry.size[0] == live.size(0) and saved_rows == rows \
-                    or len(saved_cols) == len(live_cols) == 1 or entry.size[0] != saved_rows * len(
-                    saved_cols) or live.size(0) != rows * len(live_cols):
+            unchanged = entry.size[0] == live.size(0) and saved_rows == rows
+            one_block = len(saved_cols) == len(live_cols) == 1
+            if unchanged or one_block or entry.size[0] != saved_rows * len(saved_cols) \
+                    or live.size(0) != rows * len(live_cols):
                 # One block on both sides (DCP's, or grown_tables's if the table grew), or
                 # not a row-wise state of this table (DCP reports the mismatch).
                 continue

@@ -41,7 +41,7 @@ def verify_dataset(dataset: str | Path, manifest: Manifest,
     """Checks every shard of ``dataset``; returns ``{"files", "rows", "bad": [messages]}``."""
     dataset = Path(dataset)
     sparse = list(manifest.features.sparse)
-    cardinalities = list(manifest.cardinalities)
+    cardinalities = list(manifest.id_limits)
     entries = manifest.files
     if entries and "bytes" not in entries[0]:
         log(f"verify: {dataset} was written before shards carried checksums and sizes; "

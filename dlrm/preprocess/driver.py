@@ -132,7 +132,7 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
         schema = ref.schema
         if grow and ref.vocab_sha256 is None:
             raise PreprocessError(f"--grow: {like} has no vocabularies to grow (its features "
-                                  "are hashed)")
+                                  "are hashed or managed)")
         if vocab_from is not None and not grow:
             raise PreprocessError("--like takes the vocabularies of its dataset, counted on "
                                   "its rows; --vocab-from has nothing to count (unless "
@@ -272,7 +272,7 @@ class _Run:
                         shutil.copyfile(ref.path / VOCAB, tmp)
                     else:
                         np.savez(tmp, **vocabs)
-            cardinalities = [int(vocabs[c].size) + 2 if c in vocabs else e.buckets
+            cardinalities = [int(vocabs[c].size) + 2 if c in vocabs else e.rows
                              for c, e in zip(layout.sparse, layout.encodings, strict=True)]
             del vocabs  # mapped files (or, --like, arrays) the workers look up on their own
             todo = [t for t in by_size if not (work / "done" / f"{t.key}.json").exists()]

@@ -37,8 +37,8 @@ class Layout:
     @classmethod
     def declared(cls, schema: Schema) -> Layout:
         features = schema.features()
-        encodings = tuple(Encoding(c.encoding, c.min_frequency, c.max_vocab, c.buckets)
-                          for c in schema.categorical)
+        encodings = tuple(Encoding(c.encoding, c.min_frequency, c.max_vocab, c.buckets,
+                                   c.size, c.eviction) for c in schema.categorical)
         return cls(features.label, features.dense, features.sparse,
                    tuple(c.multi for c in schema.categorical), encodings, schema)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dlrm.schema.features import MISSING_ID, OOV_ID
+from dlrm.schema.features import MANAGED_LIMIT, MISSING_ID, OOV_ID
 from dlrm.utils.files import atomic_path
 
 
@@ -22,15 +22,32 @@ from dlrm.utils.files import atomic_path
 class Encoding:
     """How categorical values become ids; recorded in the manifest."""
 
-    type: str = "vocab"  # "vocab" or "hash"
+    type: str = "vocab"  # "vocab", "hash" or "managed"
     min_frequency: int = 1  # vocab: values seen fewer times map to OOV_ID
     max_vocab: int = 0  # vocab: keep at most this many values per feature; 0: no cap
     buckets: int = 40_000_000  # hash: ids are 1 + value % (buckets - 1); 0 is missing
+    size: int = 0  # managed: the table's rows, the ids the model's collision module admits
+    eviction: str = "lfu"  # managed: which ids leave a full table (lfu or lru)
 
     def to_json(self) -> dict[str, Any]:
         if self.type == "hash":
             return {"type": "hash", "buckets": self.buckets}
+        if self.type == "managed":
+            return {"type": "managed", "size": self.size, "eviction": self.eviction}
         return {"type": "vocab", "min_frequency": self.min_frequency, "max_vocab": self.max_vocab}
+
+    @property
+    def rows(self) -> int:
+        """The table rows of a feature not vocab-encoded (a vocabulary's: its size + 2)."""
+        return self.size if self.type == "managed" else self.buckets
+
+
+def managed_ids(values: np.ndarray) -> np.ndarray:
+    """Raw ids of a managed feature: each 64-bit value hashed (a bijection, then folded)
+    into [2, MANAGED_LIMIT), so that ids spread evenly over the range the collision module
+    cuts into ranks' value ranges; 0 stays the missing value's."""
+    mixed = values.astype(np.uint64) * _GOLDEN
+    return (mixed % np.uint64(MANAGED_LIMIT - 2)).astype(np.int64) + 2
 
 
 def compact(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +146,8 @@ class Encoder:
         enc = self.encodings[f]
         if enc.type == "hash":
             ids = (values % np.uint64(enc.buckets - 1)).astype(np.int64) + 1
+        elif enc.type == "managed":
+            ids = managed_ids(values)
         else:
             ids = probe(*self._table(f), values)
         return ids if present is None else np.where(present, ids, MISSING_ID)
@@ -139,6 +158,8 @@ class Encoder:
         enc = self.encodings[f]
         if enc.type == "hash":
             return value % (enc.buckets - 1) + 1
+        if enc.type == "managed":
+            return (value * _GOLDEN_INT & _U64) % (MANAGED_LIMIT - 2) + 2
         keys, ids = self._table(f)
         mask = keys.size - 1
         slot = ((value * _GOLDEN_INT) & _U64) >> (64 - mask.bit_length())

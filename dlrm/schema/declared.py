@@ -31,10 +31,15 @@ preprocess``). A file has these tables; every key but the columns has a default:
     columns = ["user", "genres"]
     values = "auto"         # auto: decimal integers as themselves, any other text hashed
                             # to 64 bits; hex: hexadecimal numbers (Criteo's)
-    encoding = "vocab"      # vocab (ids by descending frequency) or hash
+    encoding = "vocab"      # vocab (ids by descending frequency), hash, or managed: raw
+                            # ids (hashed to 63 bits) that TorchRec's managed-collision
+                            # module maps to rows in training, no counting pass; every
+                            # categorical feature or none
     min_frequency = 1       # vocab: rarer values share the out-of-vocabulary id
     max_vocab = 0           # vocab: at most this many values; 0: all
     buckets = 40000000      # hash: ids per feature
+    size = 0                # managed: the table's rows (ids admitted at once)
+    eviction = "lfu"        # managed: which ids leave a full table: lfu or lru
 
     [categorical.per_feature.genres]   # any key above, for one column; and for a bag:
     separator = "|"         # the field is a list: a variable-length bag of ids
@@ -96,6 +101,8 @@ class Categorical:
     min_frequency: int = 1
     max_vocab: int = 0
     buckets: int = 40_000_000
+    size: int = 0
+    eviction: str = "lfu"
     separator: str = ""
     max_length: int = 0
     pooling: str = "sum"
@@ -186,6 +193,9 @@ class Schema:
         for key in ("time", "user", "item", "joins"):  # as before they existed
             if not out[key]:
                 del out[key]
+        for c in out["categorical"]:  # the managed keys: as before they existed
+            if c["encoding"] != "managed":
+                del c["size"], c["eviction"]
         if self.labeled:
             del out["labeled"]
         return out
@@ -359,7 +369,10 @@ def load_schema(path: str | Path) -> Schema:
     for c in categorical:
         k = f"{where}: categorical.{c.name}"
         _one_of(c.values, ("auto", "hex"), f"{k}.values")
-        _one_of(c.encoding, ("vocab", "hash"), f"{k}.encoding")
+        _one_of(c.encoding, ("vocab", "hash", "managed"), f"{k}.encoding")
+        _one_of(c.eviction, ("lfu", "lru"), f"{k}.eviction")
+        if c.encoding == "managed" and c.size < 2:
+            raise SchemaError(f"{k}.size: a managed table needs its rows, >= 2, got {c.size}")
         _one_of(c.pooling, ("sum", "mean"), f"{k}.pooling")
         for key in ("min_frequency", "max_vocab", "max_length"):
             if getattr(c, key) < 0:
@@ -371,6 +384,12 @@ def load_schema(path: str | Path) -> Schema:
                               f"delimiter, got {c.separator!r}")
     if not categorical:
         raise SchemaError(f"{where}: categorical.columns: at least one is needed")
+    managed = [c.name for c in categorical if c.encoding == "managed"]
+    if managed and len(managed) != len(categorical):
+        raise SchemaError(f"{where}: categorical: encoding managed is for every categorical "
+                          f"feature or none (the model holds one collection of tables); "
+                          f"managed: {', '.join(managed)}, not: "
+                          f"{', '.join(c.name for c in categorical if c.name not in managed)}")
     schema = Schema(path.stem, fmt, delimiter, header, columns, label_column, kind, rule, dense,
                     categorical, ignore, time, user, item, joins=joins)
     features = {label_column, *(f.name for f in (*dense, *categorical))}

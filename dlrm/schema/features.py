@@ -18,6 +18,9 @@ TSV_COLUMNS = [LABEL, *DENSE_NAMES, *SPARSE_NAMES]
 # rarely to be in the vocabulary" (vocab encoding only), 2.. the vocabulary.
 MISSING_ID = 0
 OOV_ID = 1
+# A managed feature's ids are its raw values hashed into [2, MANAGED_LIMIT) (0: missing);
+# the model's managed-collision module maps them to rows.
+MANAGED_LIMIT = (1 << 63) - 1
 
 
 def holdout_halves(num_rows: int) -> tuple[tuple[int, int], tuple[int, int]]:

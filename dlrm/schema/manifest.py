@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dlrm.errors import PreprocessError
-from dlrm.schema.features import Features
+from dlrm.schema.features import MANAGED_LIMIT, Features
 
 MANIFEST = "manifest.json"
 FORMAT = "dlrm-criteo-parquet/1"
@@ -54,10 +54,36 @@ class DatasetEncoding:
         return self.schema.get("standardize", {})
 
     @property
+    def encodings(self) -> list[Json]:
+        """Each categorical feature's encoding, in order."""
+        enc = self.encoding
+        if "type" in enc:  # Criteo's one for all
+            return [enc] * len(self.schema["sparse"])
+        return [enc[c] for c in self.schema["sparse"]]
+
+    @property
     def has_vocab(self) -> bool:
         """Whether some categorical feature is vocab-encoded."""
-        enc = self.encoding
-        return any(e.get("type") == "vocab" for e in ([enc] if "type" in enc else enc.values()))
+        return any(e.get("type") == "vocab" for e in self.encodings)
+
+    @property
+    def managed(self) -> bool:
+        """Whether the categorical features are managed (raw ids the model maps to rows;
+        all of them or none)."""
+        return any(e.get("type") == "managed" for e in self.encodings)
+
+    @property
+    def evictions(self) -> dict[str, str]:
+        """Each managed feature's eviction policy (``lfu``, ``lru``); empty: none managed."""
+        return {c: e["eviction"] for c, e in zip(self.schema["sparse"], self.encodings,
+                                                 strict=True) if e.get("type") == "managed"}
+
+    @property
+    def id_limits(self) -> list[int]:
+        """Per categorical feature, the bound its ids lie below: its table's rows, or for
+        a managed feature the raw ids' range."""
+        return [MANAGED_LIMIT if e.get("type") == "managed" else n
+                for e, n in zip(self.encodings, self.cardinalities, strict=True)]
 
     def encoding_json(self) -> Json:
         """The four blocks as JSON (a copy): what a model directory keeps."""

@@ -72,6 +72,13 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
                           "(data.multi_hot_sizes), which raw rows do not have: not exported")
     data = Path(config.data.path)
     manifest = load_manifest(data)
+    if manifest.managed:
+        # Unsharded, the collision modules send an id without a row to another reserved
+        # row than a sharded rank does: the export would score such rows otherwise.
+        raise ExportError(f"{checkpoint}: its tables are managed (encoding managed), whose "
+                          "export is not built yet: an unsharded model maps unseen ids to "
+                          "another row than the training ranks did. Score it with dlrm "
+                          "evaluate / dlrm score on the ranks that trained it")
     dataset = manifest.encoding_json()  # a copy: the model's own files are named in it
     info = {"format": FORMAT, "tables": tables, "checkpoint": str(checkpoint.resolve()),
             "step": marker["position"]["step"], "model": dataclasses.asdict(config.model),

@@ -156,7 +156,7 @@ def rank_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "test
         batches = ParquetBatches([Segment(path, 0, rows)], offline.batch_size,
                                  offline.dist.rank, offline.dist.world_size, pad=True,
                                  features=offline.features,
-                                 cardinalities=offline.manifest.cardinalities)
+                                 cardinalities=offline.manifest.id_limits)
         got = gather_predictions(*predict(offline.model, batches, offline.dist.device))
     finally:
         barrier()

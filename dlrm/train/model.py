@@ -8,10 +8,23 @@ import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain, InteractionArch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+from torchrec.modules.mc_modules import (
+    LFU_EvictionPolicy,
+    LRU_EvictionPolicy,
+    ManagedCollisionCollection,
+    MCHManagedCollisionModule,
+)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.config import ModelConfig
-from dlrm.schema.features import Features
+from dlrm.schema.features import MANAGED_LIMIT, Features
+
+# Managed tables admit the ids of every training batch (the module's eviction interval, in
+# steps): an id seen once has a row from its next batch on, unless the table is full of
+# more frequent (LFU) or more recent (LRU) ids.
+EVICTION_INTERVAL = 1
+_POLICIES = {"lfu": LFU_EvictionPolicy, "lru": LRU_EvictionPolicy}
 
 
 def table_name(feature: str) -> str:
@@ -113,6 +126,8 @@ class _LookupFirst:
     def forward(self, dense_features: torch.Tensor,
                 sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         pooled = self.sparse_arch.embedding_bag_collection(sparse_features)
+        if isinstance(pooled, tuple):  # managed: (embeddings, remapped ids: none asked)
+            pooled = pooled[0]
         embedded_dense = self.dense_arch(dense_features)
         if isinstance(self.inter_arch, KeyOrderInteractionArch):
             embedded_sparse = pooled
@@ -136,9 +151,42 @@ class LookupFirstDLRM_DCN(_LookupFirst, DLRM_DCN):
     """torchrec ``DLRM_DCN`` (DCN-v2 interaction) with the lookup first."""
 
 
+class WholeBatchMCH(MCHManagedCollisionModule):
+    """torchrec's zero-collision module, whose history of the ids to admit holds every id
+    of every batch. torchrec sizes that buffer once, at 1.25 times the ids of the first
+    batch a rank profiles, and silently drops the ids past it; a rank's share of a batch
+    varies (ranks own ranges of values), so ids went uncounted, and differently in a run
+    resumed at another batch. Here a batch that would not fit re-sizes it first (the
+    buffer is empty between batches: ``EVICTION_INTERVAL`` is 1)."""
+
+    def profile(self, features: dict) -> dict:
+        if self.training and self._input_history_buffer_size != -1:
+            ids = sum(f.values().numel() for f in features.values())
+            if ids > self._input_history_buffer_size - self._current_history_buffer_offset:
+                self._input_history_buffer_size = -1  # made anew for this batch's ids
+        return super().profile(features)
+
+
+def managed_tables(ebc: EmbeddingBagCollection, evictions: dict[str, str], buckets: int,
+                   device: torch.device) -> ManagedCollisionEmbeddingBagCollection:
+    """``ebc`` behind TorchRec's managed-collision modules (zero-collision hashing): each
+    table's raw ids (``dlrm.rows.vocab.managed_ids``) are mapped to its rows, admitted and
+    evicted in training by the feature's policy (``evictions``: feature → lfu / lru);
+    an id without a row in evaluation shares its rank's reserved last row. ``buckets``
+    must be a multiple of the world size (ranks own ranges of raw id values)."""
+    configs = ebc.embedding_bag_configs()
+    modules = {t.name: WholeBatchMCH(
+        zch_size=t.num_embeddings, device=device,
+        eviction_policy=_POLICIES[evictions[t.feature_names[0]]](),
+        eviction_interval=EVICTION_INTERVAL, input_hash_size=MANAGED_LIMIT, buckets=buckets)
+        for t in configs}
+    collection = ManagedCollisionCollection(modules, embedding_configs=configs)
+    return ManagedCollisionEmbeddingBagCollection(ebc, collection)
+
+
 def build_model(cfg: ModelConfig, features: Features, cardinalities: list[int],
                 dense_device: torch.device, sparse_device: torch.device | None = None,
-                ) -> DLRMTrain:
+                evictions: dict[str, str] | None = None, buckets: int = 1) -> DLRMTrain:
     """torchrec ``DLRM`` (dot interaction) or ``DLRM_DCN`` (DCN-v2 cross layers) wrapped in
     ``DLRMTrain`` (BCE loss on the logit; MSE on the output for a regression label).
 
@@ -150,6 +198,9 @@ def build_model(cfg: ModelConfig, features: Features, cardinalities: list[int],
         dense_device: where the dense arch and over arch live.
         sparse_device: where the tables are created; ``meta`` (the default) defers
             their allocation to DistributedModelParallel, which places each shard.
+        evictions: managed features (all of them): each one's eviction policy; the
+            tables go behind managed-collision modules (:func:`managed_tables`) of
+            ``buckets`` buckets.
 
     Returns:
         ``DLRMTrain``: ``forward(batch) -> (loss, (loss, logits [B], labels [B]))``.
@@ -173,6 +224,9 @@ def build_model(cfg: ModelConfig, features: Features, cardinalities: list[int],
                                     dcn_low_rank_dim=cfg.dcn_low_rank_dim)
     else:
         model = LookupFirstDLRM(**common)
+    if evictions:  # torchrec's arch reads the plain collection's configs; then it goes behind
+        model.sparse_arch.embedding_bag_collection = managed_tables(
+            ebc, evictions, buckets, sparse_device or torch.device("meta"))
     train = DLRMTrain(model)
     if features.label_kind == "regression":  # the output is the number itself
         train.loss_fn = torch.nn.MSELoss()

@@ -54,7 +54,7 @@ class Offline:
         self.dist = init_distributed(device, config.train.collective_timeout_s)
         bs = batch_size or config.eval.batch_size or config.data.batch_size
         self.model, _, _ = sharded_model(config, features, inputs.sizes, self.dist.device, bs,
-                                         inference=True)
+                                         inference=True, evictions=manifest.evictions)
         state = {"model": self.model.state_dict()}
         Checkpointer(self.checkpoint.parent).load(self.checkpoint, state)
         self.model.load_state_dict(state["model"])
@@ -66,7 +66,7 @@ class Offline:
         self.batches = ParquetBatches(
             self.segments, bs, self.dist.rank, self.dist.world_size, pad=True,
             features=features, multi_hot_sizes=config.data.multi_hot_sizes,
-            cardinalities=manifest.cardinalities, multi_hot_seed=config.data.multi_hot_seed)
+            cardinalities=manifest.id_limits, multi_hot_seed=config.data.multi_hot_seed)
 
     def predictions(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(labels, logits) of the whole split in row order on rank 0; None elsewhere."""

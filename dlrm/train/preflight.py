@@ -7,6 +7,7 @@ Each config section checks its own values itself (``dlrm.config.sections``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,21 @@ def preflight(config: Config) -> Manifest:
     check_device(config)
     if config.train.init_from:
         check_init_from(Path(config.train.init_from), config.data.path, manifest, sizes)
+    if manifest.managed:
+        check_managed(config)
     return manifest
+
+
+def check_managed(config: Config) -> None:
+    """Settings managed tables cannot train with (on this stack)."""
+    if config.data.multi_hot_sizes:
+        raise ValueError("data.multi_hot_sizes: the dataset's features are managed (raw ids, "
+                         "mapped to rows in the model): nothing to expand synthetically")
+    if (resolve_device(config.train.device) == "cpu"
+            and config.optim.embedding_optimizer == "rowwise_adagrad"):
+        raise ValueError("optim.embedding_optimizer: rowwise_adagrad cannot train managed "
+                         "tables on CPU: fbgemm-gpu-cpu has no kernel to reset an evicted "
+                         "row's momentum (fbgemm::reset_weight_momentum); use adagrad or sgd")
 
 
 def check_init_from(checkpoint: Path, data: str, manifest: Manifest,
@@ -88,6 +103,7 @@ def check_init_from(checkpoint: Path, data: str, manifest: Manifest,
         position = read_marker(checkpoint)["position"]
     except CheckpointError as e:
         raise ValueError(f"train.init_from: {e}") from None
+    check_managed_world(manifest, position, where)
     trained_on, old = run_config(checkpoint).data.path, list(position["table_sizes"])
     vocab = Path(trained_on) / VOCAB
     if manifest.lineage and vocab.is_file() and file_sha256(vocab) in manifest.lineage:
@@ -110,6 +126,20 @@ def check_init_from(checkpoint: Path, data: str, manifest: Manifest,
         raise ValueError(f"{where}: its tables hold {old} rows, this "
                          f"run's {sizes} (the same dataset or one --like it, and the same "
                          "model.num_embeddings_per_feature, give the same tables)")
+
+
+def check_managed_world(manifest: Manifest, position: dict[str, Any], where: str,
+                        world: int | None = None) -> None:
+    """Managed tables load on as many ranks as wrote them: each rank's collision module
+    owns a range of raw id values and maps them to its rows (an id without a row goes to
+    its rank's reserved row), which another world size would cut otherwise. ValueError.
+    ``world``: this job's world size (default: torchrun's ``WORLD_SIZE``, else 1)."""
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    if manifest.managed and position["world_size"] != world:
+        raise ValueError(f"{where}: written by {position['world_size']} ranks; its managed "
+                         "tables map raw ids to rows per rank (each rank owns a range of "
+                         f"values), so it loads on {position['world_size']} ranks only, not "
+                         f"{world}")
 
 
 def check_device(config: Config) -> None:
@@ -186,6 +216,7 @@ def checkpoint_inputs(checkpoint: Path, data: str | Path, split: str) -> Checkpo
     position = read_marker(checkpoint)["position"]  # CheckpointError if absent
     config = run_config(checkpoint)
     manifest = load_manifest(data)
+    check_managed_world(manifest, position, f"{checkpoint}")
     check_same_encoding(config.data.path, manifest, str(data), position.get("label_kind"))
     check_tables_hold(manifest.features, position["table_sizes"], manifest.cardinalities,
                       f"{data} against the tables of {checkpoint}")

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.fbgemm_qcomm_codec import (
     CommType,
     QCommsConfig,
     get_qcomm_codecs_registry,
 )
+from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import (
     DefaultDataParallelWrapper,
     DistributedModelParallel,
@@ -27,7 +29,7 @@ from torchrec.distributed.planner.types import (
     TopologyFactory,
     TrainerConfig,
 )
-from torchrec.distributed.types import ModuleSharder, ShardingPlan
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
 from dlrm.config import SHARDING_TYPES, Config, OptimConfig, ShardingConfig
 from dlrm.schema.features import Features
@@ -56,14 +58,46 @@ def table_constraints(cfg: ShardingConfig, tables: list[str]) -> dict[str, Param
             for t in tables}
 
 
-def sharders(cfg: ShardingConfig, device: torch.device) -> list[ModuleSharder]:
-    """The EmbeddingBagCollection sharder, with quantized all-to-all codecs if configured."""
+ROW_WISE, FUSED = ShardingType.ROW_WISE.value, EmbeddingComputeKernel.FUSED.value
+
+
+class RowWiseOnCPUSharder(EmbeddingBagCollectionSharder):
+    """torchrec's EmbeddingBagCollection sharder that also offers row-wise sharding (with
+    the fused kernel) on CPU, where torchrec offers it on CUDA only: the one sharding its
+    managed-collision sharder takes (checked on 2 gloo ranks: plans, trains with the fused
+    optimizer, checkpoints and resumes)."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        return types if ROW_WISE in types else [*types, ROW_WISE]
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        if compute_device_type == "cpu" and sharding_type == ROW_WISE:
+            return [FUSED]
+        return super().compute_kernels(sharding_type, compute_device_type)
+
+
+def managed_constraints(tables: list[str]) -> dict[str, ParameterConstraints]:
+    """Managed tables: row-wise with the fused kernel (their collision modules' sharding;
+    its wrapper also offers UVM kernels the CPU estimator does not know)."""
+    return {t: ParameterConstraints(sharding_types=[ROW_WISE], compute_kernels=[FUSED])
+            for t in tables}
+
+
+def sharders(cfg: ShardingConfig, device: torch.device,
+             managed: bool = False) -> list[ModuleSharder]:
+    """The EmbeddingBagCollection sharder (``managed``: the managed-collision one around
+    it), with quantized all-to-all codecs if configured."""
     codecs = None
     if (cfg.a2a_forward_precision, cfg.a2a_backward_precision) != ("fp32", "fp32"):
         codecs = get_qcomm_codecs_registry(
             QCommsConfig(forward_precision=_COMM[cfg.a2a_forward_precision],
                          backward_precision=_COMM[cfg.a2a_backward_precision]),
             device=device)
+    if managed:
+        return [ManagedCollisionEmbeddingBagCollectionSharder(
+            ebc_sharder=RowWiseOnCPUSharder(qcomm_codecs_registry=codecs),
+            qcomm_codecs_registry=codecs)]
     return [EmbeddingBagCollectionSharder(qcomm_codecs_registry=codecs)]
 
 
@@ -178,6 +212,7 @@ def plan_offline(model: torch.nn.Module, tables: list[str], spec: Planner,
 def shard_model(model: torch.nn.Module, tables: list[str], cfg: ShardingConfig,
                 device: torch.device, batch_size: int,
                 constraints: dict[str, ParameterConstraints] | None = None,
+                managed: bool = False,
                 ) -> tuple[DistributedModelParallel, str, list[dict[str, float]]]:
     """Plans (on rank 0, broadcast, so every rank gets the same plan) and shards ``model``.
 
@@ -189,8 +224,8 @@ def shard_model(model: torch.nn.Module, tables: list[str], cfg: ShardingConfig,
     world_size = dist.get_world_size()
     spec = Planner(cfg, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
                    device.type, batch_size)
-    planner = spec.build(tables, constraints)
-    chosen = sharders(cfg, device)
+    planner = spec.build(tables, managed_constraints(tables) if managed else constraints)
+    chosen = sharders(cfg, device, managed)
     dense = dense_bytes(model)
     plan = planner.collective_plan(model, chosen, dist.GroupMember.WORLD)
     # torchrec's DDP wrapper registers the fp16 / bf16 compression hook itself.
@@ -208,6 +243,7 @@ INFERENCE_OPTIM = OptimConfig(embedding_optimizer="sgd")
 
 def sharded_model(config: Config, features: Features, sizes: list[int], device: torch.device,
                   batch_size: int, inference: bool = False,
+                  evictions: dict[str, str] | None = None,
                   ) -> tuple[DistributedModelParallel, str, list[dict[str, float]]]:
     """The DLRM of ``config`` over ``features``, with tables of ``sizes`` rows, built on the
     meta device, its embedding optimizer fused, sharded by the planner over this process
@@ -216,10 +252,13 @@ def sharded_model(config: Config, features: Features, sizes: list[int], device: 
     ``inference``: for scoring a checkpoint (``dlrm evaluate``, ``dlrm score``) on whatever
     device this host has: the embedding optimizer is SGD, which holds no state and has a
     kernel on every device, and bf16 autocast applies on a GPU only. ``config`` itself, the
-    run's, is read as it is."""
-    model = build_model(config.model, features, sizes, device)
+    run's, is read as it is. ``evictions``: the features are managed (see
+    ``model.managed_tables``), one bucket per rank."""
+    model = build_model(config.model, features, sizes, device, evictions=evictions,
+                        buckets=dist.get_world_size())
     if config.train.autocast == "bf16" and (device.type == "cuda" or not inference):
         autocast_dense(model, device)
     apply_embedding_optimizer(model, INFERENCE_OPTIM if inference else config.optim)
     tables = [table_name(f) for f in features.sparse]
-    return shard_model(model, tables, config.sharding, device, batch_size)
+    return shard_model(model, tables, config.sharding, device, batch_size,
+                       managed=bool(evictions))

@@ -18,10 +18,10 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from dlrm.config import Config, to_toml
 from dlrm.data.loader import ParquetBatches
 from dlrm.data.split_checks import split_specs
-from dlrm.errors import ConfigError
+from dlrm.errors import CheckpointError, ConfigError
 from dlrm.metrics import HEADLINE
 from dlrm.schema.splits import resolve_split
-from dlrm.train.checkpoint import Checkpointer
+from dlrm.train.checkpoint import Checkpointer, read_marker
 from dlrm.train.dist import broadcast_object, gather_object, init_distributed
 from dlrm.train.evaluate import evaluate
 from dlrm.train.model import table_sizes
@@ -31,7 +31,7 @@ from dlrm.train.optim import (
     init_dense_state,
 )
 from dlrm.train.preemption import PreemptionFlag
-from dlrm.train.preflight import preflight
+from dlrm.train.preflight import check_managed_world, preflight
 from dlrm.train.sharding import sharded_model
 from dlrm.train.stopping import BEST, Best, best_metric
 from dlrm.utils.files import atomic_write_json, atomic_write_text
@@ -48,7 +48,7 @@ class Trainer:
 
     def __init__(self, config: Config, run_dir: str | Path | None = None) -> None:
         self.config = config
-        manifest = preflight(config)
+        self.manifest = manifest = preflight(config)
         self.dist = init_distributed(config.train.device, config.train.collective_timeout_s)
         rank, world, device = self.dist.rank, self.dist.world_size, self.dist.device
 
@@ -72,7 +72,7 @@ class Trainer:
         self.features = manifest.features
         every = dict(features=self.features, prefetch=data.prefetch,
                      multi_hot_sizes=data.multi_hot_sizes,
-                     cardinalities=manifest.cardinalities, multi_hot_seed=data.multi_hot_seed,
+                     cardinalities=manifest.id_limits, multi_hot_seed=data.multi_hot_seed,
                      # pinned in the loader's thread, so the pipeline's copy is asynchronous
                      finish=Batch.pin_memory if device.type == "cuda" else None)
         self.train_batches = ParquetBatches(
@@ -96,7 +96,7 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         self.table_sizes = table_sizes(config.model, self.features, manifest.cardinalities)
         self.model, plan, memory = sharded_model(config, self.features, self.table_sizes, device,
-                                                 data.batch_size)
+                                                 data.batch_size, evictions=manifest.evictions)
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "plan.txt", plan)
             self.log.event("plan", memory_per_rank=memory)
@@ -184,6 +184,11 @@ class Trainer:
             # state dict has no slots for the checkpoint's moments and they would be dropped.
             init_dense_state(self.optimizer)
         state = self._state() if optimizer else {"model": self.model.state_dict()}
+        try:
+            check_managed_world(self.manifest, read_marker(path)["position"], str(path),
+                                self.dist.world_size)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         position = self.checkpointer.load(path, state, grow)
         self.model.load_state_dict(state["model"])
         if optimizer:

@@ -69,6 +69,10 @@ def test_preprocessing_hashes_raw_ids_and_counts_nothing(days):
         assert (want == 0).any() or name == "C3"  # C20 is often missing: id 0
     assert got.column("C3").to_numpy().max() > 2**62  # spread over the whole range
     assert '"bad_files": 0' in dlrm("verify", str(data)).stdout
+    # Planned for a cluster as trained: row-wise over every rank, the fused kernel.
+    plan = dlrm("plan", "--config", "configs/tiny.toml", f"--data.path={data}",
+                "--world-size", "4").stdout
+    assert "t_C26 | row_wise      | fused          | [0, 1, 2, 3]" in plan
 
 
 def test_managed_is_every_feature_or_none_and_sized(tmp_path):

@@ -76,7 +76,7 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
             config.sharding.ddr_gib = args.ddr_gib
         from dlrm.train.preflight import plan_inputs
 
-        features, sizes = plan_inputs(config)
+        features, sizes, evictions = plan_inputs(config)
     except (ConfigError, ValueError) as e:
         return error("plan", e)
     import torch
@@ -87,12 +87,14 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
     from dlrm.train.sharding import Planner, plan_offline
 
     meta = torch.device("meta")
-    model = build_model(config.model, features, sizes, meta, meta)
+    model = build_model(config.model, features, sizes, meta, meta, evictions=evictions,
+                        buckets=args.world_size)
     apply_embedding_optimizer(model, config.optim)
     spec = Planner(config.sharding, args.world_size, args.local_world_size or args.world_size,
                    args.device, config.data.batch_size)
     try:
-        text, memory = plan_offline(model, [table_name(f) for f in features.sparse], spec)
+        text, memory = plan_offline(model, [table_name(f) for f in features.sparse], spec,
+                                    managed=bool(evictions))
     except PlannerError as e:
         print(f"dlrm plan: no plan fits {args.world_size} x {args.device} "
               f"(HBM {spec.hbm_bytes() / 2**30:.0f} GiB, DDR {spec.ddr_bytes() / 2**30:.0f} "

@@ -159,18 +159,18 @@ def check_device(config: Config) -> None:
                          "this run is on CPU")
 
 
-def plan_inputs(config: Config) -> tuple[Features, list[int]]:
-    """The features and table sizes ``dlrm plan`` shards: the dataset's where it exists; a
-    recipe that sizes every table itself (``model.num_embeddings_per_feature``) plans
-    Criteo's layout without one."""
-    sizes, features = config.model.num_embeddings_per_feature, None
+def plan_inputs(config: Config) -> tuple[Features, list[int], dict[str, str]]:
+    """The features, table sizes and (managed features) eviction policies ``dlrm plan``
+    shards: the dataset's where it exists; a recipe that sizes every table itself
+    (``model.num_embeddings_per_feature``) plans Criteo's layout without one."""
+    sizes, features, evictions = config.model.num_embeddings_per_feature, None, {}
     if not sizes or (Path(config.data.path) / MANIFEST).is_file():
         manifest = check_data(config.data)
-        features = manifest.features
+        features, evictions = manifest.features, manifest.evictions
         sizes = sizes or manifest.cardinalities
     features = features or load_schema("criteo").features()
     check_features(config, features)  # also one size per feature
-    return features, list(sizes)
+    return features, list(sizes), evictions
 
 
 def run_config(checkpoint: Path) -> Config:

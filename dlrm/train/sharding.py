@@ -199,12 +199,12 @@ def describe(plan: ShardingPlan, memory: list[dict[str, float]], planner: Planne
 
 
 def plan_offline(model: torch.nn.Module, tables: list[str], spec: Planner,
-                 ) -> tuple[str, list[dict[str, float]]]:
+                 managed: bool = False) -> tuple[str, list[dict[str, float]]]:
     """The plan and memory per rank for the cluster ``spec`` describes, without one: the
     planner needs only the topology and the (meta-device) model. Raises torchrec's
     PlannerError when the tables do not fit."""
-    planner = spec.build(tables)
-    plan = planner.plan(model, sharders(spec.cfg, torch.device(spec.device_type)))
+    planner = spec.build(tables, managed_constraints(tables) if managed else None)
+    plan = planner.plan(model, sharders(spec.cfg, torch.device(spec.device_type), managed))
     memory = memory_per_rank(planner, spec.world_size, dense_bytes(model))
     return describe(plan, memory, spec), memory
 

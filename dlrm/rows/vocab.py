@@ -42,14 +42,6 @@ class Encoding:
         return self.size if self.type == "managed" else self.buckets
 
 
-def managed_ids(values: np.ndarray) -> np.ndarray:
-    """Raw ids of a managed feature: each 64-bit value hashed (a bijection, then folded)
-    into [2, MANAGED_LIMIT), so that ids spread evenly over the range the collision module
-    cuts into ranks' value ranges; 0 stays the missing value's."""
-    mixed = values.astype(np.uint64) * _GOLDEN
-    return (mixed % np.uint64(MANAGED_LIMIT - 2)).astype(np.int64) + 2
-
-
 def compact(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """Merges (values, counts) pairs into one, summing the counts of equal values."""
     if not parts:
@@ -62,6 +54,15 @@ def compact(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
 
 _GOLDEN_INT, _U64 = 0x9E3779B97F4A7C15, (1 << 64) - 1  # 2**64 / golden ratio: multiplicative
 _GOLDEN = np.uint64(_GOLDEN_INT)  # hashing
+
+
+def managed_ids(values: np.ndarray) -> np.ndarray:
+    """Raw ids of a managed feature: each 64-bit value hashed (a bijection, then folded)
+    into [2, MANAGED_LIMIT), so that ids spread evenly over the range the collision module
+    cuts into ranks' value ranges; 0 stays the missing value's. MANAGED_LIMIT itself (the
+    int64 maximum) is the module's mark of an empty row: no id takes it."""
+    mixed = values.astype(np.uint64) * _GOLDEN
+    return (mixed % np.uint64(MANAGED_LIMIT - 2)).astype(np.int64) + 2
 
 
 def _slots(values: np.ndarray, bits: int) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Managed-collision features (a schema's ``encoding = "managed"``): raw ids hashed in
 preprocessing with no counting pass, mapped to rows by TorchRec's managed-collision modules
 inside the model; trained on 1 and 2 gloo ranks (row-wise, the fused kernel), resumed
-exactly after a SIGKILLed rank; what cannot hold (another world size, export, row-wise
-Adagrad on CPU) refused by name."""
+exactly after a SIGKILLed rank, exported to score raw rows and requests as the ranks
+scored them; what cannot hold (another world size, row-wise Adagrad on CPU) refused by
+name."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import checkpoint_tensors, dlrm, quiet, torchrun, train_killing_a_rank
+from helpers import Server, checkpoint_tensors, dlrm, quiet, torchrun, train_killing_a_rank
 
 from dlrm.errors import SchemaError
 from dlrm.preprocess.driver import preprocess
@@ -125,8 +126,6 @@ def test_two_ranks_row_wise_resume_exactly_and_refuse_what_cannot_hold(days, tmp
     refused = [
         (["evaluate", "--checkpoint", str(a), "--data", str(days / "managed")],
          "loads on 2 ranks only"),
-        (["export", "--checkpoint", str(a), "--out", str(tmp_path / "model")],
-         "managed (encoding managed), whose export is not built yet"),
         (["train", *TINY, f"--data.path={days / 'managed'}", "--run-dir",
           str(tmp_path / "rw"), "--optim.embedding_optimizer=rowwise_adagrad"],
          "rowwise_adagrad cannot train managed tables on CPU"),
@@ -136,3 +135,27 @@ def test_two_ranks_row_wise_resume_exactly_and_refuse_what_cannot_hold(days, tmp
     for args, says in refused:
         proc = dlrm(*args, check=False)
         assert proc.returncode == 2 and says in proc.stderr, (args, proc.stderr[-1500:])
+
+    # Exported, the model scores raw rows as the 2 ranks scored the test split: ids with
+    # rows through the modules' lookup, the others through their rank's reserved row.
+    dlrm("export", "--checkpoint", str(a), "--out", str(tmp_path / "model"))
+    torchrun(["-m", "dlrm", "score", "--checkpoint", str(a), "--data", str(days / "managed"),
+              "--split", "test", "--out", str(tmp_path / "score.parquet")])
+    scored = pq.read_table(tmp_path / "score.parquet").sort_by("row")
+    lines = (days / "raw" / "day_2").read_text().splitlines()[10_000:]  # the test half
+    (tmp_path / "test.tsv").write_text("\n".join(lines) + "\n")
+    dlrm("predict", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "test.tsv"),
+         "--out", str(tmp_path / "predict.parquet"))
+    predicted = pq.read_table(tmp_path / "predict.parquet").column("prob").to_numpy()
+    want = scored.column("prob").to_numpy()
+    assert predicted.size == want.size == 10_000
+    np.testing.assert_allclose(predicted, want, rtol=0, atol=1e-5)
+    rows = [line.split("\t") for line in lines[:100]]
+    server = Server(tmp_path / "model")
+    try:  # a few rows (the per-row path) and many (the columnar one)
+        few = server.post("/predict", {"rows": rows[:8]})[1]["predictions"]
+        many = server.post("/predict", {"rows": rows})[1]["predictions"]
+    finally:
+        server.stop()
+    np.testing.assert_allclose(few, want[:8], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(many, want[:100], rtol=0, atol=1e-5)

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from dlrm.schema.features import MANAGED_LIMIT, MISSING_ID, OOV_ID
+from dlrm.rows.managed import ManagedLookup, lookup_path, managed_id, managed_ids
+from dlrm.schema.features import MISSING_ID, OOV_ID
 from dlrm.utils.files import atomic_path
 
 
@@ -54,15 +55,6 @@ def compact(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
 
 _GOLDEN_INT, _U64 = 0x9E3779B97F4A7C15, (1 << 64) - 1  # 2**64 / golden ratio: multiplicative
 _GOLDEN = np.uint64(_GOLDEN_INT)  # hashing
-
-
-def managed_ids(values: np.ndarray) -> np.ndarray:
-    """Raw ids of a managed feature: each 64-bit value hashed (a bijection, then folded)
-    into [2, MANAGED_LIMIT), so that ids spread evenly over the range the collision module
-    cuts into ranks' value ranges; 0 stays the missing value's. MANAGED_LIMIT itself (the
-    int64 maximum) is the module's mark of an empty row: no id takes it."""
-    mixed = values.astype(np.uint64) * _GOLDEN
-    return (mixed % np.uint64(MANAGED_LIMIT - 2)).astype(np.int64) + 2
 
 
 def _slots(values: np.ndarray, bits: int) -> np.ndarray:
@@ -130,17 +122,20 @@ def probe(keys: np.ndarray, ids: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 class Encoder:
-    """Categorical values → ids, each feature by its encoding: the hash rule, or its
-    vocabulary (``tables``: the directory that ``save_tables`` wrote). Pickled into every
-    task without the tables; each process maps a table from disk when it first needs it."""
+    """Categorical values → ids, each feature by its encoding: the hash rule, its
+    vocabulary (``tables``: the directory that ``save_tables`` wrote), or a managed
+    feature's raw ids (an exported model's ``tables``: their rows, ``ManagedLookup``).
+    Pickled into every task without the tables; each process maps a table from disk when
+    it first needs it."""
 
     def __init__(self, names: tuple[str, ...], encodings: tuple[Encoding, ...],
                  tables: str | None = None):
         self.names, self.encodings, self.tables = names, encodings, tables
         self._loaded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lookups: dict[int, ManagedLookup | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_loaded": {}}
+        return {**self.__dict__, "_loaded": {}, "_lookups": {}}
 
     def ids(self, f: int, values: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
         """The ids of feature ``f``'s ``values``; ``MISSING_ID`` where not ``present``."""
@@ -149,6 +144,10 @@ class Encoder:
             ids = (values % np.uint64(enc.buckets - 1)).astype(np.int64) + 1
         elif enc.type == "managed":
             ids = managed_ids(values)
+            if present is not None:
+                ids = np.where(present, ids, MISSING_ID)  # the raw id of a missing value
+            lookup = self._lookup(f)
+            return ids if lookup is None else lookup.rows_of(ids)
         else:
             ids = probe(*self._table(f), values)
         return ids if present is None else np.where(present, ids, MISSING_ID)
@@ -160,7 +159,8 @@ class Encoder:
         if enc.type == "hash":
             return value % (enc.buckets - 1) + 1
         if enc.type == "managed":
-            return (value * _GOLDEN_INT & _U64) % (MANAGED_LIMIT - 2) + 2
+            lookup = self._lookup(f)
+            return managed_id(value) if lookup is None else lookup.row_of(managed_id(value))
         keys, ids = self._table(f)
         mask = keys.size - 1
         slot = ((value * _GOLDEN_INT) & _U64) >> (64 - mask.bit_length())
@@ -171,6 +171,19 @@ class Encoder:
             if int(keys[slot]) == value:
                 return found
             slot = (slot + 1) & mask
+
+    def missing_id(self, f: int) -> int:
+        """The id of feature ``f``'s missing value: ``MISSING_ID``, or where an exported
+        model's lookup maps a managed feature's raw ids, the row of that raw id."""
+        lookup = self._lookup(f) if self.encodings[f].type == "managed" else None
+        return MISSING_ID if lookup is None else lookup.row_of(MISSING_ID)
+
+    def _lookup(self, f: int) -> ManagedLookup | None:
+        """An exported model's rows of a managed feature's raw ids (None: none, raw ids)."""
+        if f not in self._lookups:
+            path = lookup_path(Path(self.tables), self.names[f]) if self.tables else None
+            self._lookups[f] = ManagedLookup.load(path) if path and path.is_file() else None
+        return self._lookups[f]
 
     def _table(self, f: int) -> tuple[np.ndarray, np.ndarray]:
         if f not in self._loaded:

@@ -23,10 +23,12 @@ from torchrec.inference.modules import quantize_embeddings
 from dlrm.data.split_checks import split_specs
 from dlrm.errors import ExportError
 from dlrm.rows.like import VOCAB, file_sha256, schema_of
+from dlrm.rows.managed import lookup_path
 from dlrm.rows.vocab import save_tables
 from dlrm.schema.integrity import WRITE, read_table
 from dlrm.schema.manifest import Manifest, load_manifest
 from dlrm.schema.splits import resolve_split
+from dlrm.serve.managed_export import load_managed
 from dlrm.serve.model_dir import (
     FORMAT,
     ITEMS,
@@ -72,13 +74,6 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
                           "(data.multi_hot_sizes), which raw rows do not have: not exported")
     data = Path(config.data.path)
     manifest = load_manifest(data)
-    if manifest.managed:
-        # Unsharded, the collision modules send an id without a row to another reserved
-        # row than a sharded rank does: the export would score such rows otherwise.
-        raise ExportError(f"{checkpoint}: its tables are managed (encoding managed), whose "
-                          "export is not built yet: an unsharded model maps unseen ids to "
-                          "another row than the training ranks did. Score it with dlrm "
-                          "evaluate / dlrm score on the ranks that trained it")
     dataset = manifest.encoding_json()  # a copy: the model's own files are named in it
     info = {"format": FORMAT, "tables": tables, "checkpoint": str(checkpoint.resolve()),
             "step": marker["position"]["step"], "model": dataclasses.asdict(config.model),
@@ -88,9 +83,13 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
         train = split_specs(config.data, manifest)["train"]
         info["prediction_range"] = label_range(data, manifest, train) if clip else None
     model = float_model(info)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
-    model.load_state_dict(state["model"])
+    lookups = {}
+    if manifest.managed:  # plain tables, and the collision modules' rows as lookups
+        lookups = load_managed(checkpoint, model, manifest.features, info["table_sizes"])
+    else:
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+        model.load_state_dict(state["model"])
     _quantize(model, tables)
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -101,6 +100,9 @@ def export(checkpoint: str | Path, out: str | Path, tables: str = "fp32",
         with np.load(data / VOCAB) as z:
             vocabs = {name: z[name] for name in z.files}
         save_tables(vocabs, tmp / TABLES)
+    for feature, lookup in lookups.items():
+        (tmp / TABLES).mkdir(exist_ok=True)
+        lookup.save(lookup_path(tmp / TABLES, feature))
     schema = schema_of(manifest)
     for i, join in enumerate(schema.joins):  # side tables travel with the model
         (tmp / JOINS).mkdir(exist_ok=True)

@@ -21,7 +21,7 @@ import pyarrow as pa
 from dlrm.data.batches import Rows, standardize
 from dlrm.rows.codecs import text_values, transform
 from dlrm.rows.vocab import Encoder
-from dlrm.schema.features import MISSING_ID, Features
+from dlrm.schema.features import Features
 from dlrm.serve.predict import Scorer
 from dlrm.serve.request_rows import FEW_ROWS, RequestRows
 
@@ -91,7 +91,8 @@ class ScalarRows:
     def _ids(self, column: list[bytes], f: int, kind: str) -> np.ndarray:
         values = [_value(v, kind) if v else None for v in column]
         _hash_texts(values)
-        return np.array([MISSING_ID if v is None else self.encoder.id_of(f, v)
+        missing = self.encoder.missing_id(f)
+        return np.array([missing if v is None else self.encoder.id_of(f, v)
                          for v in values], np.int64)
 
     def _bags(self, column: list[bytes], f: int, separator: bytes, kind: str,

@@ -19,7 +19,8 @@ import numpy as np
 from dlrm.schema.features import MANAGED_LIMIT
 from dlrm.utils.files import atomic_path
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: a multiplicative hash
+GOLDEN_INT = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: multiplicative hashing (vocab's too)
+_GOLDEN = np.uint64(GOLDEN_INT)
 
 
 def managed_ids(values: np.ndarray) -> np.ndarray:
@@ -33,7 +34,7 @@ def managed_ids(values: np.ndarray) -> np.ndarray:
 
 def managed_id(value: int) -> int:
     """:func:`managed_ids` of one value (a Python int below 2**64)."""
-    return (value * int(_GOLDEN) % (1 << 64)) % (MANAGED_LIMIT - 2) + 2
+    return (value * GOLDEN_INT % (1 << 64)) % (MANAGED_LIMIT - 2) + 2
 
 
 def lookup_path(tables: Path, feature: str) -> Path:

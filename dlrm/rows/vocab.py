@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dlrm.rows.managed import ManagedLookup, lookup_path, managed_id, managed_ids
+from dlrm.rows.managed import GOLDEN_INT, ManagedLookup, lookup_path, managed_id, managed_ids
 from dlrm.schema.features import MISSING_ID, OOV_ID
 from dlrm.utils.files import atomic_path
 
@@ -53,7 +53,7 @@ def compact(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
     return uniq, np.bincount(inverse, weights=counts, minlength=uniq.size).astype(np.int64)
 
 
-_GOLDEN_INT, _U64 = 0x9E3779B97F4A7C15, (1 << 64) - 1  # 2**64 / golden ratio: multiplicative
+_GOLDEN_INT, _U64 = GOLDEN_INT, (1 << 64) - 1
 _GOLDEN = np.uint64(_GOLDEN_INT)  # hashing
 
 

@@ -77,6 +77,6 @@ if ${VENV}/bin/python -m pip show "$other" >/dev/null 2>&1; then
 fi
 $pip install "$FBGEMM"
 $pip install --no-deps "torchrec==${TORCHREC_VERSION}"
-$pip install -e ".[dev]"
+$pip install -e ".[dev,spark]"  # spark: the --engine spark tests run in CI
 ${VENV}/bin/python -c "import torchrec, fbgemm_gpu, torch; print('install: ok, torch', torch.__version__, 'torchrec', torchrec.__version__)"
 echo "$want" > "$stamp"

@@ -63,7 +63,9 @@ def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
         schema = (load_schema(args.schema) if args.schema
                   else None if args.like else load_schema("criteo"))
         preprocess(args.input, args.out, encoding=encoding, options=options, schema=schema,
-                   like=args.like, vocab_from=args.vocab_from, grow=args.grow)
+                   like=args.like, vocab_from=args.vocab_from, grow=args.grow,
+                   spark=(args.spark_master, args.spark_conf) if args.engine == "spark"
+                   else None)
     except (PreprocessError, SchemaError) as e:
         return error("preprocess", e)
     return 0
@@ -130,6 +132,14 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "ids never move, new ones follow them (train --init-from grows "
                         "the tables)")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    p.add_argument("--engine", choices=["local", "spark"], default="local",
+                   help="local: this host's processes; spark: each chunk a Spark task (the "
+                        "same dataset; hash and managed encodings so far)")
+    p.add_argument("--spark-master", default="local[*]", metavar="URL",
+                   help="--engine spark: the master (local[N], spark://HOST:7077, yarn, "
+                        "k8s://...)")
+    p.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE",
+                   help="--engine spark: a Spark setting (repeatable)")
     p.add_argument("--encoding", choices=["vocab", "hash"], default=None,
                    help="every feature's encoding (default: the schema's; criteo: vocab)")
     p.add_argument("--min-frequency", type=int, default=None,

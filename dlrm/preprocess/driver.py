@@ -77,6 +77,7 @@ from dlrm.preprocess.record import (
     schema_json,
     standardize,
 )
+from dlrm.preprocess.spark import SparkPool, check_spark_options
 from dlrm.preprocess.timeline import assemble_periods
 from dlrm.preprocess.vocab_merge import TABLES, budget_bytes
 from dlrm.preprocess.vocab_rows import Selection, check_units
@@ -96,7 +97,8 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
                encoding: Encoding | None = None, log: Callable[[str], Any] = print,
                options: Options | None = None, schema: Schema | None = None,
                like: str | Path | None = None,
-               vocab_from: list[str] | None = None, grow: bool = False) -> Manifest:
+               vocab_from: list[str] | None = None, grow: bool = False,
+               spark: tuple[str, list[str]] | None = None) -> Manifest:
     """Preprocesses ``inputs`` into the dataset directory ``out``; returns its manifest.
 
     ``schema``: the layout of the inputs (default: ``configs/schemas/criteo.toml``);
@@ -107,7 +109,8 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
     ids after the old ones (old ids never move; see ``vocab_merge.order_feature``).
     ``vocab_from``: the rows the vocabularies are counted on, as split sources (default:
     the default split's training rows; see ``dlrm.preprocess.vocab_rows``); every other
-    value is out of vocabulary.
+    value is out of vocabulary. ``spark``: ``(master, conf)``: run the units as Spark tasks
+    (``--engine spark``; see ``dlrm.preprocess.spark``).
 
     A rerun over a complete dataset made from the same (unchanged) inputs with the same
     encoding returns its manifest without redoing anything; a rerun over an interrupted
@@ -142,7 +145,10 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
                               "--like DATASET")
     check_inputs(paths, encoding)
     layout = layout_of(schema or load_schema(SCHEMAS / "criteo.toml"), encoding, paths)
-    run = _Run(paths, Path(out), opts, layout, ref, vocab_from, log, t0, grow)
+    if spark is not None:
+        check_spark_options([e.type for e in layout.encodings], like is not None, grow,
+                            opts.memory_gib)
+    run = _Run(paths, Path(out), opts, layout, ref, vocab_from, log, t0, grow, spark)
     with writer_lock(run.out, PreprocessError, "dlrm preprocess"):
         done = run.finished()
         if done is not None:
@@ -169,7 +175,9 @@ class _Run:
     log: Callable[[str], Any]
     t0: float
     grow: bool  # --grow: ref's vocabularies extended by the inputs' counted rows
+    spark: tuple[str, list[str]] | None  # --engine spark: (master, conf)
     stage: bool = False
+    engine: dict[str, Any] | None = None  # the manifest's record of a Spark run
 
     @property
     def work(self) -> Path:
@@ -252,7 +260,12 @@ class _Run:
         workers = min(opts.workers or os.cpu_count() or 1, len(tasks))
         total = sum(p.stat().st_size for p in self.paths)
         staged = self.counts and self.stage  # the counting pass stages the parsed rows
-        with Pool(workers, total * (2 if self.counts else 1)) as pool:
+        if self.spark is not None:
+            runner: Any = SparkPool(*self.spark)
+            self.engine = {"name": "spark", "master": runner.master}
+        else:
+            runner = Pool(workers, total * (2 if self.counts else 1))
+        with runner as pool:
             tables = work / TABLES if layout.vocab else None
             vocabs: dict[str, np.ndarray] = {}
             selection, record = None, None
@@ -349,6 +362,7 @@ class _Run:
             "rows_accepted": sum(s["rows_accepted"] for s in sources),
             "rows_rejected": sum(s["rows_rejected"] for s in sources),
             "rejected_by_reason": dict(sorted(reasons.items())),
+            **({"engine": self.engine} if self.engine is not None else {}),
             "seconds": round(time.time() - self.t0, 3),
         }
         # As it is read back: checked as every reader's is.

@@ -117,6 +117,7 @@ class Manifest(DatasetEncoding):
     joins: list[Json] | None = None  # per side table: file, key, columns, rows unmatched
     vocab_from: Json | None = None  # the rows vocabularies were counted on; absent: older
     periods: list[Json] | None = None  # a time column's, in time order
+    engine: Json | None = None  # --engine spark: its name and master; absent: one host
 
     @property
     def units(self) -> list[Json]:
@@ -166,7 +167,7 @@ class Manifest(DatasetEncoding):
 # The keys of manifest.json, in the order the driver writes them.
 _ORDER = ("format", "schema", "encoding", "like", "grown_from", "cardinalities", "oov_rate",
           "joins", "vocab_from", "sources", "periods", "rows_accepted", "rows_rejected",
-          "rejected_by_reason", "seconds")
+          "rejected_by_reason", "engine", "seconds")
 
 
 def load_manifest(dataset: str | Path) -> Manifest:

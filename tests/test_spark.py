@@ -1,7 +1,8 @@
 """``dlrm preprocess --engine spark`` on ``local[2]``: the dataset the single-host path
 writes, file for file (the manifest but ``seconds`` and the engine's record), for Criteo
-(hash) and a declared schema with a time column and bags; what it does not run yet refused
-by name."""
+(vocab and hash), a declared schema with a time column and bags (vocab, hash, managed),
+side tables with ``--vocab-from``, and ties of counts on both sides of 2^63; what it does
+not run yet refused by name."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import ML_HEADER, REPO, dataset_state, movielens_rows, quiet, write_csv
 
@@ -17,6 +19,7 @@ from dlrm.preprocess.driver import preprocess
 from dlrm.rows.chunks import Options
 from dlrm.rows.vocab import Encoding
 from dlrm.schema.declared import SCHEMAS, load_schema
+from dlrm.schema.manifest import load_manifest
 from dlrm.synth.criteo import synth
 
 pytest.importorskip("pyspark")  # installed by `make install` (dlrm[spark])
@@ -48,7 +51,10 @@ def _same(local: Path, spark: Path) -> None:
         assert (spark / name).read_bytes() == (local / name).read_bytes(), name
 
 
-def test_criteo_hash_is_the_single_host_dataset(session, tmp_path):
+@pytest.mark.parametrize("encoding", [
+    Encoding(type="hash", buckets=5000), Encoding(),
+    Encoding(min_frequency=2, max_vocab=300)], ids=["hash", "vocab", "vocab_capped"])
+def test_criteo_is_the_single_host_dataset(session, tmp_path, encoding):
     synth(tmp_path / "raw", days=3, rows_per_day=3000, seed=4)
     raw = [tmp_path / "raw" / f"day_{d}" for d in range(3)]
     with open(raw[1], "a") as f:  # bad rows: rejects with their lines, as on one host
@@ -56,16 +62,18 @@ def test_criteo_hash_is_the_single_host_dataset(session, tmp_path):
     opts = Options(chunk_bytes=150_000)  # several chunks, so several Spark tasks per file
     for name, spark in (("local", None), ("spark", SPARK)):
         preprocess(raw, tmp_path / name, log=quiet, options=opts, spark=spark,
-                   encoding=Encoding(type="hash", buckets=5000))
+                   encoding=encoding)
     _same(tmp_path / "local", tmp_path / "spark")
     # A rerun finds its dataset.
     again = preprocess(raw, tmp_path / "spark", log=quiet, options=opts, spark=SPARK,
-                       encoding=Encoding(type="hash", buckets=5000))
+                       encoding=encoding)
     assert again.engine == {"name": "spark", "master": SPARK[0]}
 
 
-def test_a_declared_schema_with_time_and_bags_is_the_single_host_dataset(session, tmp_path):
-    schema = load_schema(_schema(tmp_path))
+@pytest.mark.parametrize("encoding", ["vocab", "hash", "managed"])
+def test_a_declared_schema_with_time_and_bags_is_the_single_host_dataset(session, tmp_path,
+                                                                          encoding):
+    schema = load_schema(_schema(tmp_path, encoding))
     write_csv(tmp_path / "a.csv", ML_HEADER, movielens_rows(3000, 0))
     write_csv(tmp_path / "b.csv", ML_HEADER, movielens_rows(2000, 1, start=975_628_800
                                                             + 40 * 86_400))
@@ -76,12 +84,65 @@ def test_a_declared_schema_with_time_and_bags_is_the_single_host_dataset(session
     _same(tmp_path / "local", tmp_path / "spark")
 
 
-def _schema(tmp: Path) -> Path:
-    text = (SCHEMAS / "movielens.toml").read_text().replace(
-        'encoding = "vocab"', 'encoding = "hash"\nbuckets = 4096')
-    path = tmp / "movielens_hash.toml"
+def _schema(tmp: Path, encoding: str) -> Path:
+    text = (SCHEMAS / "movielens.toml").read_text().replace('encoding = "vocab"', {
+        "vocab": 'encoding = "vocab"', "hash": 'encoding = "hash"\nbuckets = 4096',
+        "managed": 'encoding = "managed"\nsize = 512'}[encoding])
+    path = tmp / f"movielens_{encoding}.toml"
     path.write_text(text)
     return path
+
+
+JOINED = """
+[input]
+format = "csv"
+header = true
+[label]
+column = "click"
+[categorical]
+columns = ["user", "item", "tag", "city"]
+values = "hex"
+[[join]]
+file = "users.csv"
+key = "user"
+columns = ["city"]
+[time]
+column = "t"
+format = "unix"
+period = "day"
+"""
+TIES = [(1 << 63) - 1, 1 << 63, (1 << 63) + 5, (1 << 64) - 1, 3]  # each counted 7 times
+
+
+def test_side_tables_vocab_from_and_ties_above_2_63_are_the_single_host_dataset(
+        session, tmp_path):
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "log.csv", "w") as f:
+        f.write("click,user,item,tag,t\n")
+        rows = [(int(rng.integers(0, 2)), int(rng.integers(0, 300)),
+                 int(rng.integers(0, 1 << 64, dtype=np.uint64)) >> int(rng.integers(0, 60)))
+                for _ in range(4000)]
+        ties = [v for v in TIES for _ in range(7)]
+        for i, (click, user, item) in enumerate(rows):
+            tag = ties[i] if i < len(ties) else int(rng.integers(0, 50))
+            f.write(f"{click},{user:x},{item:016x},{tag:x},{1_000_000_000 + 60 * i}\n")
+    with open(tmp_path / "users.csv", "w") as f:
+        f.write("user,city\n")
+        for u in range(0, 280):  # the last users are in no table
+            f.write(f"{u:x},{u % 17:x}\n")
+    (tmp_path / "schema.toml").write_text(JOINED)
+    schema = load_schema(tmp_path / "schema.toml")
+    for name, spark in (("local", None), ("spark", SPARK)):
+        preprocess([tmp_path / "log.csv"], tmp_path / name, log=quiet, schema=schema,
+                   spark=spark, vocab_from=["*[0:0.8]"], options=Options(chunk_bytes=40_000))
+    _same(tmp_path / "local", tmp_path / "spark")
+    manifest = load_manifest(tmp_path / "spark")
+    assert manifest.joins[0]["rows_without_match"] > 0
+    with np.load(tmp_path / "spark" / "vocab.npz") as z:
+        tags = z["tag"].tolist()
+    # The tied values, in unsigned order, after the tags counted more often.
+    assert [t for t in tags if t in TIES] == sorted(TIES)
+    assert tags.index(3) < tags.index((1 << 63) - 1) < tags.index(1 << 63)
 
 
 def test_what_spark_does_not_run_yet_is_refused_by_name(tmp_path):
@@ -89,8 +150,8 @@ def test_what_spark_does_not_run_yet_is_refused_by_name(tmp_path):
     raw = [tmp_path / "raw" / "day_0"]
     preprocess(raw, tmp_path / "base", log=quiet)
     cases = [
-        (dict(), "the vocab encoding's counting pass"),
-        (dict(like=tmp_path / "base"), "the vocab encoding's counting pass"),
+        (dict(like=tmp_path / "base"), "--like is not built for Spark"),
+        (dict(like=tmp_path / "base", grow=True), "--grow is not built for Spark"),
         (dict(encoding=Encoding(type="hash"), options=Options(memory_gib=1)), "--memory-gib"),
     ]
     for kwargs, says in cases:
@@ -101,7 +162,7 @@ def test_what_spark_does_not_run_yet_is_refused_by_name(tmp_path):
     with pytest.raises(PreprocessError, match="--like is not built for Spark"):
         preprocess(raw, tmp_path / "out", log=quiet, spark=SPARK, like=hashed)
     proc = subprocess.run([sys.executable, "-m", "dlrm", "preprocess", "--input", str(raw[0]),
-                           "--out", str(tmp_path / "cli"), "--engine", "spark"], cwd=REPO,
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "--engine spark: the vocab encoding" in proc.stderr
+                           "--out", str(tmp_path / "cli"), "--engine", "spark", "--like",
+                           str(tmp_path / "base")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--engine spark: --like is not built" in proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()

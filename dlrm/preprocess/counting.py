@@ -24,11 +24,13 @@ Run = Callable[..., None]  # run(fn, jobs, args, progress=False): fn(job, *args,
 
 def count_values(run: Run, tasks: list[Task], by_size: list[Task], work: Path, layout: Layout,
                  specs: list[str] | None, opts: Options, staged: bool, budget: int,
-                 log: Callable[[str], Any], parent: Path | None = None
+                 log: Callable[[str], Any], parent: Path | None = None,
+                 merge: Callable[..., dict[str, np.ndarray]] = merge_vocabularies
                  ) -> tuple[dict[str, np.ndarray], Selection]:
     """Every vocab feature's vocabulary, counted on the rows ``specs`` name (None: the
     default split's training rows), and the selection that says which those were;
-    ``parent`` (``--grow``): the vocabularies file they extend.
+    ``parent`` (``--grow``): the vocabularies file they extend; ``merge``: what sums the
+    counts into vocabularies (``merge_vocabularies``'s signature: on this host, or Spark's).
     ``tasks`` in input order, ``by_size`` as the pool should take them."""
     # A chunk is counted once its counts exist; its staged rows are needed until
     # the chunk is written (an unfinished run of an older version had none).
@@ -54,5 +56,5 @@ def count_values(run: Run, tasks: list[Task], by_size: list[Task], work: Path, l
         f"({' '.join(record['specs'])}); {len(selection.partial)} chunks hold rows "
         "on both sides and are counted again")
     run(recount_chunk, again, (opts, str(work), layout, staged, budget))
-    vocabs = merge_vocabularies(run, selection.keys(), work, layout, budget, log, parent)
+    vocabs = merge(run, selection.keys(), work, layout, budget, log, parent)
     return vocabs, selection

@@ -79,7 +79,7 @@ from dlrm.preprocess.record import (
 )
 from dlrm.preprocess.spark import SparkPool, check_spark_options
 from dlrm.preprocess.timeline import assemble_periods
-from dlrm.preprocess.vocab_merge import TABLES, budget_bytes
+from dlrm.preprocess.vocab_merge import TABLES, budget_bytes, merge_vocabularies
 from dlrm.preprocess.vocab_rows import Selection, check_units
 from dlrm.rows.chunks import Options, Task, plan_tasks, source_name
 from dlrm.rows.inputs import check_inputs, layout_of
@@ -146,8 +146,7 @@ def preprocess(inputs: list[str | Path], out: str | Path, workers: int = 0,
     check_inputs(paths, encoding)
     layout = layout_of(schema or load_schema(SCHEMAS / "criteo.toml"), encoding, paths)
     if spark is not None:
-        check_spark_options([e.type for e in layout.encodings], like is not None, grow,
-                            opts.memory_gib)
+        check_spark_options(like is not None, grow, opts.memory_gib)
     run = _Run(paths, Path(out), opts, layout, ref, vocab_from, log, t0, grow, spark)
     with writer_lock(run.out, PreprocessError, "dlrm preprocess"):
         done = run.finished()
@@ -277,7 +276,8 @@ class _Run:
                 budget = budget_bytes(opts.memory_gib) // workers
                 vocabs, selection = count_values(
                     pool.run, tasks, by_size, work, layout, self.vocab_from, opts, staged,
-                    budget, log, ref.path / VOCAB if self.grow else None)
+                    budget, log, ref.path / VOCAB if self.grow else None,
+                    pool.merge_vocabularies if self.spark is not None else merge_vocabularies)
                 record = selection.record
             if vocabs:
                 with atomic_path(out / VOCAB) as tmp:

@@ -193,7 +193,20 @@ def order_feature(job: tuple[str, int], work: str, encodings: dict[str, Encoding
             grown[old.size:] = new[:room]
         del new
         vocab = np.load(vocab_path(wd, feature), mmap_mode="r")
-    keys_path, ids_path = table_paths(wd / TABLES, feature)
+    write_table(wd, feature, vocab, budget)
+
+
+def write_vocabulary(work: Path, feature: str, values: np.ndarray, budget: int) -> None:
+    """A feature's vocabulary ``values`` (in id order) as its file, then its lookup table."""
+    with _new_npy(vocab_path(work, feature), np.uint64, values.size) as vocab:
+        vocab[:] = values
+    write_table(work, feature, np.load(vocab_path(work, feature), mmap_mode="r"), budget)
+
+
+def write_table(work: Path, feature: str, vocab: np.ndarray, budget: int) -> None:
+    """The lookup table of a feature's vocabulary; its ids file, written last, is the mark
+    that the feature is done."""
+    keys_path, ids_path = table_paths(work / TABLES, feature)
     slots = table_slots(vocab.size)
     with (_new_npy(keys_path, np.uint64, slots) as keys,
           _new_npy(ids_path, np.int32, slots, -1) as ids):

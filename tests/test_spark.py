@@ -6,8 +6,12 @@ not run yet refused by name."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +44,9 @@ def session():
     spark.stop()
 
 
-def _same(local: Path, spark: Path) -> None:
+def _same(local: Path, spark: Path, master: str = SPARK[0]) -> None:
     a, b = dataset_state(local), dataset_state(spark)
-    assert b["manifest"].pop("engine") == {"name": "spark", "master": SPARK[0]}
+    assert b["manifest"].pop("engine") == {"name": "spark", "master": master}
     assert "engine" not in a["manifest"]
     assert a["manifest"] == b["manifest"]
     assert a["files"] == b["files"]  # rejects and every other file, byte for byte
@@ -166,3 +170,35 @@ def test_what_spark_does_not_run_yet_is_refused_by_name(tmp_path):
                            str(tmp_path / "base")], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "--engine spark: --like is not built" in proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
+
+
+def test_a_task_killed_midway_is_retried_and_the_dataset_is_the_same(tmp_path):
+    """``local[2,3]`` (plain local mode never retries): the Python worker writing a chunk's
+    shard is SIGKILLed while its temporary file exists; Spark retries the task, and the
+    dataset is the single-host one. A run of its own: a session's master is fixed."""
+    synth(tmp_path / "raw", days=2, rows_per_day=25_000, seed=5)
+    raw = [str(tmp_path / "raw" / f"day_{d}") for d in range(2)]
+    args = ["preprocess", "--input", *raw, "--encoding", "hash", "--buckets", "5000",
+            "--chunk-mb", "0.5"]
+    subprocess.run([sys.executable, "-m", "dlrm", *args, "--out", str(tmp_path / "local")],
+                   cwd=REPO, check=True, capture_output=True)
+    out = tmp_path / "spark"
+    proc = subprocess.Popen([sys.executable, "-m", "dlrm", *args, "--out", str(out),
+                             "--engine", "spark", "--spark-master", "local[2,3]"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    killed = None
+    while killed is None and proc.poll() is None:
+        for tmp in out.rglob("*.tmp"):  # a shard being written: NAME.parquet.PID.tmp
+            found = re.search(r"\.parquet\.(\d+)\.tmp$", tmp.name)
+            if found and int(found[1]) != proc.pid:
+                killed = int(found[1])
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.002)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert killed is not None, "no shard was seen being written"
+    assert "Python worker exited unexpectedly" in stderr  # Spark saw the task die
+    assert re.search(r"Lost task [\d.]+ in stage", stderr)
+    _same(tmp_path / "local", out, master="local[2,3]")

@@ -133,8 +133,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "the tables)")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     p.add_argument("--engine", choices=["local", "spark"], default="local",
-                   help="local: this host's processes; spark: each chunk a Spark task (the "
-                        "same dataset; hash and managed encodings so far)")
+                   help="local: this host's processes; spark: each chunk a Spark task, the "
+                        "counts summed by Spark's shuffle (the same dataset; not yet "
+                        "--like, --grow, --memory-gib)")
     p.add_argument("--spark-master", default="local[*]", metavar="URL",
                    help="--engine spark: the master (local[N], spark://HOST:7077, yarn, "
                         "k8s://...)")

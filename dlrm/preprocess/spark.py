@@ -89,7 +89,9 @@ class SparkPool:
         fails past Spark's retries fails the run here, with its error."""
         if not tasks:
             return
-        rdd = self.session.sparkContext.parallelize(tasks, len(tasks))
+        sc = self.session.sparkContext
+        sc.setJobDescription(f"dlrm preprocess: {fn.__name__}")  # as the Spark UI names it
+        rdd = sc.parallelize(tasks, len(tasks))
         try:
             rdd.foreach(_call(fn, args))
         except Exception as e:  # Py4J's error: the executor's traceback is in it
@@ -123,6 +125,7 @@ class SparkPool:
                                    for x in (c, encodings[c].min_frequency)])
             summed = counts.groupBy("feature", "value").agg(F.sum("count").alias("count"))
             out = work / SORTED
+            self.session.sparkContext.setJobDescription("dlrm preprocess: sum_and_sort")
             (summed.where(F.col("count") >= least[F.col("feature")])
              .orderBy("feature", F.desc("count"), F.col("value").bitwiseXOR(F.lit(SIGN)))
              .write.mode("overwrite").parquet(str(out)))

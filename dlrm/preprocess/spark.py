@@ -45,7 +45,8 @@ COUNTED = "spark_counts"  # the work directory's counts as Parquet, which Spark 
 SORTED = "spark_vocab"  # and its sum, sorted, as Spark writes it
 COUNTS = pa.schema([("feature", pa.string()), ("value", pa.int64()), ("count", pa.int64())])
 SIGN = -(1 << 63)  # XOR with it: a uint64's bits, as int64, sort in unsigned order
-BATCH = 1 << 20  # counted entries per Arrow batch sent to Spark
+BATCH = 1 << 20  # counted entries per Arrow batch written for Spark
+ENTRIES = 1 << 22  # counted entries per partition of Spark's sums
 
 
 def _call(fn: Callable, args: tuple) -> Callable[[Any], None]:
@@ -75,7 +76,7 @@ class SparkPool:
             if not sep or not key:
                 raise PreprocessError(f"--spark-conf: expected key=value, got {item!r}")
             builder = builder.config(key, value)
-        self.session = builder.getOrCreate()
+        self.session, self.conf = builder.getOrCreate(), conf
         self.master = self.session.sparkContext.master
 
     def __enter__(self) -> SparkPool:
@@ -120,7 +121,15 @@ class SparkPool:
             counted = work / COUNTED
             self.run(_export_run, [r for r in runs if not _exported(*r).exists()],
                      (todo,))
+            log("preprocess: the counts exported as Parquet; Spark sums them")
             counts = self.session.read.parquet(*(str(_exported(*r)) for r in runs))
+            if not any(c.startswith("spark.sql.shuffle.partitions=") for c in self.conf):
+                # Spark's default (200) costs more than the sums on small inputs: a
+                # partition per 4M counted entries, at least one per core.
+                entries = sum(e - s for k in keys for spans in runs_of(work, k)
+                              for c, (s, e) in spans.items() if c in todo)
+                self.session.conf.set("spark.sql.shuffle.partitions", max(
+                    self.session.sparkContext.defaultParallelism, -(-entries // ENTRIES)))
             least = F.create_map(*[F.lit(x) for c in todo
                                    for x in (c, encodings[c].min_frequency)])
             summed = counts.groupBy("feature", "value").agg(F.sum("count").alias("count"))
@@ -129,6 +138,7 @@ class SparkPool:
             (summed.where(F.col("count") >= least[F.col("feature")])
              .orderBy("feature", F.desc("count"), F.col("value").bitwiseXOR(F.lit(SIGN)))
              .write.mode("overwrite").parquet(str(out)))
+            log("preprocess: Spark summed and sorted the counts; writing the vocabularies")
             _write_vocabularies(out, todo, encodings, work, budget)
             shutil.rmtree(out)
             shutil.rmtree(counted)
